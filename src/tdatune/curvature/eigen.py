@@ -1,0 +1,108 @@
+"""Eigensystem of the empirical Fisher F = G^T G / n, in whichever form is smaller.
+
+Parameter form (p <= n): eigh of the p x p matrix F. Kernel form (n < p): eigh of the
+n x n Gram matrix K = G G^T / n, which has the same non-zero eigenvalues sigma_k; the
+eigenvectors of F are u_k = G^T w_k / sqrt(n sigma_k). Training gradients lie in the row
+space of G, so the null space of F never contributes to v^T (F + lambda I)^-1 g_i and both
+forms give the same scores. Eigenvalues at or below ``rtol * max(sigma)`` count as zero and
+are dropped. The decomposition runs in float64 by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from tdatune.utils.checks import check_choice, check_finite_rows
+
+FORMS = ("auto", "parameter", "kernel")
+
+
+class RowSource(Protocol):
+    """Anything with a shape whose row slices become tensors: a tensor, np.memmap, a store."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, index: slice) -> torch.Tensor | np.ndarray: ...
+
+
+def _rows(source: RowSource, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    block = source[start:stop]
+    block = torch.from_numpy(np.asarray(block)) if not isinstance(block, torch.Tensor) else block
+    return block.to(dtype)
+
+
+@dataclass
+class Eigensystem:
+    """Non-zero eigenvalues ``sigma`` [k] (descending), eigenvectors ``basis`` [p, k] of F,
+    and the training gradients in that basis ``train_coords`` [n, k] (= G U)."""
+
+    sigma: torch.Tensor
+    basis: torch.Tensor
+    train_coords: torch.Tensor
+    form: str
+    n: int
+
+    def coords(self, v: torch.Tensor) -> torch.Tensor:
+        """Coordinates of gradients ``v`` [m, p] in the eigenbasis: V U, shape [m, k]."""
+        if v.shape[-1] != self.basis.shape[0]:
+            raise ValueError(
+                f"explained gradients have {v.shape[-1]} columns but the eigensystem was built on "
+                f"{self.basis.shape[0]} (same projection and parameters are needed)"
+            )
+        return v.to(self.basis.dtype) @ self.basis
+
+    def nonzero_quantile(self, q: float) -> float:
+        """The q-quantile of the (non-zero) eigenvalues."""
+        return float(torch.quantile(self.sigma, q))
+
+
+def fisher_eigensystem(
+    grads: RowSource, *, form: str = "auto", dtype: torch.dtype = torch.float64,
+    chunk_rows: int = 2048, rtol: float = 1e-10,
+) -> Eigensystem:
+    """Eigendecompose F = G^T G / n for training gradients G ([n, p], rows read in chunks)."""
+    check_choice("eigensystem form", form, FORMS)
+    n, p = int(grads.shape[0]), int(grads.shape[1])
+    if n == 0:
+        raise ValueError("no training gradients: the training set is empty")
+    if form == "auto":
+        form = "parameter" if p <= n else "kernel"
+    if form == "parameter":
+        fisher = torch.zeros(p, p, dtype=dtype)
+        for s in range(0, n, chunk_rows):
+            g = _rows(grads, s, min(n, s + chunk_rows), dtype)
+            check_finite_rows("training gradients", g, offset=s)
+            fisher += g.T @ g
+        fisher /= n
+        sigma, basis = torch.linalg.eigh(fisher)
+        sigma, basis = sigma.flip(0), basis.flip(1)
+        keep = sigma > rtol * sigma[0].clamp_min(torch.finfo(dtype).tiny)
+        sigma, basis = sigma[keep], basis[:, keep]
+        coords = torch.cat([_rows(grads, s, min(n, s + chunk_rows), dtype) @ basis
+                            for s in range(0, n, chunk_rows)])
+        return Eigensystem(sigma=sigma, basis=basis, train_coords=coords, form=form, n=n)
+
+    gram = torch.zeros(n, n, dtype=dtype)
+    for i in range(0, n, chunk_rows):
+        gi = _rows(grads, i, min(n, i + chunk_rows), dtype)
+        check_finite_rows("training gradients", gi, offset=i)
+        for j in range(0, i + 1, chunk_rows):
+            gj = gi if j == i else _rows(grads, j, min(n, j + chunk_rows), dtype)
+            block = gi @ gj.T
+            gram[i : i + gi.shape[0], j : j + gj.shape[0]] = block
+            gram[j : j + gj.shape[0], i : i + gi.shape[0]] = block.T
+    gram /= n
+    sigma, w = torch.linalg.eigh(gram)
+    sigma, w = sigma.flip(0), w.flip(1)
+    keep = sigma > rtol * sigma[0].clamp_min(torch.finfo(dtype).tiny)
+    sigma, w = sigma[keep], w[:, keep]
+    scale = torch.sqrt(n * sigma)
+    basis = torch.zeros(p, sigma.numel(), dtype=dtype)
+    for s in range(0, n, chunk_rows):
+        basis += _rows(grads, s, min(n, s + chunk_rows), dtype).T @ w[s : s + chunk_rows]
+    basis /= scale
+    return Eigensystem(sigma=sigma, basis=basis, train_coords=w * scale, form=form, n=n)

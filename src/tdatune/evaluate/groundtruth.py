@@ -1,0 +1,214 @@
+"""LDS ground truth: M random subsets of fraction alpha, each retrained for real (optionally
+with several seeds), the model outputs on the explained examples stored on disk.
+
+Layout of a ground-truth directory::
+
+    manifest.json          configuration + fingerprints of task, recipe and data
+    masks.npy              [M, n] bool subset membership
+    models/m0007_s1.npy    outputs [m_explained] of subset 7, seed 1 (one file per model)
+    outputs.npy            [M, S, m] all outputs, written once every model is done
+
+Every file is written atomically, so a killed run resumes with exactly the models that
+finished; a directory built for another configuration is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tdatune.data.base import ArrayDataset
+from tdatune.models.task import Task
+from tdatune.models.training import TrainRecipe, train_model, trainable
+from tdatune.utils.atomic import atomic_save_npy, atomic_write_json, read_json
+from tdatune.utils.checks import check_open_unit
+from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
+from tdatune.utils.progress import progress
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    """How subsets are drawn and models retrained."""
+
+    n_subsets: int = 50
+    alpha: float = 0.5
+    seeds_per_subset: int = 1
+    subset_seed: int = 0
+    train_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_open_unit("subset fraction alpha", self.alpha)
+        if self.n_subsets < 2:
+            raise ValueError(f"n_subsets must be >= 2 (Spearman needs two points), got {self.n_subsets}")
+        if self.seeds_per_subset < 1:
+            raise ValueError(f"seeds_per_subset must be >= 1, got {self.seeds_per_subset}")
+
+    def model_seed(self, subset: int, replicate: int) -> int:
+        """The training seed of one retrained model."""
+        return self.train_seed + 10_000 * replicate + subset
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """One model to retrain: subset index, replicate index and its training seed."""
+
+    subset: int
+    replicate: int
+    seed: int
+
+    @property
+    def filename(self) -> str:
+        """Per-model output file name."""
+        return f"m{self.subset:04d}_s{self.replicate}.npy"
+
+
+@dataclass
+class GroundTruth:
+    """Stored ground truth: masks [M, n], outputs [M, S, m] and the configuration."""
+
+    masks: torch.Tensor
+    outputs: np.ndarray
+    config: GroundTruthConfig
+    directory: Path
+
+    @property
+    def mean_outputs(self) -> np.ndarray:
+        """Outputs averaged over seeds: [M, m]."""
+        return self.outputs.mean(axis=1)
+
+
+def sample_subsets(n: int, config: GroundTruthConfig) -> torch.Tensor:
+    """M boolean masks over n examples, each with round(alpha * n) members, from the seed."""
+    size = round(config.alpha * n)
+    if not 1 <= size < n:
+        raise ValueError(f"alpha={config.alpha} of n={n} gives subsets of {size}; need 1..{n - 1}")
+    gen = torch.Generator().manual_seed(config.subset_seed)
+    masks = torch.zeros(config.n_subsets, n, dtype=torch.bool)
+    for m in range(config.n_subsets):
+        masks[m, torch.randperm(n, generator=gen)[:size]] = True
+    return masks
+
+
+def retrain_outputs(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+                    mask: torch.Tensor, seed: int, device: str | torch.device = "cpu") -> np.ndarray:
+    """Train on the masked subset with ``seed`` and return the outputs on ``explained``."""
+    from tdatune.models.training import init_model
+
+    result = train_model(task, train.subset(mask), recipe, seed, device=device)
+    model = init_model(task, seed, device)
+    model.load_state_dict(result.state)
+    params = trainable(model, result.state)
+    out = task.evaluate(model, params, explained.inputs.to(device), explained.targets.to(device))
+    return out.double().cpu().numpy()
+
+
+# A runner takes the pending jobs and a callback, and calls the callback once per finished
+# model with (job, outputs). The local sequential runner is the default; others (process pool,
+# Ray, batched) plug in with the same signature.
+Runner = Callable[[Sequence[RetrainJob], Callable[[RetrainJob, np.ndarray], None]], None]
+
+
+def sequential_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset,
+                      explained: ArrayDataset, masks: torch.Tensor, device: str | torch.device,
+                      show_progress: bool) -> Runner:
+    """Retrain one model at a time in this process."""
+    def run(jobs: Sequence[RetrainJob], done: Callable[[RetrainJob, np.ndarray], None]) -> None:
+        for job in progress(jobs, enabled=show_progress, desc="retraining", unit="model"):
+            done(job, retrain_outputs(task, recipe, train, explained, masks[job.subset], job.seed, device))
+    return run
+
+
+def manifest_for(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+                 config: GroundTruthConfig) -> dict[str, Any]:
+    """What identifies a ground truth: configuration, recipe, task and data fingerprints."""
+    return {
+        "config": asdict(config),
+        "recipe": recipe.to_dict(),
+        "task": {"name": task.name, "output": task.output},
+        "train_fingerprint": fingerprint_tensors(train.inputs, train.targets),
+        "explained_fingerprint": fingerprint_tensors(explained.inputs, explained.targets),
+        "n_train": len(train),
+        "n_explained": len(explained),
+    }
+
+
+def build_ground_truth(
+    task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+    config: GroundTruthConfig, directory: str | Path, *, device: str | torch.device = "cpu",
+    runner: Runner | None = None, show_progress: bool = True,
+) -> GroundTruth:
+    """Build (or resume, or reuse) the ground truth in ``directory``."""
+    directory = Path(directory)
+    manifest = manifest_for(task, recipe, train, explained, config)
+    manifest["fingerprint"] = fingerprint_config(manifest)
+    _check_or_write_manifest(directory, manifest)
+    masks_path = directory / "masks.npy"
+    if masks_path.exists():
+        masks = torch.from_numpy(np.load(masks_path))
+    else:
+        masks = sample_subsets(len(train), config)
+        atomic_save_npy(masks_path, masks.numpy())
+    outputs_path = directory / "outputs.npy"
+    if outputs_path.exists():
+        return GroundTruth(masks, np.load(outputs_path), config, directory)
+
+    models_dir = directory / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [RetrainJob(m, s, config.model_seed(m, s))
+            for m in range(config.n_subsets) for s in range(config.seeds_per_subset)]
+    pending = [j for j in jobs if not (models_dir / j.filename).exists()]
+
+    def done(job: RetrainJob, out: np.ndarray) -> None:
+        if out.shape != (len(explained),) or not np.isfinite(out).all():
+            raise FloatingPointError(
+                f"retrained model {job.filename} gave outputs of shape {out.shape} with "
+                f"non-finite values: {not np.isfinite(out).all()}"
+            )
+        atomic_save_npy(models_dir / job.filename, out)
+
+    if pending:
+        run = runner or sequential_runner(task, recipe, train, explained, masks, device, show_progress)
+        run(pending, done)
+    outputs = np.stack([
+        np.stack([np.load(models_dir / RetrainJob(m, s, 0).filename)
+                  for s in range(config.seeds_per_subset)])
+        for m in range(config.n_subsets)
+    ])
+    atomic_save_npy(outputs_path, outputs)
+    return GroundTruth(masks, outputs, config, directory)
+
+
+def load_ground_truth(directory: str | Path) -> GroundTruth:
+    """Read a finished ground truth from ``directory``."""
+    directory = Path(directory)
+    outputs_path = directory / "outputs.npy"
+    if not outputs_path.exists():
+        raise FileNotFoundError(
+            f"{directory} holds no finished ground truth (no outputs.npy); build it first or "
+            "rerun build_ground_truth to resume"
+        )
+    manifest = read_json(directory / "manifest.json")
+    return GroundTruth(torch.from_numpy(np.load(directory / "masks.npy")), np.load(outputs_path),
+                       GroundTruthConfig(**manifest["config"]), directory)
+
+
+def _check_or_write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    path = directory / "manifest.json"
+    if path.exists():
+        stored = read_json(path)
+        if stored.get("fingerprint") != manifest["fingerprint"]:
+            diffs = [k for k in manifest if k != "fingerprint" and stored.get(k) != manifest[k]]
+            raise ValueError(
+                f"{directory} holds ground truth for a different configuration "
+                f"(differs in: {', '.join(diffs) or 'fingerprint'}); stored: "
+                f"{json.dumps({k: stored.get(k) for k in diffs}, default=str)[:400]}. "
+                "Use another directory, or delete this one to rebuild."
+            )
+        return
+    atomic_write_json(path, manifest)

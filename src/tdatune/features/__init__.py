@@ -1,0 +1,1 @@
+"""Per-example gradients and seeded random projections."""

@@ -1,0 +1,64 @@
+"""Per-example losses and model output functions f(z; theta), batched over a leading axis.
+
+Classification: ``logits`` [B, C], ``targets`` [B]. Sequences: ``logits`` [B, T, V],
+``targets`` [B, T]; the loss is the mean token cross-entropy of the block and every output
+function is the negative of that loss (as in the language-model benchmarks of the literature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+OutputFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy; mean over tokens for sequences. Shape [B]."""
+    if logits.dim() == 3:
+        tok = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return tok.mean(dim=1)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Correct-class margin log(p_y / (1 - p_y)) = z_y - logsumexp_{k != y} z_k (stable form)."""
+    if logits.dim() == 3:
+        return -cross_entropy(logits, targets)
+    correct = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], float("-inf"))
+    return correct - torch.logsumexp(others, dim=1)
+
+
+def probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Correct-class probability p_y."""
+    if logits.dim() == 3:
+        return torch.exp(-cross_entropy(logits, targets))
+    return torch.softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+
+
+def negative_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Minus the per-example loss (so that a positive attribution raises the output)."""
+    return -cross_entropy(logits, targets)
+
+
+def loss_output(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The per-example loss itself as the output function."""
+    return cross_entropy(logits, targets)
+
+
+OUTPUT_FUNCTIONS: dict[str, OutputFn] = {
+    "margin": margin,
+    "probability": probability,
+    "loss": loss_output,
+    "negative_loss": negative_loss,
+}
+
+
+def get_output_fn(name: str) -> OutputFn:
+    """Look up an output function by name, listing the valid names on error."""
+    if name not in OUTPUT_FUNCTIONS:
+        raise ValueError(f"unknown output function {name!r}; choose one of: {', '.join(OUTPUT_FUNCTIONS)}")
+    return OUTPUT_FUNCTIONS[name]

@@ -1,0 +1,255 @@
+"""Deterministic training from a seed, with a checkpoint per epoch.
+
+The training objective is always ``mean per-example loss + weight_decay / 2 * ||theta||^2``
+(L2 in the loss, for every optimizer), so that the curvature attributors see exactly the
+objective that was minimised. Logistic regression uses full-batch L-BFGS (an "epoch" is one
+L-BFGS call of ``lbfgs_iters`` iterations); other models use minibatch SGD or Adam whose
+batch order comes from ``epoch_permutation(seed, epoch)`` so that batched retraining can
+reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tdatune.data.base import ArrayDataset
+from tdatune.models.task import Params, Task, model_params, model_state
+from tdatune.utils.atomic import atomic_torch_save, atomic_write_json
+from tdatune.utils.checks import check_choice
+from tdatune.utils.fingerprint import fingerprint_config
+from tdatune.utils.progress import progress
+
+OPTIMIZERS = ("lbfgs", "sgd", "adam")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a model is trained; recorded with every run and part of every fingerprint."""
+
+    optimizer: str = "sgd"
+    epochs: int = 10
+    lr: float = 0.1
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    lbfgs_iters: int = 100
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
+            raise ValueError(
+                f"need lr > 0, batch_size >= 1, weight_decay >= 0; got lr={self.lr}, "
+                f"batch_size={self.batch_size}, weight_decay={self.weight_decay}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form for manifests."""
+        return asdict(self)
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate at ``step`` of ``total_steps`` under the schedule."""
+        frac = step / max(total_steps, 1)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * frac))
+        if self.schedule == "linear":
+            return self.lr * (1 - frac)
+        return self.lr
+
+
+@dataclass
+class TrainResult:
+    """Final state (parameters + buffers), one state per epoch, and per-epoch history."""
+
+    state: Params
+    checkpoints: list[Params]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The minibatch order of one epoch: a permutation of range(n) fixed by (seed, epoch)."""
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=gen)
+
+
+def init_model(task: Task, seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the task's model with initialisation fixed by ``seed``."""
+    torch.manual_seed(int(seed))
+    return task.make_model().to(device)
+
+
+def l2_penalty(params: Params, weight_decay: float) -> torch.Tensor | float:
+    """(weight_decay / 2) * ||theta||^2 over trainable parameters."""
+    if weight_decay == 0:
+        return 0.0
+    return 0.5 * weight_decay * sum((p * p).sum() for p in params.values())
+
+
+def objective(task: Task, model: nn.Module, params: Params, inputs: torch.Tensor,
+              targets: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """Mean per-example loss plus the L2 term: the function training minimises."""
+    logits = functional_call(model, params, (inputs,))
+    return task.loss_fn(logits, targets).mean() + l2_penalty(params, weight_decay)
+
+
+def train_model(
+    task: Task,
+    data: ArrayDataset,
+    recipe: TrainRecipe,
+    seed: int = 0,
+    *,
+    device: torch.device | str = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    show_progress: bool = False,
+    on_epoch: Callable[[int, Params], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train ``task``'s model on ``data`` deterministically; keep (and optionally save) every epoch.
+
+    With ``checkpoint_dir`` set, each epoch's state is written atomically as
+    ``epoch_XXX.pt`` next to ``recipe.json``; a rerun with the same recipe and seed resumes
+    after the last saved epoch instead of starting over.
+    """
+    model = init_model(task, seed, device)
+    x, y = data.inputs.to(device), data.targets.to(device)
+    params = {k: p for k, p in model.named_parameters()}
+    opt = _make_optimizer(recipe, list(params.values()))
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    meta = {"recipe": recipe.to_dict(), "seed": seed, "task": task.name, "n": len(data)}
+    checkpoints: list[Params] = []
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if ckpt_dir is not None:
+        start_epoch = _resume(ckpt_dir, meta, model, opt, checkpoints, history)
+    n = len(data)
+    steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
+    total = recipe.epochs * steps_per_epoch
+    bar = progress(range(start_epoch, recipe.epochs), enabled=show_progress, desc=f"train {task.name}")
+    for epoch in bar:
+        model.train()
+        if recipe.optimizer == "lbfgs":
+            loss = _lbfgs_epoch(task, model, params, opt, x, y, recipe)
+        else:
+            loss = _minibatch_epoch(task, model, params, opt, x, y, recipe, seed, epoch,
+                                    epoch * steps_per_epoch, total)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training {task.name} diverged at epoch {epoch} (loss {loss}); lower the learning "
+                f"rate (now {recipe.lr}) or raise weight decay"
+            )
+        state = model_state(model)
+        record = {"epoch": epoch, "train_objective": loss}
+        if on_epoch is not None:
+            record.update(on_epoch(epoch, state))
+        checkpoints.append(state)
+        history.append(record)
+        if show_progress:
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if ckpt_dir is not None:
+            atomic_torch_save(ckpt_dir / f"epoch_{epoch:03d}.pt",
+                              {"state": state, "optimizer": opt.state_dict(), "record": record})
+            atomic_write_json(ckpt_dir / "history.json", history)
+    return TrainResult(state=model_state(model), checkpoints=checkpoints, history=history)
+
+
+def _make_optimizer(recipe: TrainRecipe, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if recipe.optimizer == "lbfgs":
+        return torch.optim.LBFGS(params, lr=1.0, max_iter=recipe.lbfgs_iters, history_size=20,
+                                 tolerance_grad=1e-10, tolerance_change=1e-14,
+                                 line_search_fn="strong_wolfe")
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
+
+
+def _lbfgs_epoch(task: Task, model: nn.Module, params: Params, opt: torch.optim.Optimizer,
+                 x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe) -> float:
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective(task, model, params, x, y, recipe.weight_decay)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(objective(task, model, params, x, y, recipe.weight_decay))
+
+
+def _minibatch_epoch(task: Task, model: nn.Module, params: Params, opt: torch.optim.Optimizer,
+                     x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, seed: int,
+                     epoch: int, step0: int, total: int) -> float:
+    order = epoch_permutation(x.shape[0], seed, epoch).to(x.device)
+    running, count = 0.0, 0
+    for i, start in enumerate(range(0, x.shape[0], recipe.batch_size)):
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr_at(step0 + i, total)
+        idx = order[start : start + recipe.batch_size]
+        opt.zero_grad()
+        loss = objective(task, model, params, x[idx], y[idx], recipe.weight_decay)
+        loss.backward()
+        if recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), recipe.grad_clip)
+        opt.step()
+        running += float(loss) * idx.numel()
+        count += idx.numel()
+    return running / max(count, 1)
+
+
+def _resume(ckpt_dir: Path, meta: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+            checkpoints: list[Params], history: list[dict[str, float]]) -> int:
+    """Load saved epochs of a matching run into ``checkpoints``; return the next epoch."""
+    from tdatune.utils.atomic import read_json
+
+    meta_path = ckpt_dir / "recipe.json"
+    fp = fingerprint_config(meta)
+    if meta_path.exists():
+        saved = read_json(meta_path)
+        if saved.get("fingerprint") != fp:
+            raise ValueError(
+                f"{ckpt_dir} holds checkpoints of a different training run "
+                f"(recipe/seed/task {saved.get('meta')}); use another directory or delete it"
+            )
+    else:
+        atomic_write_json(meta_path, {"fingerprint": fp, "meta": meta})
+    files = sorted(ckpt_dir.glob("epoch_*.pt"))
+    for f in files:
+        blob = torch.load(f, map_location="cpu", weights_only=False)
+        checkpoints.append(blob["state"])
+        history.append(blob["record"])
+    if files:
+        last = torch.load(files[-1], map_location=next(model.parameters()).device, weights_only=False)
+        model.load_state_dict(last["state"])
+        opt.load_state_dict(last["optimizer"])
+    return len(files)
+
+
+def load_checkpoints(ckpt_dir: str | Path) -> list[Params]:
+    """All per-epoch states saved by ``train_model`` in ``ckpt_dir``, in epoch order."""
+    files = sorted(Path(ckpt_dir).glob("epoch_*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no epoch_XXX.pt checkpoints in {ckpt_dir}; train first")
+    return [torch.load(f, map_location="cpu", weights_only=False)["state"] for f in files]
+
+
+def trainable(model: nn.Module, state: Params) -> Params:
+    """The trainable-parameter part of a full state (parameters + buffers)."""
+    names = {k for k, _ in model.named_parameters()}
+    return {k: v for k, v in state.items() if k in names}
+
+
+__all__ = [
+    "TrainRecipe", "TrainResult", "epoch_permutation", "init_model", "l2_penalty",
+    "load_checkpoints", "model_params", "objective", "train_model", "trainable",
+]

@@ -1,0 +1,133 @@
+"""The surrogate indicator xi and Algorithm 1.
+
+With weights w_k = sigma_k c_k^2 (c = explained gradient in F's eigenbasis),
+
+    xi(lambda) = S2 / sqrt(S1 S3),   S_j = sum_k w_k / (sigma_k + lambda)^j,
+
+which lies in [0, 1] by Cauchy-Schwarz and tends to 1 as lambda grows. It is *not*
+monotone in general, so Algorithm 1 scans a fine log grid for the first crossing of the
+threshold and refines only inside that bracket by bisection in log lambda.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tdatune.utils.checks import check_open_unit, check_positive_lambdas, check_shape
+
+ZERO_RTOL = 1e-10
+
+
+def _check_spectrum(sigma: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    c = torch.as_tensor(c, dtype=torch.float64)
+    if sigma.dim() != 1:
+        raise ValueError(f"sigma must be a 1-D tensor of eigenvalues, got shape {list(sigma.shape)}")
+    if c.dim() == 1:
+        c = c[None]
+    check_shape("c (explained gradients in the eigenbasis)", c, [None, sigma.shape[0]])
+    if bool((sigma < 0).any()) or not bool(torch.isfinite(sigma).all()):
+        raise ValueError("sigma must hold finite eigenvalues >= 0 (of a PSD matrix)")
+    if not bool(torch.isfinite(c).all()):
+        row = int((~torch.isfinite(c)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"c has NaN or inf for explained example {row}")
+    return sigma, c
+
+
+def surrogate_indicator(sigma: torch.Tensor, c: torch.Tensor,
+                        lambdas: torch.Tensor | list[float] | float) -> torch.Tensor:
+    """xi for every explained example and lambda: shape [m, L] (NaN where all weights are 0)."""
+    sigma, c = _check_spectrum(sigma, c)
+    lam = check_positive_lambdas(lambdas)
+    w = sigma * c.pow(2)  # [m, k]
+    scale = w.abs().amax(dim=1, keepdim=True)
+    undefined = (scale <= 0).squeeze(1)
+    w = w / torch.where(scale > 0, scale, torch.ones_like(scale))  # xi is scale invariant
+    inv = 1.0 / (sigma[:, None] + lam[None, :])  # [k, L]
+    s1 = w @ inv
+    s2 = w @ inv.pow(2)
+    s3 = w @ inv.pow(3)
+    xi = s2 / torch.sqrt(s1 * s3)
+    xi = xi.clamp(0.0, 1.0)  # removes rounding just above 1
+    xi[undefined] = float("nan")
+    return xi
+
+
+def mean_indicator(sigma: torch.Tensor, c: torch.Tensor,
+                   lambdas: torch.Tensor | list[float]) -> tuple[torch.Tensor, int]:
+    """Mean of xi over the examples where it is defined, and how many were dropped."""
+    xi = surrogate_indicator(sigma, c, lambdas)
+    defined = ~torch.isnan(xi[:, 0])
+    if not bool(defined.any()):
+        raise ValueError("xi is undefined for every explained example (all gradients are zero)")
+    return xi[defined].mean(dim=0), int((~defined).sum())
+
+
+def default_lambda_grid(sigma: torch.Tensor, num: int = 200, below: float = 1e-3,
+                        above: float = 1e3) -> torch.Tensor:
+    """A log grid from ``below`` x the smallest non-zero eigenvalue to ``above`` x the largest."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    top = float(sigma.max())
+    if not top > 0:
+        raise ValueError("the spectrum has no positive eigenvalue; the Fisher matrix is zero")
+    nonzero = sigma[sigma > ZERO_RTOL * top]
+    lo, hi = float(nonzero.min()) * below, top * above
+    return torch.logspace(math.log10(lo), math.log10(hi), num, dtype=torch.float64)
+
+
+@dataclass
+class Selection:
+    """Result of Algorithm 1."""
+
+    lam: float
+    threshold: float
+    n_used: int
+    n_dropped: int
+    status: str  # "crossed", "below-grid" (already above threshold), "above-grid" (never reached)
+    grid: torch.Tensor = field(repr=False)
+    xi_mean: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly summary."""
+        return {"lambda": self.lam, "threshold": self.threshold, "n_used": self.n_used,
+                "n_dropped": self.n_dropped, "status": self.status}
+
+
+def select_lambda(sigma: torch.Tensor, c_val: torch.Tensor, threshold: float = 0.5,
+                  grid: torch.Tensor | None = None, bisection_steps: int = 60) -> Selection:
+    """Algorithm 1: the smallest lambda where mean xi over the *validation* examples reaches
+    ``threshold``, refined by bisection in log lambda inside the first bracketing interval."""
+    check_open_unit("threshold", threshold)
+    sigma, c_val = _check_spectrum(sigma, c_val)
+    grid = default_lambda_grid(sigma) if grid is None else check_positive_lambdas(grid).sort().values
+    defined = ~torch.isnan(surrogate_indicator(sigma, c_val, grid[:1])[:, 0])
+    if not bool(defined.any()):
+        raise ValueError("xi is undefined for every validation example (all gradients are zero)")
+    c_used = c_val[defined]
+    n_dropped = int((~defined).sum())
+
+    def xi_bar(lam: torch.Tensor) -> torch.Tensor:
+        return surrogate_indicator(sigma, c_used, lam).mean(dim=0)
+
+    curve = xi_bar(grid)
+    above = (curve >= threshold).nonzero()
+    common = {"threshold": threshold, "n_used": int(defined.sum()), "n_dropped": n_dropped,
+              "grid": grid, "xi_mean": curve}
+    if above.numel() == 0:
+        return Selection(lam=float(grid[-1]), status="above-grid", **common)
+    first = int(above[0, 0])
+    if first == 0:
+        return Selection(lam=float(grid[0]), status="below-grid", **common)
+    lo, hi = math.log(float(grid[first - 1])), math.log(float(grid[first]))
+    for _ in range(bisection_steps):
+        mid = 0.5 * (lo + hi)
+        if float(xi_bar(torch.tensor([math.exp(mid)], dtype=torch.float64))[0]) >= threshold:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-10:
+            break
+    return Selection(lam=math.exp(hi), status="crossed", **common)

@@ -1,0 +1,5 @@
+"""Named benchmark settings: data, model, training recipe, output function, sizes."""
+
+from tdatune.settings.registry import SETTINGS, Setting, get_setting
+
+__all__ = ["SETTINGS", "Setting", "get_setting"]

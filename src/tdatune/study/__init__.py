@@ -1,0 +1,1 @@
+"""Studies: the lambda study (the demo), sweeps, results tables, plots and reports."""

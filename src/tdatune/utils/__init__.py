@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic files, input checks, fingerprints, progress bars, devices."""

@@ -1,0 +1,61 @@
+"""Input validation with messages that name the thing at fault and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def check_positive_lambdas(lambdas: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
+    """Return ``lambdas`` as a 1-D float64 tensor, refusing values that are not finite and > 0."""
+    lam = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
+    if lam.numel() == 0:
+        raise ValueError("lambdas is empty: pass at least one damping value > 0")
+    bad = ~torch.isfinite(lam) | (lam <= 0)
+    if bool(bad.any()):
+        value = lam[bad][0].item()
+        raise ValueError(
+            f"lambda must be a finite number > 0, got {value!r}; "
+            "use a positive damping such as 1e-3 (a log grid spanning the spectrum works best)"
+        )
+    return lam
+
+
+def check_open_unit(name: str, value: float) -> float:
+    """Refuse ``value`` outside the open interval (0, 1)."""
+    value = float(value)
+    if not (0.0 < value < 1.0):
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}")
+    return value
+
+
+def check_finite_rows(name: str, matrix: torch.Tensor, offset: int = 0) -> None:
+    """Refuse a matrix with NaN/inf, naming the first offending row (example index)."""
+    finite = torch.isfinite(matrix.reshape(matrix.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0]) + offset
+        raise ValueError(
+            f"{name} has non-finite values (NaN or inf) for example {row}; "
+            "check the model's outputs and loss for that example (a diverged model or a "
+            "probability of exactly 0 or 1 under the chosen output function)"
+        )
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None]) -> None:
+    """Refuse ``tensor`` whose shape differs from ``expected`` (None matches any size)."""
+    shape = tuple(tensor.shape)
+    ok = len(shape) == len(expected) and all(
+        e is None or s == e for s, e in zip(shape, expected, strict=True)
+    )
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(shape)}")
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    """Refuse ``value`` that is not one of ``choices``, listing them."""
+    options = list(choices)
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
+    return value
