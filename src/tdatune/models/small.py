@@ -14,7 +14,7 @@ class LogisticRegression(nn.Module):
         super().__init__()
         self.linear = nn.Linear(in_features, num_classes)
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.linear(x.flatten(1))
 
 
@@ -31,5 +31,5 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.net(x.flatten(1))

@@ -24,6 +24,7 @@ from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select
 from tdatune.settings.registry import get_setting
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.utils.atomic import atomic_write_json, atomic_write_text
+from tdatune.utils.checks import check_open_unit
 from tdatune.utils.device import resolve_device
 
 
@@ -44,6 +45,14 @@ class LambdaStudyConfig:
     data_dir: str | None = None
     device: str = "auto"
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_open_unit("threshold", self.threshold)
+        check_open_unit("subset fraction alpha", self.alpha)
+        for q in self.quantiles:
+            check_open_unit("quantile q", q)
+        if self.grid_points < 2:
+            raise ValueError(f"grid_points must be >= 2, got {self.grid_points}")
 
 
 def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, Any]:

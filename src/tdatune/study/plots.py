@@ -54,7 +54,7 @@ def plot_lambda_curve(
     ax.axvline(selected, color="tab:green", lw=2,
                label=f"selected {selected:.2e} (LDS {lds_selected:.3f})")
     ax.axvline(best, color="black", ls=":", lw=1.5, label=f"grid best {best:.2e}")
-    for q, (lam_q, lds_q) in baselines.items():
+    for q, (lam_q, _lds_q) in baselines.items():
         ax.axvline(lam_q, color="gray", ls="--", lw=0.8)
         ax.annotate(f"q={q}", (lam_q, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
                     rotation=90, color="gray")
