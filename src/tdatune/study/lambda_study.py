@@ -14,18 +14,15 @@ import numpy as np
 import torch
 
 from tdatune import __version__
-from tdatune.attributors.base import AttributionContext
 from tdatune.attributors.registry import make_attributor
-from tdatune.evaluate.groundtruth import GroundTruthConfig, build_ground_truth
+from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.lds import lds_path
-from tdatune.models.training import train_model
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
-from tdatune.settings.registry import get_setting
 from tdatune.study.plots import plot_lambda_curve
+from tdatune.study.prepare import prepare_setting
 from tdatune.utils.atomic import atomic_write_json, atomic_write_text
 from tdatune.utils.checks import check_open_unit
-from tdatune.utils.device import resolve_device
 
 
 @dataclass
@@ -62,37 +59,24 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    setting = get_setting(config.setting)
-    splits, task = setting.build(seed=config.seed, data_dir=config.data_dir)
-    recipe = setting.recipe
     say = print if config.show_progress else (lambda *a, **k: None)
-    say(f"[1/4] training {setting.name} on {len(splits.train)} examples ({splits.source})")
-    trained = train_model(task, splits.train, recipe, config.seed, device=device,
-                          checkpoint_dir=out / "checkpoints", show_progress=config.show_progress)
-
     gt_config = GroundTruthConfig(n_subsets=config.n_subsets, alpha=config.alpha,
                                   seeds_per_subset=config.seeds_per_subset,
                                   subset_seed=config.seed, train_seed=config.seed)
-    say(f"[2/4] ground truth: {config.n_subsets} subsets x {config.seeds_per_subset} seed(s), "
-        f"alpha={config.alpha}, {len(splits.test)} test examples")
-    gt = build_ground_truth(task, recipe, splits.train, splits.test, gt_config,
-                            out / "groundtruth", device=device, show_progress=config.show_progress)
-
-    say(f"[3/4] {config.attributor}: gradients, eigendecomposition, lambda-path")
-    context = AttributionContext(task, splits.train, trained.checkpoints,
-                                 weight_decay=recipe.weight_decay, device=device,
-                                 show_progress=config.show_progress)
-    model, params = context.model_at(-1)
-    test_accuracy = task.accuracy(model, params, splits.test.inputs.to(device),
-                                  splits.test.targets.to(device))
+    prepared = prepare_setting(config.setting, out, gt_config, seed=config.seed,
+                               data_dir=config.data_dir, device=config.device,
+                               show_progress=config.show_progress, say=say)
+    splits, gt, context = prepared.splits, prepared.groundtruth, prepared.context
+    setting, recipe, device = prepared.setting, prepared.recipe, context.device
+    test_accuracy = prepared.test_accuracy()
+    say(f"{config.attributor}: gradients, eigendecomposition, lambda-path")
     attributor = make_attributor(config.attributor, **config.attributor_params).fit(context)
     test_path = attributor.lambda_path(splits.test)
     val_path = attributor.lambda_path(splits.val)
     sigma = test_path.sigma
     grid = default_lambda_grid(sigma, num=config.grid_points, below=1e-2, above=1e2)
 
-    say("[4/4] selecting lambda on validation, scoring LDS on test")
+    say("selecting lambda on validation, scoring LDS on test")
     curve = lds_path(test_path, gt.masks, gt.mean_outputs, grid)
     xi_mean, _ = mean_indicator(sigma, val_path.explained_coords, grid)
     selection = select_lambda(sigma, val_path.explained_coords, threshold=config.threshold)

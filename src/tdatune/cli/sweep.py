@@ -1,0 +1,44 @@
+"""``tdatune sweep`` and ``tdatune report``: sensitivity sweeps over hyperparameter grids."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tdatune.study.report import write_report
+from tdatune.study.sweep import load_spec, run_sweep
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``sweep`` and ``report``."""
+    s = sub.add_parser("sweep", help="run (or resume) a hyperparameter sweep from a TOML file")
+    s.add_argument("spec", type=Path, help="sweep TOML file (see docs/sweeps.md)")
+    s.add_argument("--out", type=Path, required=True, help="sweep directory (resumed on rerun)")
+    s.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="where cells run: this process, or Ray tasks")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. ray://head:10001); default: a local Ray instance")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=sweep)
+
+    r = sub.add_parser("report", help="(re)write tables, figures and report.md of a sweep directory")
+    r.add_argument("out", type=Path, help="sweep directory")
+    r.set_defaults(func=report)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run the sweep, then write its report."""
+    spec = load_spec(args.spec)
+    say = (lambda *a: None) if args.quiet else print
+    run_sweep(spec, args.out, backend=args.backend, address=args.address, device=args.device,
+              show_progress=not args.quiet, say=say)
+    path = write_report(args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Rewrite the report of a finished (or partly finished) sweep."""
+    print(f"wrote {write_report(args.out)}")
+    return 0
