@@ -56,7 +56,7 @@ def test_cells_equal_direct_attribution_and_lds(swept):
 
 
 def test_resume_recomputes_only_missing_cells(swept):
-    spec, out, cells = swept
+    spec, out, _ = swept
     files = sorted((out / "cells").glob("*.json"))
     stamps = {f: f.stat().st_mtime_ns for f in files}
     files[0].unlink()

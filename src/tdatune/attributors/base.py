@@ -139,6 +139,16 @@ class Attributor(ABC):
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:
         """Scores [m, n]: row j explains example j of ``explained`` over the n training examples."""
 
+    def surrogate_spectrum(self, explained: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma, explained coordinates) for ``tdatune.select.select_lambda``: a retraining-free
+        lambda for eigen-based attributors (those with a ``lambda_path``: iffim, trak, logra)."""
+        path_fn = getattr(self, "lambda_path", None)
+        if path_fn is None:
+            raise NotImplementedError(
+                f"{self.name} is not eigen-based, so it has no spectrum for the surrogate "
+                "indicator; use iffim, trak or logra for retraining-free lambda selection")
+        return path_fn(explained).spectrum()
+
     def score_grid(self, explained: ArrayDataset, grid: Iterable[dict[str, Any]]
                    ) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
         """Scores for each score-stage setting in ``grid``, reusing all fit-stage work."""
@@ -188,6 +198,23 @@ def any_int(x: Any) -> int:
     if isinstance(x, bool) or int(x) != x:
         raise ValueError("must be an integer")
     return int(x)
+
+
+def optional_int_list(x: Any) -> list[int] | None:
+    """None or a non-empty list of integers (e.g. checkpoint epochs; negative counts from the end)."""
+    if x is None:
+        return None
+    items = [x] if isinstance(x, int) and not isinstance(x, bool) else list(x)
+    if not items:
+        raise ValueError("must be None or a non-empty list of integers")
+    return [any_int(v) for v in items]
+
+
+def boolean(x: Any) -> bool:
+    """True or False (no truthy coercion of strings or numbers)."""
+    if not isinstance(x, bool):
+        raise ValueError("must be True or False")
+    return x
 
 
 def one_of(*choices: Any) -> Callable[[Any], Any]:

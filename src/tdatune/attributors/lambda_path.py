@@ -1,18 +1,57 @@
 """Scores for every lambda from one eigensystem.
 
 With F = U diag(sigma) U^T, c = V U (explained) and a = G U (training):
-    score(lambda)[j, i] = sign * scale * sum_k c[j, k] a[i, k] / (sigma_k + scale_lambda * lambda)
+    score(lambda)[j, i] = sign * sum_k c[j, k] a[i, k] / (sigma_k + lambda)
 Subset sums for LDS need no score matrix: project the subset masks once, B = masks @ a
 ([M, k]), and each lambda costs one [m, k] x [k, M] product.
+
+lambda = 0 is allowed when every kept eigenvalue is non-zero: eigensystems drop the null
+space, so this is the pseudo-inverse (TRAK's default). Signed spectra (an indefinite exact
+Hessian) are allowed too; a lambda that puts sigma_k + lambda at or near zero is refused.
+
+Ensembles (TRAK over checkpoints, LoGra with one Fisher block per layer) are sums of
+member paths. A sum of paths is again a path over the *concatenated* spectrum, because
+sum_c w_c sum_k c_ck a_ick / (sigma_ck + lambda) is the single-path formula for the
+block-diagonal matrix diag(F_1, ..., F_C). ``EnsembleLambdaPath`` stores exactly that, so
+``scores``, ``subset_predictions`` and the surrogate's spectrum work unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tdatune.utils.checks import check_positive_lambdas, check_shape
+from tdatune.utils.checks import check_shape
+
+SINGULAR_RTOL = 1e-12
+
+
+def check_path_lambdas(sigma: torch.Tensor, lambdas: torch.Tensor | Sequence[float] | float
+                       ) -> torch.Tensor:
+    """``lambdas`` as float64 [L]: finite, >= 0, and keeping every sigma_k + lambda away from 0."""
+    lam = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
+    if lam.numel() == 0:
+        raise ValueError("lambdas is empty: pass at least one damping value >= 0")
+    bad = ~torch.isfinite(lam) | (lam < 0)
+    if bool(bad.any()):
+        raise ValueError(
+            f"lambda must be a finite number >= 0, got {lam[bad][0].item()!r}; use a damping such "
+            "as 1e-3 (a log grid spanning the spectrum works best)")
+    if sigma.numel():
+        s = sigma.to(torch.float64)
+        top = float(s.abs().max())
+        denom = (s[None, :] + lam[:, None]).abs()
+        near = denom <= SINGULAR_RTOL * max(top, torch.finfo(torch.float64).tiny)
+        if bool(near.any()):
+            li, ki = (int(t) for t in near.nonzero()[0])
+            raise ValueError(
+                f"lambda={float(lam[li]):.6g} makes the curvature + lambda I singular or nearly so "
+                f"(eigenvalue {float(s[ki]):.6g} + lambda ~ 0); choose lambda away from "
+                f"{-float(s[ki]):.6g}, e.g. larger than the most negative eigenvalue's magnitude "
+                f"({max(0.0, -float(s.min())):.6g})")
+    return lam
 
 
 @dataclass
@@ -39,7 +78,7 @@ class LambdaPath:
 
     def scores(self, lam: float) -> torch.Tensor:
         """Score matrix [m, n] at one lambda."""
-        lam_t = check_positive_lambdas(lam)
+        lam_t = check_path_lambdas(self.sigma, lam)
         return self.sign * (self._weighted(float(lam_t[0])) @ self.train_coords.T)
 
     def project_masks(self, masks: torch.Tensor) -> torch.Tensor:
@@ -50,6 +89,48 @@ class LambdaPath:
     def subset_predictions(self, masks: torch.Tensor, lambdas: torch.Tensor | list[float],
                            projected: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted subset sums sum_{i in S_m} score[j, i] for every lambda: [L, m, M]."""
-        lam = check_positive_lambdas(lambdas)
+        lam = check_path_lambdas(self.sigma, lambdas)
         b = self.project_masks(masks) if projected is None else projected
         return torch.stack([self.sign * (self._weighted(float(x)) @ b.T) for x in lam])
+
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma, explained_coords) for the surrogate indicator; needs a PSD spectrum."""
+        if bool((self.sigma < 0).any()):
+            raise ValueError(
+                f"the curvature has {int((self.sigma < 0).sum())} negative eigenvalue(s) (most "
+                f"negative {float(self.sigma.min()):.3g}); the surrogate indicator is defined for "
+                "PSD matrices (Fisher, TRAK's Phi^T Phi, LoGra's projected Fisher)")
+        return self.sigma, self.explained_coords
+
+
+class EnsembleLambdaPath(LambdaPath):
+    """The weighted sum of member paths, stored as one path over the concatenated spectrum.
+
+    ``scores(lam) = sum_c weights[c] * members[c].scores(lam)`` (each with its own sign);
+    ``sigma`` and ``explained_coords`` are the members' concatenated, so the surrogate sees
+    the block-diagonal matrix diag(F_1, ..., F_C). Weights default to 1 / C (an average).
+    """
+
+    def __init__(self, members: Sequence[LambdaPath], weights: Sequence[float] | None = None
+                 ) -> None:
+        members = list(members)
+        if not members:
+            raise ValueError("an ensemble lambda-path needs at least one member path")
+        w = [1.0 / len(members)] * len(members) if weights is None else [float(x) for x in weights]
+        if len(w) != len(members):
+            raise ValueError(f"{len(members)} member paths but {len(w)} weights")
+        n = {m.n_train for m in members}
+        e = {int(m.explained_coords.shape[0]) for m in members}
+        if len(n) != 1 or len(e) != 1:
+            raise ValueError(f"member paths disagree on training ({sorted(n)}) or explained "
+                             f"({sorted(e)}) example counts")
+        f64 = torch.float64
+        super().__init__(
+            sigma=torch.cat([m.sigma.to(f64) for m in members]),
+            explained_coords=torch.cat([m.explained_coords.to(f64) for m in members], dim=1),
+            train_coords=torch.cat([m.train_coords.to(f64) * (m.sign * wc)
+                                    for m, wc in zip(members, w, strict=True)], dim=1),
+            sign=1.0,
+        )
+        self.members = members
+        self.weights = w

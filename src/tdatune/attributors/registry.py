@@ -5,9 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from tdatune.attributors.base import Attributor
+from tdatune.attributors.if_cg import IFCG
+from tdatune.attributors.if_explicit import IFExplicit
+from tdatune.attributors.if_lissa import IFLiSSA
 from tdatune.attributors.iffim import IFFIM
+from tdatune.attributors.logra import LoGra
+from tdatune.attributors.tracin import TracIn
+from tdatune.attributors.trak import TRAK
 
-ATTRIBUTORS: dict[str, type[Attributor]] = {cls.name: cls for cls in (IFFIM,)}
+ATTRIBUTORS: dict[str, type[Attributor]] = {
+    cls.name: cls for cls in (IFExplicit, IFCG, IFLiSSA, IFFIM, TRAK, TracIn, LoGra)
+}
 
 
 def make_attributor(name: str, **values: Any) -> Attributor:
