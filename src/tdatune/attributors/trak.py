@@ -1,0 +1,150 @@
+"""TRAK: score = phi'^T (Phi^T Phi + lambda_TRAK I)^-1 Phi^T Q, averaged over checkpoints.
+
+Features are projected output gradients, phi = P^T grad m(z; theta_c), with m the
+correct-class margin on the *training* side (TRAK's choice, which makes Q exact: the loss
+gradient is g_i = -(1 - p_y) grad m_i) and the task's output function f on the explained
+side (the margin by default); Q = diag(1 - p_y) of the training examples. The sign is TRAK's:
+positive means including z_i raises f.
+
+Lambda convention (docs/lambda_convention.md). ``lam`` is added to the curvature of the
+*mean* loss, Phi^T Phi / n, like every tdatune method; TRAK's native damping on Phi^T Phi is
+lambda_TRAK = n * lam, and with it the formula above is computed exactly:
+    phi' (Phi^T Phi + n lam I)^-1 Phi^T Q = (1/n) phi' (Phi^T Phi / n + lam I)^-1 Phi^T Q.
+lam = 0 (TRAK's default) is the pseudo-inverse: the eigensystem drops zero eigenvalues.
+
+Ensembles. Each checkpoint is a member with its own projected features, Q and eigensystem;
+the score is the *average of the members' scores* (TRAK's reference implementation averages
+the kernel part and Q separately; averaging whole scores keeps the ensemble a sum of
+lambda-paths). ``add_checkpoint`` fits one more member, so growing the ensemble costs one
+checkpoint's work; members' explained coordinates are cached per explained set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from tdatune.attributors.base import (
+    AttributionContext,
+    Attributor,
+    HyperParameter,
+    any_int,
+    nonnegative_float,
+    one_of,
+    optional_int_list,
+    optional_positive_int,
+)
+from tdatune.attributors.common import dataset_key
+from tdatune.attributors.lambda_path import EnsembleLambdaPath, LambdaPath
+from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
+from tdatune.data.base import ArrayDataset
+from tdatune.features.gradients import num_params, per_example_grads
+from tdatune.features.projection import Projector
+from tdatune.models.outputs import probability
+from tdatune.models.task import Params, Task
+
+
+@dataclass
+class TRAKMember:
+    """One checkpoint's share of TRAK: projection, eigensystem of Phi^T Phi / n, and Q."""
+
+    checkpoint: int
+    projector: Projector | None
+    eigen: Eigensystem
+    q: torch.Tensor  # [n] 1 - p_y
+
+
+def one_minus_p(task: Task, model: torch.nn.Module, params: Params,
+                data: ArrayDataset, batch_size: int = 1024) -> torch.Tensor:
+    """Q's diagonal: 1 - p_y (correct-class probability) for every example, float64."""
+    from torch.func import functional_call
+
+    device = next(iter(params.values())).device
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(data), batch_size):
+            logits = functional_call(model, params, (data.inputs[s : s + batch_size].to(device),))
+            out.append(1 - probability(logits, data.targets[s : s + batch_size].to(device)).double())
+    return torch.cat(out).cpu()
+
+
+class TRAK(Attributor):
+    """TRAK with projected margin-gradient features, ensembled over checkpoints."""
+
+    name = "trak"
+    hyperparameters = (
+        HyperParameter("lam", 0.0, "score", nonnegative_float,
+                       "damping on Phi^T Phi / n (TRAK's native lambda is n * lam)"),
+        HyperParameter("proj_dim", 512, "fit", optional_positive_int,
+                       "projection dim d (default 512, capped at p; an explicit d > p is refused)"),
+        HyperParameter("proj_kind", "gaussian", "fit", one_of("gaussian", "rademacher"),
+                       "projection matrix entries"),
+        HyperParameter("proj_seed", 0, "fit", any_int, "projection seed"),
+        HyperParameter("checkpoints", None, "fit", optional_int_list,
+                       "epochs to ensemble (default: the last)"),
+    )
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**values)
+        self._proj_dim_given = "proj_dim" in values and values["proj_dim"] is not None
+
+    def _fit(self, context: AttributionContext) -> None:
+        self.members: dict[int, TRAKMember] = {}
+        self._coords: dict[tuple[str, int], torch.Tensor] = {}
+        for c in self.params["checkpoints"] or [-1]:
+            self.add_checkpoint(c)
+
+    def _projector(self, p: int) -> Projector | None:
+        d = self.params["proj_dim"]
+        if d is None:
+            return None
+        if d > p:
+            if self._proj_dim_given:
+                raise ValueError(f"{self.name}: proj_dim={d} exceeds the number of parameters "
+                                 f"p={p}; use proj_dim <= {p}, or proj_dim=None for no projection")
+            return None  # the default 512 on a model with p <= 512: no projection needed
+        ctx = self._require_fit()
+        return Projector(p, d, kind=self.params["proj_kind"], seed=self.params["proj_seed"],
+                         device=ctx.device)
+
+    def add_checkpoint(self, checkpoint: int) -> TRAKMember:
+        """Fit one more ensemble member (features, Q, eigensystem) at ``checkpoint``."""
+        ctx = self._require_fit()
+        idx = ctx.checkpoint_index(checkpoint)
+        if idx in self.members:
+            return self.members[idx]
+        model, params = ctx.model_at(idx)
+        projector = self._projector(num_params(params))
+        margin_task = replace(ctx.task, output="margin")
+        phi = per_example_grads(margin_task, model, params, ctx.train, target="output",
+                                chunk_size=ctx.chunk_size, projector=projector,
+                                show_progress=ctx.show_progress, desc=f"TRAK features ep{idx}")
+        member = TRAKMember(idx, projector, fisher_eigensystem(phi),
+                            one_minus_p(ctx.task, model, params, ctx.train))
+        self.members[idx] = member
+        return member
+
+    def _member_path(self, member: TRAKMember, explained: ArrayDataset) -> LambdaPath:
+        ctx = self._require_fit()
+        key = (dataset_key(explained), member.checkpoint)
+        if key not in self._coords:
+            model, params = ctx.model_at(member.checkpoint)
+            v = per_example_grads(ctx.task, model, params, explained, target="output",
+                                  chunk_size=ctx.chunk_size, projector=member.projector)
+            self._coords[key] = member.eigen.coords(v)
+        n = member.eigen.n
+        train = member.eigen.train_coords * (member.q[:, None] / n)
+        return LambdaPath(member.eigen.sigma, self._coords[key], train, sign=1.0)
+
+    def lambda_path(self, explained: ArrayDataset) -> EnsembleLambdaPath:
+        """The ensemble's lambda-path (mean of member paths) for ``explained``."""
+        self._require_fit()
+        members = [self.members[k] for k in sorted(self.members)]
+        return EnsembleLambdaPath([self._member_path(m, explained) for m in members])
+
+    def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:
+        """Scores [m, n] at ``lam`` (mean-loss convention; 0 = pseudo-inverse)."""
+        lam = self.score_params(values)["lam"]
+        return self.lambda_path(explained).scores(lam).float()

@@ -1,0 +1,64 @@
+"""Training-objective curvature against torch.autograd.functional.hessian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attr_problems import dense_hessian, model64, one_thread, problem
+
+from tdatune.curvature.hessian import (
+    TrainingObjective,
+    flatten_params,
+    power_iteration,
+    unflatten_params,
+)
+from tdatune.data.base import ArrayDataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def objective(kind: str, data: ArrayDataset | None = None) -> TrainingObjective:
+    prob = problem(kind)
+    m, params = model64(prob)
+    data = data or prob.train
+    data = ArrayDataset(data.inputs.double(), data.targets)
+    return TrainingObjective(prob.task, m, params, data, prob.weight_decay, chunk_size=20)
+
+
+def test_exact_hessian_matches_autograd_functional():
+    for kind in ("lr", "mlp"):
+        ref = dense_hessian(problem(kind))
+        got = objective(kind).exact()
+        assert torch.allclose(got, ref, atol=1e-10, rtol=1e-8), kind
+
+
+def test_hvp_batched_and_on_index():
+    obj = objective("mlp")
+    h = obj.exact()
+    vecs = torch.randn(5, obj.p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(obj.hvp(vecs), vecs @ h, atol=1e-10)
+    assert torch.allclose(obj.hvp(vecs[0]), h @ vecs[0], atol=1e-10)
+    idx = torch.tensor([3, 10, 11, 40])
+    prob = problem("mlp")
+    sub = objective("mlp", prob.train.subset(idx))
+    assert torch.allclose(obj.hvp(vecs, idx), sub.hvp(vecs), atol=1e-10)
+
+
+def test_power_iteration_estimates_top_eigenvalue():
+    obj = objective("lr")
+    top = float(torch.linalg.eigvalsh(obj.exact()).abs().max())
+    est = obj.top_eigenvalue(iters=200)
+    assert est <= top * (1 + 1e-8) and est > 0.9 * top
+    diag = torch.tensor([5.0, 1.0, -7.0], dtype=torch.float64)
+    assert abs(power_iteration(lambda v: diag * v, 3, iters=200) - 7.0) < 1e-6
+
+
+def test_flatten_roundtrip_and_gradient_near_zero_at_optimum():
+    obj = objective("lr")
+    back = unflatten_params(obj.theta, obj.params)
+    assert torch.equal(flatten_params(back), obj.theta)
+    assert float(obj.gradient().norm()) < 1e-3
