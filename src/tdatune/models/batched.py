@@ -1,0 +1,468 @@
+"""Train M models of one task at once with stacked parameters (torch.func + vmap).
+
+Each model m is trained on its own subset of the training data with its own seed, and ends
+where ``train_model(task, train.subset(mask_m), recipe, seed_m)`` ends (float tolerance):
+
+* SGD / Adam: model m starts from ``init_model(task, seed_m)`` and visits its subset in the
+  order ``epoch_permutation(|S_m|, seed_m, epoch)``, gathered as an ``[M, B]`` index tensor
+  into the shared training data. All subsets have the same size, so the M models take their
+  steps in lock-step. The loss of the M models is summed (their parameters are disjoint, so
+  each gradient is exactly the model's own) and a single torch optimizer updates the stacked
+  parameters; SGD with momentum and Adam are element-wise, so this is the same update as M
+  separate optimizers. Gradient clipping is applied per model.
+* L-BFGS (convex objectives such as logistic regression with weight decay, whose minimiser is
+  unique): a batched L-BFGS with a per-model history, per-model step sizes (Armijo
+  backtracking) and per-model stopping, on the objective ``sum_i w_mi l_i / |S_m| + wd/2
+  ||theta_m||^2`` where ``w_m`` is model m's subset membership. Running torch's L-BFGS on the
+  joint vector of all M models would couple their step sizes and histories and stop on a
+  joint criterion; the per-model version converges to each model's own minimiser, the point
+  ``train_model`` approaches too. It runs at most ``epochs * lbfgs_iters`` iterations (the
+  budget ``train_model`` has) and stops a model earlier once its objective can no longer
+  decrease in floating point.
+
+Models with BatchNorm or dropout (batch statistics and random masks would need per-model
+state and random streams) are refused with :class:`BatchedTrainingUnsupported`; callers fall
+back to training them one at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from tdatune.data.base import ArrayDataset
+from tdatune.models.task import Params, Task
+from tdatune.models.training import TrainRecipe, _make_optimizer, epoch_permutation, init_model
+from tdatune.utils.progress import progress
+
+# Modules whose behaviour in training mode couples examples or draws random numbers.
+_UNSUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+LBFGS_HISTORY = 20
+LBFGS_C1 = 1e-4
+LBFGS_MAX_BACKTRACK = 30
+LBFGS_TOL_GRAD = 1e-10
+LBFGS_TOL_CHANGE = 1e-14
+DEFAULT_CPU_BUDGET = 2 << 30  # bytes of working memory a CPU chunk may use
+
+
+class BatchedTrainingUnsupported(ValueError):
+    """The model cannot be trained in the batched path; train it one model at a time."""
+
+
+def check_batchable(task: Task) -> None:
+    """Refuse models with BatchNorm, dropout or buffers, naming the offending module."""
+    model = task.make_model()
+    for name, module in model.named_modules():
+        if isinstance(module, _UNSUPPORTED_MODULES):
+            raise BatchedTrainingUnsupported(
+                f"{task.name}: module {name or '<root>'} ({type(module).__name__}) uses batch "
+                "statistics or random masks, which batched retraining does not reproduce; "
+                "use the sequential or process backend for this model"
+            )
+    buffers = [k for k, _ in model.named_buffers()]
+    if buffers:
+        raise BatchedTrainingUnsupported(
+            f"{task.name}: the model has buffers ({', '.join(buffers[:3])}), which batched "
+            "retraining does not track; use the sequential or process backend for this model"
+        )
+
+
+def supports_batched(task: Task) -> bool:
+    """Whether ``task``'s model can be trained by :func:`train_batched`."""
+    try:
+        check_batchable(task)
+    except BatchedTrainingUnsupported:
+        return False
+    return True
+
+
+@dataclass
+class BatchedResult:
+    """Stacked final parameters ``[M, ...]`` of M models, their final training objectives and
+    (L-BFGS) the iterations each took."""
+
+    params: Params
+    objectives: torch.Tensor
+    iterations: torch.Tensor | None = None
+
+    @property
+    def num_models(self) -> int:
+        """M, the number of stacked models."""
+        return int(self.objectives.shape[0])
+
+    def state(self, m: int) -> Params:
+        """Model m's parameters as an ordinary state dict (loadable with load_state_dict)."""
+        return {k: v[m].detach().clone() for k, v in self.params.items()}
+
+
+def subset_indices(masks: torch.Tensor) -> torch.Tensor:
+    """``[M, s]`` ascending example indices of M boolean masks that all have s members."""
+    if masks.dim() != 2 or masks.dtype != torch.bool:
+        raise ValueError(f"subset masks must be a boolean [M, n] tensor, got {masks.dtype} "
+                         f"{list(masks.shape)}")
+    sizes = masks.sum(1)
+    if masks.shape[0] == 0 or bool((sizes != sizes[0]).any()) or int(sizes[0]) == 0:
+        raise ValueError(
+            "batched training needs M >= 1 non-empty subsets of one common size (steps must "
+            f"align); got sizes {sorted(set(sizes.tolist()))}"
+        )
+    return masks.nonzero()[:, 1].reshape(masks.shape[0], int(sizes[0]))
+
+
+def train_batched(
+    task: Task, train: ArrayDataset, masks: torch.Tensor, recipe: TrainRecipe,
+    seeds: Sequence[int], *, device: torch.device | str = "cpu", show_progress: bool = False,
+) -> BatchedResult:
+    """Train M models at once, model m on ``train.subset(masks[m])`` with seed ``seeds[m]``."""
+    check_batchable(task)
+    masks = torch.as_tensor(masks)
+    if len(seeds) != masks.shape[0]:
+        raise ValueError(f"got {masks.shape[0]} subset masks but {len(seeds)} seeds; one seed "
+                         "per model is needed")
+    if masks.shape[1] != len(train):
+        raise ValueError(f"subset masks cover {masks.shape[1]} examples but the training set "
+                         f"has {len(train)}")
+    device = torch.device(device)
+    models = [init_model(task, int(s), device) for s in seeds]
+    params, _ = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    if recipe.optimizer == "lbfgs":
+        return _train_lbfgs(task, base, params, train, masks, recipe, device, show_progress,
+                            models[0])
+    del models
+    return _train_minibatch(task, base, params, train, masks, recipe, seeds, device,
+                            show_progress)
+
+
+def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDataset,
+                     masks: torch.Tensor, recipe: TrainRecipe, seeds: Sequence[int],
+                     device: torch.device, show_progress: bool) -> BatchedResult:
+    index = subset_indices(masks)
+    num_models, size = index.shape
+    x, y = train.inputs.to(device), train.targets.to(device)
+    leaves = list(params.values())
+    opt = _make_optimizer(recipe, leaves)
+    wd = recipe.weight_decay
+
+    def model_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(base, p, (xb,))
+        loss = task.loss_fn(logits, yb).mean()
+        if wd:
+            loss = loss + 0.5 * wd * sum((q * q).sum() for q in p.values())
+        return loss
+
+    losses_fn = vmap(model_loss)
+    steps_per_epoch = max(1, math.ceil(size / recipe.batch_size))
+    total = recipe.epochs * steps_per_epoch
+    objectives = torch.zeros(num_models, dtype=torch.float64)
+    bar = progress(range(recipe.epochs), enabled=show_progress,
+                   desc=f"batched train {task.name} x{num_models}")
+    for epoch in bar:
+        order = torch.stack([index[m, epoch_permutation(size, int(seeds[m]), epoch)]
+                             for m in range(num_models)]).to(device)
+        running = torch.zeros(num_models, dtype=torch.float64, device=device)
+        for i, start in enumerate(range(0, size, recipe.batch_size)):
+            for group in opt.param_groups:
+                group["lr"] = recipe.lr_at(epoch * steps_per_epoch + i, total)
+            idx = order[:, start : start + recipe.batch_size]
+            opt.zero_grad()
+            losses = losses_fn(params, x[idx], y[idx])
+            losses.sum().backward()
+            if recipe.grad_clip is not None:
+                _clip_per_model(leaves, recipe.grad_clip)
+            opt.step()
+            running += losses.detach().double() * idx.shape[1]
+        objectives = (running / size).cpu()
+        _check_finite(task, objectives, epoch, recipe)
+    return BatchedResult(params={k: v.detach() for k, v in params.items()},
+                         objectives=objectives)
+
+
+def _clip_per_model(leaves: list[torch.Tensor], max_norm: float) -> None:
+    """clip_grad_norm_ applied to each model's slice of the stacked gradients."""
+    grads = [p.grad for p in leaves if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads]).norm(dim=0)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.reshape(-1, *([1] * (g.dim() - 1))))
+
+
+def _check_finite(task: Task, objectives: torch.Tensor, epoch: int, recipe: TrainRecipe) -> None:
+    bad = ~torch.isfinite(objectives)
+    if bool(bad.any()):
+        which = bad.nonzero()[:, 0].tolist()
+        raise FloatingPointError(
+            f"batched training of {task.name} diverged at epoch {epoch} for model(s) "
+            f"{which[:10]} (loss {objectives[which[0]].item()}); lower the learning rate (now "
+            f"{recipe.lr}) or raise weight decay"
+        )
+
+
+def _flat_linear_names(model: nn.Module, x: torch.Tensor) -> tuple[str, str | None] | None:
+    """(weight, bias) parameter names when ``model(x)`` is one nn.Linear of the flattened
+    input (checked on a probe batch), else None."""
+    linears = [(name, m) for name, m in model.named_modules() if any(True for _ in
+               m.parameters(recurse=False))]
+    if len(linears) != 1 or not isinstance(linears[0][1], nn.Linear):
+        return None
+    prefix, layer = linears[0]
+    if layer.in_features != x[0].numel():
+        return None
+    w_name = f"{prefix}.weight" if prefix else "weight"
+    b_name = (f"{prefix}.bias" if prefix else "bias") if layer.bias is not None else None
+    probe_model = copy.deepcopy(model).to("cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in probe_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        probe = x[:4].detach().to("cpu", torch.float32)
+        expected = probe.reshape(probe.shape[0], -1) @ probe_model.get_parameter(w_name).T
+        if b_name is not None:
+            expected = expected + probe_model.get_parameter(b_name)
+        got = probe_model(probe)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+        return None
+    return w_name, b_name
+
+
+def _train_lbfgs(task: Task, base: nn.Module, params: Params, train: ArrayDataset,
+                 masks: torch.Tensor, recipe: TrainRecipe, device: torch.device,
+                 show_progress: bool, base_model: nn.Module) -> BatchedResult:
+    names = list(params)
+    shapes = [params[k].shape[1:] for k in names]
+    numels = [int(math.prod(s)) for s in shapes]
+    num_models = masks.shape[0]
+    theta0 = torch.cat([params[k].detach().reshape(num_models, -1) for k in names], dim=1)
+    x, y = train.inputs.to(device), train.targets.to(device)
+    weights = masks.to(device=device, dtype=theta0.dtype)
+    weights = weights / weights.sum(1, keepdim=True)
+    wd = recipe.weight_decay
+
+    def unflatten(theta: torch.Tensor) -> Params:
+        parts = torch.split(theta, numels, dim=-1)
+        return {k: part.reshape(*theta.shape[:-1], *shape)
+                for k, part, shape in zip(names, parts, shapes, strict=True)}
+
+    def objective(theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(base, unflatten(theta), (x,))
+        return (task.loss_fn(logits, y) * w).sum() + 0.5 * wd * (theta * theta).sum()
+
+    linear = _flat_linear_names(base_model, x)
+    if linear is not None:
+        # Logistic regression: one GEMM of the shared inputs against all M weight matrices
+        # (and one for the weight gradient) instead of M skinny ones.
+        w_name, b_name = linear
+        x_flat = x.reshape(x.shape[0], -1)
+
+        def values(theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            p = unflatten(theta)
+            k, c = theta.shape[0], p[w_name].shape[1]
+            logits = (x_flat @ p[w_name].reshape(k * c, -1).T).reshape(-1, k, c)
+            if b_name is not None:
+                logits = logits + p[b_name]
+            logits = logits.transpose(0, 1).reshape(-1, c)
+            losses = task.loss_fn(logits, y.repeat(k)).reshape(k, -1)
+            return (losses * w).sum(1) + 0.5 * wd * (theta * theta).sum(1)
+    else:
+        values = vmap(objective)
+
+    def evaluate(theta: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The M objectives have disjoint parameters, so the gradient of their sum is each
+        # model's own gradient; plain autograd is cheaper here than a grad transform.
+        with torch.enable_grad():
+            theta = theta.detach().requires_grad_(True)
+            f = values(theta, weights[rows])
+            (g,) = torch.autograd.grad(f.sum(), theta)
+        return f.detach(), g
+
+    theta, f, iters = batched_lbfgs(evaluate, theta0, recipe.epochs * recipe.lbfgs_iters,
+                                    show_progress=show_progress, desc=f"batched L-BFGS {task.name}")
+    objectives = f.double().cpu()
+    _check_finite(task, objectives, recipe.epochs - 1, recipe)
+    return BatchedResult(params=unflatten(theta), objectives=objectives, iterations=iters.cpu())
+
+
+def batched_lbfgs(
+    evaluate, theta0: torch.Tensor, max_iter: int, *, history: int = LBFGS_HISTORY,
+    tol_grad: float = LBFGS_TOL_GRAD, tol_change: float = LBFGS_TOL_CHANGE,
+    show_progress: bool = False, desc: str = "batched L-BFGS",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Minimise M independent objectives at once; returns (theta [M, p], f [M], iterations [M]).
+
+    ``evaluate(theta_rows [k, p], rows [k])`` returns the values [k] and gradients [k, p] of
+    the objectives of models ``rows`` at ``theta_rows``. Each model keeps its own curvature
+    pairs and step size (backtracking to the Armijo condition), and stops when its gradient's
+    max-norm falls below ``tol_grad``, its objective or step changes by less than
+    ``tol_change``, or no step along its direction decreases the objective any more.
+    """
+    theta = theta0.detach().clone()
+    num_models, p = theta.shape
+    every = torch.arange(num_models, device=theta.device)
+    f, g = (t.detach() for t in evaluate(theta, every))
+    s_hist = torch.zeros(num_models, history, p, dtype=theta.dtype, device=theta.device)
+    y_hist = torch.zeros_like(s_hist)
+    rho = torch.zeros(num_models, history, dtype=theta.dtype, device=theta.device)
+    gamma = torch.ones(num_models, dtype=theta.dtype, device=theta.device)
+    has_pair = torch.zeros(num_models, dtype=torch.bool, device=theta.device)
+    active = g.abs().amax(1) > tol_grad
+    iters = torch.zeros(num_models, dtype=torch.long, device=theta.device)
+    slot = 0
+    bar = progress(range(max_iter), enabled=show_progress, desc=desc)
+    for _ in bar:
+        if not bool(active.any()):
+            break
+        # Two-loop recursion over the ring of pairs, newest first (invalid pairs have rho 0).
+        q = -g
+        order = [(slot - 1 - j) % history for j in range(history)]
+        alphas = []
+        for j in order:
+            a = rho[:, j] * (s_hist[:, j] * q).sum(1)
+            q = q - a[:, None] * y_hist[:, j]
+            alphas.append(a)
+        r = gamma[:, None] * q
+        for j, a in zip(reversed(order), reversed(alphas), strict=True):
+            b = rho[:, j] * (y_hist[:, j] * r).sum(1)
+            r = r + (a - b)[:, None] * s_hist[:, j]
+        direction = r
+        gd = (g * direction).sum(1)
+        bad = gd > -1e-30
+        direction[bad] = -g[bad]
+        gd[bad] = -(g[bad] * g[bad]).sum(1)
+        step = torch.where(has_pair & ~bad, torch.ones_like(gamma),
+                           (1.0 / g.abs().sum(1).clamp_min(1e-30)).clamp(max=1.0))
+        # Per-model Armijo backtracking; only the models still searching are evaluated.
+        pending = active.clone()
+        new_theta, new_f, new_g = theta.clone(), f.clone(), g.clone()
+        for _ in range(LBFGS_MAX_BACKTRACK):
+            rows = pending.nonzero()[:, 0]
+            if rows.numel() == 0:
+                break
+            trial = theta[rows] + step[rows, None] * direction[rows]
+            f_try, g_try = (t.detach() for t in evaluate(trial, rows))
+            ok = torch.isfinite(f_try) & (f_try <= f[rows] + LBFGS_C1 * step[rows] * gd[rows])
+            accepted = rows[ok]
+            new_theta[accepted], new_f[accepted], new_g[accepted] = trial[ok], f_try[ok], g_try[ok]
+            pending[accepted] = False
+            step[pending] *= 0.5
+        moved = active & ~pending
+        active &= ~pending  # no decrease found: converged to floating-point precision
+        s_new = new_theta - theta
+        y_new = new_g - g
+        ys = (s_new * y_new).sum(1)
+        valid = moved & (ys > 1e-10)
+        s_hist[:, slot] = torch.where(valid[:, None], s_new, 0)
+        y_hist[:, slot] = torch.where(valid[:, None], y_new, 0)
+        rho[:, slot] = torch.where(valid, 1.0 / ys.where(valid, torch.ones_like(ys)), 0)
+        gamma = torch.where(valid, ys / (y_new * y_new).sum(1).clamp_min(1e-30), gamma)
+        has_pair |= valid
+        slot = (slot + 1) % history
+        change = (f - new_f).abs()
+        step_size = s_new.abs().amax(1)
+        theta, f, g = new_theta, new_f, new_g
+        iters += moved.long()
+        active &= (g.abs().amax(1) > tol_grad) & (change >= tol_change) & (step_size > tol_change)
+        if show_progress:
+            bar.set_postfix(active=int(active.sum()))
+    return theta, f, iters
+
+
+def batched_outputs(task: Task, base: nn.Module, params: Params, explained: ArrayDataset, *,
+                    device: torch.device | str = "cpu", batch_size: int = 1024) -> torch.Tensor:
+    """Outputs ``[M, m]`` of M stacked models on the explained examples."""
+    device = torch.device(device)
+    base.eval()
+
+    def outputs(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return task.output_fn(functional_call(base, p, (xb,)), yb)
+
+    fn = vmap(outputs, in_dims=(0, None, None))
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(explained), batch_size):
+            xb = explained.inputs[start : start + batch_size].to(device)
+            yb = explained.targets[start : start + batch_size].to(device)
+            chunks.append(fn(params, xb, yb))
+    num_models = next(iter(params.values())).shape[0]
+    return torch.cat(chunks, dim=1) if chunks else torch.empty(num_models, 0)
+
+
+def retrain_outputs_batched(
+    task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+    masks: torch.Tensor, seeds: Sequence[int], *, device: torch.device | str = "cpu",
+    show_progress: bool = False,
+) -> np.ndarray:
+    """Train one model per (mask, seed) at once; return their outputs on ``explained`` [M, m]."""
+    result = train_batched(task, train, masks, recipe, seeds, device=device,
+                           show_progress=show_progress)
+    base = task.make_model().to("meta")
+    out = batched_outputs(task, base, result.params, explained, device=device)
+    return out.double().cpu().numpy()
+
+
+def activation_numel(task: Task, example: torch.Tensor) -> int:
+    """Scalars produced by all modules of the model for one example (a memory estimate)."""
+    model = task.make_model()
+    total = 0
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(example.unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def models_per_chunk(task: Task, recipe: TrainRecipe, train: ArrayDataset, *,
+                     device: torch.device | str = "cpu", memory_bytes: int | None = None,
+                     subset_size: int | None = None) -> int:
+    """How many models fit in one batched chunk within ``memory_bytes`` (default: 2 GiB on
+    CPU, 60% of the free memory on a GPU), estimated from parameters, optimizer state and the
+    activations of the rows each model processes per step."""
+    device = torch.device(device)
+    if memory_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            memory_bytes = int(0.6 * free)
+        else:
+            memory_bytes = DEFAULT_CPU_BUDGET
+    model = task.make_model()
+    p = sum(q.numel() for q in model.parameters())
+    itemsize = next(model.parameters()).element_size()
+    if recipe.optimizer == "lbfgs":
+        rows = len(train)
+        param_copies = 8 + 2 * LBFGS_HISTORY  # theta, grads, trial points, history pairs
+    else:
+        rows = min(recipe.batch_size, subset_size or len(train))
+        param_copies = 5  # parameters, gradients, optimizer state
+    acts = activation_numel(task, train.inputs[0]) + train.inputs[0].numel()
+    per_model = itemsize * (p * param_copies + 3 * rows * acts)
+    return max(1, int(memory_bytes // max(per_model, 1)))
+
+
+__all__ = [
+    "BatchedResult", "BatchedTrainingUnsupported", "activation_numel", "batched_lbfgs",
+    "batched_outputs", "check_batchable", "models_per_chunk", "retrain_outputs_batched",
+    "subset_indices", "supports_batched", "train_batched",
+]

@@ -1,0 +1,159 @@
+"""Batched retraining against the independent computation: each model trained alone."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from tdatune.evaluate.groundtruth import GroundTruthConfig, retrain_outputs, sample_subsets
+from tdatune.models.batched import (
+    BatchedTrainingUnsupported,
+    batched_lbfgs,
+    check_batchable,
+    models_per_chunk,
+    retrain_outputs_batched,
+    subset_indices,
+    supports_batched,
+    train_batched,
+)
+from tdatune.models.small import MLP, LogisticRegression
+from tdatune.models.task import Task
+from tdatune.models.training import TrainRecipe, train_model
+
+
+def _lr_task(splits) -> Task:
+    return Task(make_model=partial(LogisticRegression, 64, splits.num_classes), name="lr")
+
+
+def _mlp_task(splits) -> Task:
+    return Task(make_model=partial(MLP, 64, (16,), splits.num_classes), name="mlp")
+
+
+def _newton_minimiser(x: torch.Tensor, y: torch.Tensor, classes: int, wd: float) -> torch.Tensor:
+    """Exact minimiser of mean CE + wd/2 ||W, b||^2 by Newton's method in float64 ([C, d+1]),
+    with the analytic softmax-regression gradient and Hessian."""
+    x = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    n, dim = x.shape
+    onehot = nn.functional.one_hot(y, classes).double()
+    w = torch.zeros(classes, dim, dtype=torch.float64)
+    for _ in range(50):
+        prob = torch.softmax(x @ w.T, dim=1)
+        g = (prob - onehot).T @ x / n + wd * w
+        if float(g.abs().max()) < 1e-12:
+            break
+        a = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+        h = torch.einsum("iab,ij,ik->ajbk", a, x, x).reshape(classes * dim, -1) / n
+        h += wd * torch.eye(classes * dim, dtype=torch.float64)
+        w = w - torch.linalg.solve(h, g.reshape(-1)).reshape(classes, dim)
+    return w
+
+
+def test_batched_lbfgs_reaches_the_minimiser_train_model_reaches(digits_small):
+    train = digits_small.train
+    task = _lr_task(digits_small)
+    recipe = TrainRecipe(optimizer="lbfgs", epochs=3, lbfgs_iters=100, weight_decay=1e-2)
+    masks = sample_subsets(len(train), GroundTruthConfig(n_subsets=2, alpha=0.5, subset_seed=3))
+    seeds = [5, 6]
+    result = train_batched(task, train, masks, recipe, seeds)
+    for m, seed in enumerate(seeds):
+        sub = train.subset(masks[m])
+        exact = _newton_minimiser(sub.inputs, sub.targets, digits_small.num_classes, 1e-2)
+        alone = train_model(task, sub, recipe, seed).state
+        batched = result.state(m)
+        for name, ref in (("linear.weight", exact[:, :-1]), ("linear.bias", exact[:, -1])):
+            assert torch.allclose(batched[name].double(), ref, atol=2e-3), name
+            assert torch.allclose(alone[name].double(), ref, atol=2e-3), name
+            assert torch.allclose(batched[name], alone[name], atol=3e-3), name
+
+
+def test_batched_sgd_momentum_equals_train_model(digits_small):
+    train = digits_small.train
+    task = _mlp_task(digits_small)
+    recipe = TrainRecipe(optimizer="sgd", epochs=4, lr=0.05, batch_size=16, momentum=0.9,
+                         weight_decay=1e-3, schedule="cosine")
+    masks = sample_subsets(len(train), GroundTruthConfig(n_subsets=3, alpha=0.6, subset_seed=1))
+    seeds = [0, 11, 22]
+    result = train_batched(task, train, masks, recipe, seeds)
+    for m, seed in enumerate(seeds):
+        alone = train_model(task, train.subset(masks[m]), recipe, seed)
+        for name, value in alone.state.items():
+            assert torch.allclose(result.state(m)[name], value, atol=1e-5, rtol=1e-4), name
+        assert result.objectives[m] == pytest.approx(alone.history[-1]["train_objective"],
+                                                     rel=1e-4)
+
+
+def test_batched_adam_with_clipping_equals_train_model(digits_small):
+    train = digits_small.train
+    task = _mlp_task(digits_small)
+    recipe = TrainRecipe(optimizer="adam", epochs=2, lr=0.01, batch_size=32, grad_clip=0.5,
+                         weight_decay=1e-3)
+    masks = sample_subsets(len(train), GroundTruthConfig(n_subsets=2, alpha=0.5, subset_seed=2))
+    result = train_batched(task, train, masks, recipe, [3, 4])
+    for m, seed in enumerate([3, 4]):
+        alone = train_model(task, train.subset(masks[m]), recipe, seed)
+        for name, value in alone.state.items():
+            assert torch.allclose(result.state(m)[name], value, atol=1e-5, rtol=1e-4), name
+
+
+def test_batched_outputs_equal_per_model_outputs(digits_small):
+    train, explained = digits_small.train, digits_small.test
+    task = _mlp_task(digits_small)
+    recipe = TrainRecipe(optimizer="sgd", epochs=2, lr=0.05, batch_size=32)
+    masks = sample_subsets(len(train), GroundTruthConfig(n_subsets=3))
+    out = retrain_outputs_batched(task, recipe, train, explained, masks, [1, 2, 3])
+    assert out.shape == (3, len(explained))
+    for m, seed in enumerate([1, 2, 3]):
+        alone = retrain_outputs(task, recipe, train, explained, masks[m], seed)
+        assert out[m] == pytest.approx(alone, abs=1e-4)
+
+
+def test_batched_lbfgs_solves_separable_quadratics():
+    # Independent check of the optimiser: M quadratics with known minimisers A_m^-1 b_m.
+    gen = torch.Generator().manual_seed(0)
+    mats = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
+    mats = mats @ mats.transpose(1, 2) + 0.5 * torch.eye(6, dtype=torch.float64)
+    rhs = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+
+    def evaluate(theta, rows):
+        a, b = mats[rows], rhs[rows]
+        ax = (a @ theta[..., None])[..., 0]
+        return 0.5 * (theta * ax).sum(1) - (b * theta).sum(1), ax - b
+
+    theta, _, iters = batched_lbfgs(evaluate, torch.zeros(4, 6, dtype=torch.float64), 200)
+    expected = torch.linalg.solve(mats, rhs[..., None])[..., 0]
+    assert torch.allclose(theta, expected, atol=1e-6)
+    assert bool((iters > 0).all())
+
+
+def test_batchnorm_and_dropout_are_refused():
+    bn = Task(make_model=partial(nn.Sequential, nn.Linear(4, 4), nn.BatchNorm1d(4)), name="bn")
+    drop = Task(make_model=partial(nn.Sequential, nn.Linear(4, 4), nn.Dropout(0.1)), name="dr")
+    for task in (bn, drop):
+        assert not supports_batched(task)
+        with pytest.raises(BatchedTrainingUnsupported, match="sequential or process"):
+            check_batchable(task)
+
+
+def test_bad_subsets_are_refused(digits_small):
+    masks = torch.zeros(2, len(digits_small.train), dtype=torch.bool)
+    masks[0, :10] = True
+    masks[1, :11] = True
+    with pytest.raises(ValueError, match="one common size"):
+        subset_indices(masks)
+    task = _lr_task(digits_small)
+    with pytest.raises(ValueError, match="one seed"):
+        train_batched(task, digits_small.train, masks[:1], TrainRecipe(), [1, 2])
+
+
+def test_models_per_chunk_respects_memory(digits_small):
+    task = _mlp_task(digits_small)
+    recipe = TrainRecipe(optimizer="sgd", batch_size=32)
+    small = models_per_chunk(task, recipe, digits_small.train, memory_bytes=1 << 20)
+    large = models_per_chunk(task, recipe, digits_small.train, memory_bytes=1 << 30)
+    assert 1 <= small < large
+    lbfgs = replace(recipe, optimizer="lbfgs")
+    assert models_per_chunk(task, lbfgs, digits_small.train, memory_bytes=1 << 20) <= small
