@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -81,5 +82,5 @@ def make_splits(
     perm = torch.randperm(n, generator=gen)
     full = ArrayDataset(inputs, targets)
     cuts = [0, n_train, n_train + n_val, need]
-    parts = [full.subset(perm[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    parts = [full.subset(perm[a:b]) for a, b in pairwise(cuts)]
     return Splits(*parts, name=name, source=source, num_classes=num_classes)

@@ -49,7 +49,8 @@ def _find_idx(directory: Path, stem: str) -> Path:
     )
 
 
-def load_mnist_idx(directory: str | os.PathLike[str], split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+def load_mnist_idx(directory: str | os.PathLike[str],
+                   split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Images (float [n, 784] in [0, 1]) and labels of one split from a directory of IDX files."""
     directory = Path(directory)
     if not directory.is_dir():

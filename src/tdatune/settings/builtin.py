@@ -73,7 +73,7 @@ register(Setting(
     name="digits-lr", description="scikit-learn digits + multinomial logistic regression",
     data_source="real", sizes=(1000, 200, 200), load=_digits,
     make_task=partial(lr_task, name="digits-lr"), recipe=LR_RECIPE,
-    real_data="bundled with scikit-learn",
+    real_data="bundled with scikit-learn", recipe_overrides_tiny={"lbfgs_iters": 20},
 ))
 register(Setting(
     name="digits-mlp", description="scikit-learn digits + MLP 64-32-10",
@@ -87,7 +87,7 @@ register(Setting(
     name="mnist-lr", description="MNIST-5k + multinomial logistic regression",
     data_source="real", sizes=(5000, 500, 500), load=load_mnist_benchmark_splits,
     make_task=partial(lr_task, name="mnist-lr"), recipe=LR_RECIPE,
-    real_data=MNIST_REAL, notes=MNIST_NOTES,
+    real_data=MNIST_REAL, notes=MNIST_NOTES, recipe_overrides_tiny={"lbfgs_iters": 20},
 ))
 register(Setting(
     name="mnist-mlp", description="MNIST-5k + MLP 784-128-64-10",
