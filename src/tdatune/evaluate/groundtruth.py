@@ -10,6 +10,15 @@ Layout of a ground-truth directory::
 
 Every file is written atomically, so a killed run resumes with exactly the models that
 finished; a directory built for another configuration is refused.
+
+Models are retrained by a pluggable runner (``backend``): ``auto`` (the default) trains chunks
+of models together with stacked parameters when the model allows it (see
+:mod:`tdatune.models.batched`) and one at a time otherwise; ``process`` and ``ray`` spread the
+work over a local process pool or a Ray cluster (see :mod:`tdatune.evaluate.runners`). Every
+backend hands finished models to the same atomic writer, so any backend can resume any other's
+partial run. The backend is recorded in ``backend.json``, not in the manifest: backends agree
+to float tolerance (exactly the same minibatch order and initialisation; for convex L-BFGS
+recipes the same unique minimiser).
 """
 
 from __future__ import annotations
@@ -141,9 +150,15 @@ def manifest_for(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained
 def build_ground_truth(
     task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
     config: GroundTruthConfig, directory: str | Path, *, device: str | torch.device = "cpu",
-    runner: Runner | None = None, show_progress: bool = True,
+    runner: Runner | None = None, show_progress: bool = True, backend: str = "auto",
+    backend_options: dict[str, Any] | None = None,
 ) -> GroundTruth:
-    """Build (or resume, or reuse) the ground truth in ``directory``."""
+    """Build (or resume, or reuse) the ground truth in ``directory``.
+
+    ``backend`` names how models are retrained (auto, sequential, batched, process, ray; see
+    :func:`tdatune.evaluate.runners.make_runner`, which takes ``backend_options``); a ready
+    ``runner`` callable overrides it.
+    """
     directory = Path(directory)
     manifest = manifest_for(task, recipe, train, explained, config)
     manifest["fingerprint"] = fingerprint_config(manifest)
@@ -173,7 +188,18 @@ def build_ground_truth(
         atomic_save_npy(models_dir / job.filename, out)
 
     if pending:
-        run = runner or sequential_runner(task, recipe, train, explained, masks, device, show_progress)
+        run = runner
+        if run is None:
+            from tdatune.evaluate.runners import make_runner, resolve_backend
+
+            backend = resolve_backend(backend, task)
+            run = make_runner(backend, task, recipe, train, explained, masks, device=device,
+                              show_progress=show_progress, **(backend_options or {}))
+            atomic_write_json(directory / "backend.json", {
+                "backend": backend, "options": {k: repr(v) for k, v in
+                                                (backend_options or {}).items()},
+                "device": str(device), "torch": torch.__version__, "pending_models": len(pending),
+            })
         run(pending, done)
     outputs = np.stack([
         np.stack([np.load(models_dir / RetrainJob(m, s, 0).filename)

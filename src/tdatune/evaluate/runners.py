@@ -1,0 +1,353 @@
+"""Ways to run the retraining jobs of a ground truth, all behind the ``Runner`` signature.
+
+A runner takes the pending jobs and a ``done(job, outputs)`` callback and calls it once per
+finished model, in this (the driver) process. ``done`` writes the model's file atomically, so
+every runner resumes the same way: a killed run keeps exactly the models that finished.
+
+* ``sequential``: one model at a time in this process.
+* ``batched``: chunks of models trained together with stacked parameters
+  (:mod:`tdatune.models.batched`); chunk size bounded by memory; several models at once on a
+  GPU.
+* ``process``: a local process pool (spawn), one model (or one batched chunk) per task.
+* ``ray``: the same tasks submitted to a Ray cluster (``address``) or a local Ray instance.
+
+:func:`map_local` and :func:`map_ray` run any picklable function over independent items
+(sweep cells) with the same two backends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from tdatune.data.base import ArrayDataset
+from tdatune.evaluate.groundtruth import RetrainJob, Runner, retrain_outputs, sequential_runner
+from tdatune.models.batched import (
+    check_batchable,
+    models_per_chunk,
+    retrain_outputs_batched,
+    supports_batched,
+)
+from tdatune.models.task import Task
+from tdatune.models.training import TrainRecipe
+from tdatune.utils.checks import check_choice
+from tdatune.utils.progress import progress
+
+RUNNERS = ("auto", "sequential", "batched", "process", "ray")
+T = TypeVar("T")
+R = TypeVar("R")
+Done = Callable[[RetrainJob, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class RetrainContext:
+    """Everything a worker needs to retrain any job; picklable (the task's model factory is a
+    module-level class or functools.partial) and sent to each worker once."""
+
+    task: Task
+    recipe: TrainRecipe
+    train: ArrayDataset
+    explained: ArrayDataset
+    masks: torch.Tensor
+    device: str = "cpu"
+
+    def run_chunk(self, jobs: Sequence[RetrainJob], batched: bool) -> list[np.ndarray]:
+        """Outputs of each job's model, trained together when ``batched`` and more than one."""
+        if batched and len(jobs) > 1:
+            index = torch.tensor([j.subset for j in jobs])
+            out = retrain_outputs_batched(self.task, self.recipe, self.train, self.explained,
+                                          self.masks[index], [j.seed for j in jobs],
+                                          device=self.device)
+            return list(out)
+        return [retrain_outputs(self.task, self.recipe, self.train, self.explained,
+                                self.masks[j.subset], j.seed, self.device) for j in jobs]
+
+
+def chunked(items: Sequence[T], size: int) -> list[list[T]]:
+    """Consecutive pieces of ``items`` with at most ``size`` each."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def batched_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+                   masks: torch.Tensor, device: str | torch.device = "cpu",
+                   show_progress: bool = True, *, chunk_size: int | None = None,
+                   memory_bytes: int | None = None) -> Runner:
+    """Train chunks of models together in this process (``chunk_size`` models, default as
+    many as fit in ``memory_bytes``; see :func:`tdatune.models.batched.models_per_chunk`)."""
+    check_batchable(task)
+    ctx = RetrainContext(task, recipe, train, explained, masks, str(device))
+    subset_size = int(masks[0].sum()) if len(masks) else None
+
+    def run(jobs: Sequence[RetrainJob], done: Done) -> None:
+        size = chunk_size or models_per_chunk(task, recipe, train, device=device,
+                                              memory_bytes=memory_bytes, subset_size=subset_size)
+        with progress(total=len(jobs), enabled=show_progress, desc="retraining (batched)",
+                      unit="model") as bar:
+            for chunk in chunked(jobs, min(size, max(len(jobs), 1))):
+                for job, out in zip(chunk, ctx.run_chunk(chunk, batched=True), strict=True):
+                    done(job, out)
+                bar.update(len(chunk))
+    return run
+
+
+# ---------------------------------------------------------------- local process pool
+
+_WORKER_CONTEXT: RetrainContext | None = None
+
+
+def _init_worker(ctx: RetrainContext | None, threads: int) -> None:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = ctx
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TDATUNE_NO_PROGRESS", "1")
+
+
+def _worker_chunk(jobs: list[RetrainJob], batched: bool) -> list[np.ndarray]:
+    if _WORKER_CONTEXT is None:
+        raise RuntimeError("retraining worker started without its context")
+    return _WORKER_CONTEXT.run_chunk(jobs, batched)
+
+
+def default_workers(num_workers: int | None, tasks: int) -> int:
+    """``num_workers`` or the CPU count, never more than there are tasks."""
+    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {workers}")
+    return max(1, min(workers, tasks))
+
+
+def _threads_per_worker(workers: int, threads: int | None) -> int:
+    return threads if threads is not None else max(1, (os.cpu_count() or 1) // workers)
+
+
+def process_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+                   masks: torch.Tensor, device: str | torch.device = "cpu",
+                   show_progress: bool = True, *, num_workers: int | None = None,
+                   threads_per_worker: int | None = None, models_per_task: int = 1) -> Runner:
+    """Retrain in a pool of spawned processes; ``models_per_task > 1`` trains each task's
+    models batched (when the model supports it). Torch threads per worker default to the CPU
+    count divided by the workers, so the pool does not oversubscribe the cores."""
+    ctx = RetrainContext(task, recipe, train, explained, masks, str(device))
+    batched = models_per_task > 1 and supports_batched(task)
+
+    def run(jobs: Sequence[RetrainJob], done: Done) -> None:
+        chunks = chunked(jobs, models_per_task)
+        workers = default_workers(num_workers, len(chunks))
+        threads = _threads_per_worker(workers, threads_per_worker)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                 initializer=_init_worker, initargs=(ctx, threads)) as pool, \
+                progress(total=len(jobs), enabled=show_progress,
+                         desc=f"retraining ({workers} processes)", unit="model") as bar:
+            futures: dict[Future[list[np.ndarray]], list[RetrainJob]] = {
+                pool.submit(_worker_chunk, chunk, batched): chunk for chunk in chunks}
+            try:
+                pending = set(futures)
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        chunk = futures[future]
+                        for job, out in zip(chunk, future.result(), strict=True):
+                            done(job, out)
+                        bar.update(len(chunk))
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    return run
+
+
+# ---------------------------------------------------------------- Ray
+
+def _require_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - exercised only without ray
+        raise ImportError("the ray backend needs Ray: pip install 'tdatune[ray]' "
+                          "(or pip install 'ray>=2.9')") from exc
+    return ray
+
+
+class _RayConnection:
+    """Connects to Ray (``address``, or a new local instance) unless already connected, and
+    shuts down on exit only what it started."""
+
+    def __init__(self, address: str | None, init_options: dict[str, Any] | None) -> None:
+        self.ray = _require_ray()
+        self.address, self.options, self.started = address, dict(init_options or {}), False
+
+    def __enter__(self) -> Any:
+        if not self.ray.is_initialized():
+            self.options.setdefault("include_dashboard", False)
+            self.options.setdefault("log_to_driver", False)
+            self.ray.init(address=self.address, **self.options)
+            self.started = True
+        return self.ray
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def _ray_chunk(ctx: RetrainContext, jobs: list[RetrainJob], batched: bool,
+               threads: int) -> list[np.ndarray]:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TDATUNE_NO_PROGRESS", "1")
+    return ctx.run_chunk(jobs, batched)
+
+
+def ray_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+               masks: torch.Tensor, device: str | torch.device = "cpu",
+               show_progress: bool = True, *, address: str | None = None,
+               num_cpus_per_task: int = 1, num_gpus_per_task: float = 0,
+               models_per_task: int = 1, init_options: dict[str, Any] | None = None) -> Runner:
+    """Submit retraining tasks (``models_per_task`` models each, batched when supported) to
+    Ray at ``address`` (None: the running instance, or a new local one). The context is put in
+    the object store once; outputs come back to this driver, which writes them with ``done``.
+    Workers must be able to import tdatune (install it on every node of a cluster)."""
+    ctx = RetrainContext(task, recipe, train, explained, masks, str(device))
+    batched = models_per_task > 1 and supports_batched(task)
+
+    def run(jobs: Sequence[RetrainJob], done: Done) -> None:
+        with _RayConnection(address, init_options) as ray:
+            remote = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task)(_ray_chunk)
+            ctx_ref = ray.put(ctx)
+            refs = {remote.remote(ctx_ref, chunk, batched, max(1, int(num_cpus_per_task))): chunk
+                    for chunk in chunked(jobs, models_per_task)}
+            with progress(total=len(jobs), enabled=show_progress, desc="retraining (ray)",
+                          unit="model") as bar:
+                pending = list(refs)
+                try:
+                    while pending:
+                        ready, pending = ray.wait(pending, num_returns=1)
+                        chunk = refs[ready[0]]
+                        for job, out in zip(chunk, ray.get(ready[0]), strict=True):
+                            done(job, np.asarray(out))
+                        bar.update(len(chunk))
+                except BaseException:
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    raise
+    return run
+
+
+# ---------------------------------------------------------------- factory
+
+def make_runner(name: str, task: Task, recipe: TrainRecipe, train: ArrayDataset,
+                explained: ArrayDataset, masks: torch.Tensor, *,
+                device: str | torch.device = "cpu", show_progress: bool = True,
+                **options: Any) -> Runner:
+    """The runner called ``name`` (auto, sequential, batched, process, ray) with its options.
+
+    ``auto`` is ``batched`` when the model supports it (no BatchNorm, dropout or buffers) and
+    ``sequential`` otherwise; ``batched`` refuses unsupported models with a message naming
+    the module. Options: batched — chunk_size, memory_bytes; process — num_workers,
+    threads_per_worker, models_per_task; ray — address, num_cpus_per_task, num_gpus_per_task,
+    models_per_task, init_options.
+    """
+    check_choice("ground-truth backend", name, RUNNERS)
+    if name == "auto":
+        name = "batched" if supports_batched(task) else "sequential"
+    factories: dict[str, Callable[..., Runner]] = {
+        "sequential": sequential_runner, "batched": batched_runner,
+        "process": process_runner, "ray": ray_runner,
+    }
+    factory = factories[name]
+    if name == "sequential" and options:
+        raise TypeError(f"the sequential backend takes no options, got {sorted(options)}")
+    try:
+        return factory(task, recipe, train, explained, masks, device, show_progress, **options)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise TypeError(f"bad option for the {name} backend: {exc}; see make_runner's "
+                            "docstring for each backend's options") from exc
+        raise
+
+
+def resolve_backend(name: str, task: Task) -> str:
+    """The concrete backend ``auto`` stands for with this task; other names unchanged."""
+    check_choice("ground-truth backend", name, RUNNERS)
+    if name == "auto":
+        return "batched" if supports_batched(task) else "sequential"
+    return name
+
+
+# ---------------------------------------------------------------- generic maps (sweep cells)
+
+def _call_with_threads(fn: Callable[[T], R], item: T, threads: int) -> R:
+    torch.set_num_threads(threads)
+    return fn(item)
+
+
+def map_local(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int | None = None,
+              threads_per_worker: int | None = None, show_progress: bool = False,
+              desc: str = "cells") -> list[R]:
+    """``[fn(item) for item in items]`` in a spawned process pool, results in input order.
+
+    ``fn`` and the items must be picklable (``fn`` a module-level function or a
+    functools.partial of one). ``num_workers=0`` runs inline in this process.
+    """
+    items = list(items)
+    if num_workers == 0:
+        return [fn(item) for item in progress(items, enabled=show_progress, desc=desc)]
+    workers = default_workers(num_workers, len(items))
+    threads = _threads_per_worker(workers, threads_per_worker)
+    results: list[Any] = [None] * len(items)
+    if not items:
+        return results
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                             initializer=_init_worker, initargs=(None, threads)) as pool, \
+            progress(total=len(items), enabled=show_progress, desc=desc) as bar:
+        futures = {pool.submit(_call_with_threads, fn, item, threads): i
+                   for i, item in enumerate(items)}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    results[futures[future]] = future.result()
+                    bar.update(1)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def map_ray(fn: Callable[[T], R], items: Iterable[T], *, address: str | None = None,
+            num_cpus: float = 1, num_gpus: float = 0, show_progress: bool = False,
+            desc: str = "cells", init_options: dict[str, Any] | None = None) -> list[R]:
+    """``[fn(item) for item in items]`` as Ray tasks (``num_cpus``/``num_gpus`` each) on the
+    cluster at ``address`` (None: the running instance or a new local one), in input order."""
+    items = list(items)
+    with _RayConnection(address, init_options) as ray:
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_call_with_threads)
+        threads = max(1, int(num_cpus))
+        refs = {remote.remote(fn, item, threads): i for i, item in enumerate(items)}
+        results: list[Any] = [None] * len(items)
+        pending = list(refs)
+        with progress(total=len(items), enabled=show_progress, desc=desc) as bar:
+            try:
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    results[refs[ready[0]]] = ray.get(ready[0])
+                    bar.update(1)
+            except BaseException:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
+    return results
+
+
+__all__ = [
+    "RUNNERS", "RetrainContext", "batched_runner", "chunked", "make_runner", "map_local",
+    "map_ray", "process_runner", "ray_runner", "resolve_backend", "sequential_runner",
+]
