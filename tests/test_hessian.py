@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attr_problems import dense_hessian, model64, one_thread, problem
 
+from attr_problems import dense_hessian, model64, one_thread, problem
 from tdatune.curvature.hessian import (
     TrainingObjective,
     flatten_params,

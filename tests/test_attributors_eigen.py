@@ -1,0 +1,156 @@
+"""IFFIM, TRAK and LoGra against dense solves of their formulas; ensemble lambda-paths;
+retraining-free lambda selection through ``surrogate_spectrum``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from attr_problems import loop_grads, model64, one_thread, problem, rel_err
+from tdatune.attributors import EnsembleLambdaPath, LambdaPath, make_attributor
+from tdatune.features.layerwise import layer_factors, layerwise_grads, linear_layers
+from tdatune.select import select_lambda
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def dense_fisher_if(v: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
+    """-V (G^T G / n + lam I)^-1 G^T."""
+    f = g.T @ g / g.shape[0]
+    return -v @ torch.linalg.solve(f + lam * torch.eye(f.shape[0], dtype=f.dtype), g.T)
+
+
+def test_iffim_identity_projection_equals_none():
+    prob = problem("mlp")
+    plain = make_attributor("iffim").fit(prob.context)
+    ident = make_attributor("iffim", proj_kind="identity").fit(prob.context)
+    for lam in (1e-4, 1e-1):
+        a, b = plain.score(prob.explained, lam=lam), ident.score(prob.explained, lam=lam)
+        assert rel_err(b, a) < 1e-4
+
+
+def trak_dense(prob, attr, checkpoint: int, lam: float) -> torch.Tensor:
+    """phi' (Phi^T Phi + n lam I)^-1 Phi^T Q with loop gradients and the member's own P."""
+    member = attr.members[prob.context.checkpoint_index(checkpoint)]
+    proj = member.projector.matrix().double()
+    phi = loop_grads(prob, prob.train, "margin", checkpoint) @ proj
+    phi_x = loop_grads(prob, prob.explained, "output", checkpoint) @ proj
+    m, params = model64(prob, checkpoint)
+    probs = torch.softmax(functional_call(m, params, (prob.train.inputs.double(),)), dim=1)
+    q = 1 - probs.gather(1, prob.train.targets[:, None]).squeeze(1)
+    n, d = phi.shape
+    kernel = phi.T @ phi + n * lam * torch.eye(d, dtype=phi.dtype)
+    return phi_x @ torch.linalg.solve(kernel, phi.T * q)
+
+
+def test_trak_one_checkpoint_equals_dense_formula():
+    prob = problem("mlp")
+    attr = make_attributor("trak", proj_dim=24).fit(prob.context)
+    for lam in (0.0, 1e-3):
+        assert rel_err(attr.score(prob.explained, lam=lam), trak_dense(prob, attr, -1, lam)) < 1e-3
+
+
+def test_trak_ensemble_is_mean_of_members_and_grows_by_one():
+    prob = problem("mlp")
+    attr = make_attributor("trak", proj_dim=24, checkpoints=[-1]).fit(prob.context)
+    attr.add_checkpoint(2)
+    assert sorted(attr.members) == [2, 5]
+    lam = 1e-3
+    ref = 0.5 * (trak_dense(prob, attr, -1, lam) + trak_dense(prob, attr, 2, lam))
+    assert rel_err(attr.score(prob.explained, lam=lam), ref) < 1e-3
+    both = make_attributor("trak", proj_dim=24, checkpoints=[2, -1]).fit(prob.context)
+    assert torch.allclose(both.score(prob.explained, lam=lam), attr.score(prob.explained, lam=lam))
+    path = attr.lambda_path(prob.explained)
+    assert isinstance(path, EnsembleLambdaPath) and path.sigma.numel() == 48
+
+
+def test_trak_default_projection_capped_on_small_models():
+    prob = problem("lr")  # p = 650 > 512: projected; a tiny model keeps full gradients
+    attr = make_attributor("trak").fit(prob.context)
+    assert next(iter(attr.members.values())).projector.d == 512
+    assert attr._projector(300) is None  # default 512 on p = 300: no projection
+    explicit = make_attributor("trak", proj_dim=512).fit(prob.context)
+    with pytest.raises(ValueError, match="proj_dim=512 exceeds the number of parameters p=300"):
+        explicit._projector(300)
+
+
+def test_ensemble_path_sums_members_and_allows_zero_lambda():
+    gen = torch.Generator().manual_seed(0)
+    members = [LambdaPath(torch.rand(k, dtype=torch.float64, generator=gen) + 0.1,
+                          torch.randn(3, k, dtype=torch.float64, generator=gen),
+                          torch.randn(7, k, dtype=torch.float64, generator=gen), sign=s)
+               for k, s in ((4, -1.0), (5, 1.0))]
+    ens = EnsembleLambdaPath(members, [0.3, 2.0])
+    masks = torch.rand(6, 7, generator=gen) > 0.5
+    for lam in (0.0, 0.2):
+        ref = 0.3 * members[0].scores(lam) + 2.0 * members[1].scores(lam)
+        assert torch.allclose(ens.scores(lam), ref)
+        assert torch.allclose(ens.subset_predictions(masks, [lam])[0], ref @ masks.double().T)
+    with pytest.raises(ValueError, match="singular"):
+        LambdaPath(torch.tensor([1.0, -0.5], dtype=torch.float64), torch.ones(1, 2),
+                   torch.ones(3, 2)).scores(0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        ens.scores(-1.0)
+
+
+def test_logra_identity_equals_iffim_on_same_layers():
+    prob = problem("mlp")
+    lam = 1e-2
+    # all linear layers: LoGra with identity factors is IFFIM on the full gradient
+    full = make_attributor("logra", proj_dim=None).fit(prob.context)
+    iffim = make_attributor("iffim").fit(prob.context)
+    assert rel_err(full.score(prob.explained, lam=lam), iffim.score(prob.explained, lam=lam)) < 1e-3
+    # one layer: IFFIM restricted to that layer's weight and bias gradients (dense solve)
+    names = ["net.2.weight", "net.2.bias"]
+    g = loop_grads(prob, prob.train, "loss", names=names)
+    v = loop_grads(prob, prob.explained, "output", names=names)
+    one = make_attributor("logra", proj_dim=None, layers=["net.2"]).fit(prob.context)
+    assert rel_err(one.score(prob.explained, lam=lam), dense_fisher_if(v, g, lam)) < 1e-3
+    # block-diagonal: the sum of per-layer IFFIMs
+    blocks = make_attributor("logra", proj_dim=None, blocks="layer").fit(prob.context)
+    ref = sum(dense_fisher_if(loop_grads(prob, prob.explained, "output", names=[f"{m}.weight", f"{m}.bias"]),
+                              loop_grads(prob, prob.train, "loss", names=[f"{m}.weight", f"{m}.bias"]), lam)
+              for m in ("net.0", "net.2"))
+    assert rel_err(blocks.score(prob.explained, lam=lam), ref) < 1e-3
+
+
+def test_logra_projected_features_are_kronecker_products():
+    prob = problem("mlp")
+    model, _ = prob.context.model_at(-1)
+    layers = linear_layers(model)
+    factors = layer_factors(layers, 4, seed=1)
+    feats = layerwise_grads(prob.task, model, prob.train, factors, layers, chunk_size=16)
+    assert feats.shape == (len(prob.train), 4 * 4 + 4 * 4)
+    offset = 0
+    for (name, layer), f in zip(layers, factors, strict=True):
+        g = loop_grads(prob, prob.train, "loss", names=[f"{name}.weight", f"{name}.bias"])
+        w = g[:, : layer.weight.numel()].reshape(-1, layer.out_features, layer.in_features)
+        b = g[:, layer.weight.numel() :].reshape(-1, layer.out_features, 1)
+        full = torch.cat([w, b], dim=2)  # [n, out, in + 1]
+        p_out = f.p_out.double() if f.p_out is not None else torch.eye(f.d_out, dtype=torch.float64)
+        ref = (p_out.T @ full @ f.p_in.double()).reshape(len(prob.train), -1)
+        got = feats[:, offset : offset + f.width].double()
+        assert rel_err(got, ref) < 1e-4, name
+        offset += f.width
+
+
+@pytest.mark.parametrize("name,params", [("iffim", {}), ("trak", {"proj_dim": 24}),
+                                         ("logra", {"proj_dim": 4})])
+def test_surrogate_selection_works_for_eigen_methods(name, params):
+    prob = problem("mlp")
+    attr = make_attributor(name, **params).fit(prob.context)
+    sigma, coords = attr.surrogate_spectrum(prob.explained)
+    sel = select_lambda(sigma, coords)
+    assert sel.lam > 0 and sel.status in ("crossed", "below-grid", "above-grid")
+    assert torch.isfinite(attr.score(prob.explained, lam=sel.lam)).all()
+
+
+def test_surrogate_spectrum_refused_for_non_eigen_methods():
+    prob = problem("lr")
+    with pytest.raises(NotImplementedError, match="not eigen-based"):
+        make_attributor("tracin").fit(prob.context).surrogate_spectrum(prob.explained)
