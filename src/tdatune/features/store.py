@@ -1,0 +1,261 @@
+"""On-disk, chunked, memory-mapped stores of per-example gradients or projected features.
+
+Layout of a store directory::
+
+    manifest.json       shape, dtype, chunk_rows and the identity of what is stored
+                        (task, gradient target, seed, checkpoint, projection, data and
+                        parameter fingerprints)
+    features.npy        the [n, width] array, a .npy file opened as a memory map
+    chunks/c000007.json one record per finished chunk of rows (written atomically after the
+                        chunk's rows are flushed to features.npy)
+
+Rows are computed chunk by chunk and never held whole in memory. A killed run leaves rows
+without a completion record; a rerun recomputes exactly those chunks. Reading refuses an
+incomplete store, and opening a store with a manifest that does not match the request is
+refused with the fields that differ. Reads are lazy: ``store[a:b]`` returns rows from the
+memory map, so ``tdatune.curvature.eigen.fisher_eigensystem(store)`` streams it in chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tdatune.data.base import ArrayDataset
+from tdatune.features.gradients import iter_per_example_grads, num_params
+from tdatune.features.projection import Projector
+from tdatune.models.task import Params, Task
+from tdatune.utils.atomic import atomic_write_json, read_json
+from tdatune.utils.fingerprint import fingerprint_tensors
+from tdatune.utils.progress import progress
+
+STORE_FORMAT = 1
+ARRAY_NAME = "features.npy"
+
+
+class StoreMismatch(ValueError):
+    """A store directory holds features of a different request."""
+
+
+class FeatureStore:
+    """A chunked [n, width] array on disk with per-chunk completion records."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        manifest_path = self.directory / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{self.directory} is not a feature store (no manifest.json); "
+                                    "create it with FeatureStore.open_or_create")
+        self.manifest: dict[str, Any] = read_json(manifest_path)
+        self.shape: tuple[int, int] = tuple(self.manifest["shape"])  # type: ignore[assignment]
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.chunk_rows = int(self.manifest["chunk_rows"])
+        self._reader: np.memmap | None = None
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def open_or_create(cls, directory: str | Path, *, shape: tuple[int, int],
+                       identity: dict[str, Any], dtype: str | np.dtype = "float32",
+                       chunk_rows: int = 1024) -> FeatureStore:
+        """Open the store in ``directory`` if it matches, or create it; refuse a mismatch."""
+        directory = Path(directory)
+        n, width = (int(s) for s in shape)
+        if n < 1 or width < 1 or chunk_rows < 1:
+            raise ValueError(f"a feature store needs n >= 1 rows, width >= 1 and chunk_rows >= 1; "
+                             f"got shape {shape}, chunk_rows {chunk_rows}")
+        wanted = {"format": STORE_FORMAT, "shape": [n, width], "dtype": np.dtype(dtype).name,
+                  "chunk_rows": int(chunk_rows), "identity": json.loads(json.dumps(identity))}
+        manifest_path = directory / "manifest.json"
+        if manifest_path.exists():
+            _check_manifest(directory, read_json(manifest_path), wanted)
+            if not (directory / ARRAY_NAME).exists():
+                raise FileNotFoundError(f"{directory} has a manifest but no {ARRAY_NAME}; delete "
+                                        "the directory to rebuild the store")
+            return cls(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # Allocate the array under a temporary name, then rename: a crash here leaves no
+        # array that could be mistaken for this store's.
+        fd, tmp = tempfile.mkstemp(prefix=f".{ARRAY_NAME}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype),
+                                              shape=(n, width))
+            array.flush()
+            del array
+            os.replace(tmp, directory / ARRAY_NAME)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        (directory / "chunks").mkdir(exist_ok=True)
+        atomic_write_json(manifest_path, wanted)
+        return cls(directory)
+
+    # ------------------------------------------------------------------ chunks
+    @property
+    def num_chunks(self) -> int:
+        """Number of chunks of ``chunk_rows`` rows (the last may be shorter)."""
+        return -(-self.shape[0] // self.chunk_rows)
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """Rows [start, stop) of one chunk."""
+        if not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"chunk {chunk} out of range 0..{self.num_chunks - 1}")
+        start = chunk * self.chunk_rows
+        return start, min(self.shape[0], start + self.chunk_rows)
+
+    def _record(self, chunk: int) -> Path:
+        return self.directory / "chunks" / f"c{chunk:06d}.json"
+
+    def completed_chunks(self) -> list[int]:
+        """Chunks whose completion record exists."""
+        return [c for c in range(self.num_chunks) if self._record(c).exists()]
+
+    def missing_chunks(self) -> list[int]:
+        """Chunks still to compute."""
+        return [c for c in range(self.num_chunks) if not self._record(c).exists()]
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk has been written."""
+        return not self.missing_chunks()
+
+    def write_chunk(self, chunk: int, rows: np.ndarray | torch.Tensor) -> None:
+        """Write one chunk's rows, flush them to disk, then record the chunk as complete."""
+        start, stop = self.chunk_bounds(chunk)
+        if isinstance(rows, torch.Tensor):
+            rows = rows.detach().cpu().numpy()
+        rows = np.asarray(rows)
+        if rows.shape != (stop - start, self.shape[1]):
+            raise ValueError(f"chunk {chunk} of {self.directory} needs rows of shape "
+                             f"{(stop - start, self.shape[1])}, got {rows.shape}")
+        if not np.isfinite(rows).all():
+            bad = int(np.nonzero(~np.isfinite(rows).all(axis=1))[0][0]) + start
+            raise ValueError(f"features for example {bad} are not finite; not storing chunk "
+                             f"{chunk}")
+        rows = rows.astype(self.dtype, copy=False)
+        array = np.load(self.directory / ARRAY_NAME, mmap_mode="r+")
+        array[start:stop] = rows
+        array.flush()
+        del array
+        atomic_write_json(self._record(chunk), {
+            "chunk": chunk, "rows": [start, stop],
+            "sum": float(rows.astype(np.float64).sum()),
+        })
+        self._reader = None
+
+    def fill(self, compute: Callable[[int, int], np.ndarray | torch.Tensor], *,
+             show_progress: bool = False, desc: str = "feature chunks") -> list[int]:
+        """Compute and write every missing chunk with ``compute(start, stop)``; return them."""
+        todo = self.missing_chunks()
+        for chunk in progress(todo, enabled=show_progress, desc=desc, unit="chunk"):
+            self.write_chunk(chunk, compute(*self.chunk_bounds(chunk)))
+        return todo
+
+    def verify(self) -> None:
+        """Check every completed chunk against its recorded checksum."""
+        array = np.load(self.directory / ARRAY_NAME, mmap_mode="r")
+        for chunk in self.completed_chunks():
+            record = read_json(self._record(chunk))
+            start, stop = record["rows"]
+            total = float(np.asarray(array[start:stop], dtype=np.float64).sum())
+            if not np.isclose(total, record["sum"], rtol=1e-6, atol=1e-6):
+                raise ValueError(f"chunk {chunk} of {self.directory} does not match its record "
+                                 f"(sum {total} vs {record['sum']}); delete {self._record(chunk)} "
+                                 "to recompute it")
+
+    # ------------------------------------------------------------------ reading
+    def _array(self) -> np.memmap:
+        if not self.complete:
+            missing = self.missing_chunks()
+            raise RuntimeError(
+                f"feature store {self.directory} is incomplete ({len(missing)} of "
+                f"{self.num_chunks} chunks missing, e.g. {missing[:5]}); finish it (rerun the "
+                "build, which resumes) before reading"
+            )
+        if self._reader is None:
+            self._reader = np.load(self.directory / ARRAY_NAME, mmap_mode="r")
+        return self._reader
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        """Rows of the (complete) store, read lazily from the memory map."""
+        return self._array()[index]
+
+    def as_memmap(self) -> np.memmap:
+        """The whole (complete) store as a read-only memory map."""
+        return self._array()
+
+    def to_tensor(self) -> torch.Tensor:
+        """The whole store loaded into memory (small stores and tests only)."""
+        return torch.from_numpy(np.array(self._array()))
+
+
+def _check_manifest(directory: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    diffs = []
+    for key in wanted:
+        if key == "identity":
+            have, want = stored.get("identity", {}), wanted["identity"]
+            diffs += [f"identity.{k}: stored {have.get(k)!r}, requested {want.get(k)!r}"
+                      for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+        elif stored.get(key) != wanted[key]:
+            diffs.append(f"{key}: stored {stored.get(key)!r}, requested {wanted[key]!r}")
+    if diffs:
+        raise StoreMismatch(
+            f"{directory} holds features of a different request ({'; '.join(diffs)[:600]}). "
+            "Use another directory, or delete this one to rebuild."
+        )
+
+
+def gradient_identity(task: Task, params: Params, data: ArrayDataset, *, target: str,
+                      projector: Projector | None, seed: int, checkpoint: int | str) -> dict:
+    """What identifies a store of per-example gradients: task, gradient target, seed,
+    checkpoint, projection, and fingerprints of the data and the parameters."""
+    names = sorted(params)
+    return {
+        "task": task.name, "output": task.output, "target": target, "seed": int(seed),
+        "checkpoint": checkpoint,
+        "projection": projector.describe() if projector is not None else None,
+        "data_fingerprint": fingerprint_tensors(data.inputs, data.targets),
+        "params_fingerprint": fingerprint_tensors(*(params[k] for k in names)),
+        "n": len(data),
+    }
+
+
+def build_gradient_store(
+    directory: str | Path, task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
+    target: str = "loss", projector: Projector | None = None, seed: int = 0,
+    checkpoint: int | str = "final", chunk_rows: int = 1024, grad_chunk_size: int = 256,
+    show_progress: bool = False,
+) -> FeatureStore:
+    """Per-example gradients (projected by ``projector`` if given) of ``data`` in a store at
+    ``directory``, computed chunk by chunk; resumes a partial store and refuses a different
+    one. ``seed`` and ``checkpoint`` label which training run and epoch ``params`` are."""
+    width = projector.d if projector is not None else num_params(params)
+    identity = gradient_identity(task, params, data, target=target, projector=projector,
+                                 seed=seed, checkpoint=checkpoint)
+    store = FeatureStore.open_or_create(directory, shape=(len(data), width), identity=identity,
+                                        dtype="float32", chunk_rows=chunk_rows)
+
+    def compute(start: int, stop: int) -> torch.Tensor:
+        part = ArrayDataset(data.inputs[start:stop], data.targets[start:stop])
+        pieces = [g.cpu() for _, g in iter_per_example_grads(
+            task, model, params, part, target=target, chunk_size=min(grad_chunk_size, stop - start),
+            projector=projector)]
+        return torch.cat(pieces)
+
+    store.fill(compute, show_progress=show_progress, desc=f"{target} gradients -> store")
+    return store
+
+
+__all__ = ["FeatureStore", "StoreMismatch", "build_gradient_store", "gradient_identity"]
