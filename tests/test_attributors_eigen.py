@@ -154,3 +154,37 @@ def test_surrogate_spectrum_refused_for_non_eigen_methods():
     prob = problem("lr")
     with pytest.raises(NotImplementedError, match="not eigen-based"):
         make_attributor("tracin").fit(prob.context).surrogate_spectrum(prob.explained)
+
+
+class TinySeq(torch.nn.Module):
+    """Embedding + two linear layers over token positions: [B, T] -> [B, T, V]."""
+
+    def __init__(self, vocab: int = 7, width: int = 5) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.hidden = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.emb(tokens))))
+
+
+def test_layerwise_features_sum_over_sequence_positions():
+    from tdatune.data.base import ArrayDataset
+    from tdatune.models.task import Task
+
+    torch.manual_seed(0)
+    model = TinySeq()
+    task = Task(make_model=TinySeq, name="tiny-seq")
+    gen = torch.Generator().manual_seed(1)
+    data = ArrayDataset(torch.randint(0, 7, (6, 4), generator=gen),
+                        torch.randint(0, 7, (6, 4), generator=gen))
+    layers = linear_layers(model)
+    assert [n for n, _ in layers] == ["hidden", "head"]
+    feats = layerwise_grads(task, model, data, layer_factors(layers, None), layers, chunk_size=4)
+    for i in range(len(data)):
+        model.zero_grad()
+        task.loss_fn(model(data.inputs[i : i + 1]), data.targets[i : i + 1])[0].backward()
+        hidden = torch.cat([model.hidden.weight.grad, model.hidden.bias.grad[:, None]], dim=1)
+        ref = torch.cat([hidden.reshape(-1), model.head.weight.grad.reshape(-1)])
+        assert torch.allclose(feats[i], ref, atol=1e-6)
