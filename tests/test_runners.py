@@ -83,7 +83,10 @@ def test_ray_backend_equals_sequential(digits_small, sequential_mlp, tmp_path):
                                     digits_small.test, CONFIG, tmp_path / "chunks", backend="ray",
                                     backend_options={"models_per_task": 4}, show_progress=False)
         np.testing.assert_allclose(chunks.outputs, sequential_mlp, atol=1e-4)
-        assert map_ray(partial(operator.mul, 3), range(5)) == [0, 3, 6, 9, 12]
+        seen: dict[int, int] = {}
+        assert map_ray(partial(operator.mul, 3), range(5),
+                       on_result=seen.__setitem__) == [0, 3, 6, 9, 12]
+        assert seen == {i: 3 * i for i in range(5)}
         assert ray.is_initialized()  # the runner leaves an instance it did not start running
     finally:
         ray.shutdown()
@@ -142,6 +145,9 @@ def test_make_runner_refuses_bad_input(digits_small):
 
 
 def test_map_local_keeps_order():
-    assert map_local(partial(operator.add, 10), [3, 1, 2], num_workers=2) == [13, 11, 12]
+    seen: dict[int, int] = {}
+    assert map_local(partial(operator.add, 10), [3, 1, 2], num_workers=2,
+                     on_result=seen.__setitem__) == [13, 11, 12]
+    assert seen == {0: 13, 1: 11, 2: 12}
     assert map_local(abs, [-1, 2], num_workers=0) == [1, 2]
     assert chunked(list(range(5)), 2) == [[0, 1], [2, 3], [4]]

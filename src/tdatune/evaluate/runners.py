@@ -41,6 +41,7 @@ from tdatune.utils.checks import check_choice
 from tdatune.utils.progress import progress
 
 RUNNERS = ("auto", "sequential", "batched", "process", "ray")
+GPU_WORKERS = 4  # default processes sharing one GPU in the process backend
 T = TypeVar("T")
 R = TypeVar("R")
 Done = Callable[[RetrainJob, np.ndarray], None]
@@ -134,14 +135,22 @@ def process_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explain
                    show_progress: bool = True, *, num_workers: int | None = None,
                    threads_per_worker: int | None = None, models_per_task: int = 1) -> Runner:
     """Retrain in a pool of spawned processes; ``models_per_task > 1`` trains each task's
-    models batched (when the model supports it). Torch threads per worker default to the CPU
-    count divided by the workers, so the pool does not oversubscribe the cores."""
+    models batched (when the model supports it). Workers default to the CPU count, or on a GPU
+    to as many concurrent models as fit its free memory (at most ``GPU_WORKERS``); this is how
+    models the batched path refuses (BatchNorm, dropout) share one GPU. Torch threads per
+    worker default to the CPU count divided by the workers, so the pool does not
+    oversubscribe the cores."""
     ctx = RetrainContext(task, recipe, train, explained, masks, str(device))
     batched = models_per_task > 1 and supports_batched(task)
 
     def run(jobs: Sequence[RetrainJob], done: Done) -> None:
         chunks = chunked(jobs, models_per_task)
-        workers = default_workers(num_workers, len(chunks))
+        wanted = num_workers
+        if wanted is None and torch.device(device).type == "cuda":
+            # Several models at once on one GPU, as many as fit (at most GPU_WORKERS).
+            fit = models_per_chunk(task, recipe, train, device=device) // max(models_per_task, 1)
+            wanted = max(1, min(GPU_WORKERS, fit))
+        workers = default_workers(wanted, len(chunks))
         threads = _threads_per_worker(workers, threads_per_worker)
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                  initializer=_init_worker, initargs=(ctx, threads)) as pool, \
@@ -289,15 +298,22 @@ def _call_with_threads(fn: Callable[[T], R], item: T, threads: int) -> R:
 
 def map_local(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int | None = None,
               threads_per_worker: int | None = None, show_progress: bool = False,
-              desc: str = "cells") -> list[R]:
+              desc: str = "cells", on_result: Callable[[int, R], None] | None = None) -> list[R]:
     """``[fn(item) for item in items]`` in a spawned process pool, results in input order.
 
     ``fn`` and the items must be picklable (``fn`` a module-level function or a
     functools.partial of one). ``num_workers=0`` runs inline in this process.
+    ``on_result(index, result)`` is called in this process as each item finishes (to write
+    it at once, so an interrupted map keeps what finished).
     """
     items = list(items)
     if num_workers == 0:
-        return [fn(item) for item in progress(items, enabled=show_progress, desc=desc)]
+        inline = []
+        for i, item in enumerate(progress(items, enabled=show_progress, desc=desc)):
+            inline.append(fn(item))
+            if on_result is not None:
+                on_result(i, inline[-1])
+        return inline
     workers = default_workers(num_workers, len(items))
     threads = _threads_per_worker(workers, threads_per_worker)
     results: list[Any] = [None] * len(items)
@@ -313,7 +329,10 @@ def map_local(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int | No
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    results[futures[future]] = future.result()
+                    index = futures[future]
+                    results[index] = future.result()
+                    if on_result is not None:
+                        on_result(index, results[index])
                     bar.update(1)
         except BaseException:
             for future in futures:
@@ -324,9 +343,11 @@ def map_local(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int | No
 
 def map_ray(fn: Callable[[T], R], items: Iterable[T], *, address: str | None = None,
             num_cpus: float = 1, num_gpus: float = 0, show_progress: bool = False,
-            desc: str = "cells", init_options: dict[str, Any] | None = None) -> list[R]:
+            desc: str = "cells", init_options: dict[str, Any] | None = None,
+            on_result: Callable[[int, R], None] | None = None) -> list[R]:
     """``[fn(item) for item in items]`` as Ray tasks (``num_cpus``/``num_gpus`` each) on the
-    cluster at ``address`` (None: the running instance or a new local one), in input order."""
+    cluster at ``address`` (None: the running instance or a new local one), in input order.
+    ``on_result(index, result)`` is called in this driver as each item finishes."""
     items = list(items)
     with _RayConnection(address, init_options) as ray:
         remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_call_with_threads)
@@ -338,7 +359,10 @@ def map_ray(fn: Callable[[T], R], items: Iterable[T], *, address: str | None = N
             try:
                 while pending:
                     ready, pending = ray.wait(pending, num_returns=1)
-                    results[refs[ready[0]]] = ray.get(ready[0])
+                    index = refs[ready[0]]
+                    results[index] = ray.get(ready[0])
+                    if on_result is not None:
+                        on_result(index, results[index])
                     bar.update(1)
             except BaseException:
                 for ref in pending:
