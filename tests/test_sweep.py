@@ -78,6 +78,18 @@ def test_report_tables_and_figures(swept):
     assert (out / "fig_digits-lr_iffim.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ray_backend_gives_the_same_cells_as_local(swept, tmp_path):
+    pytest.importorskip("ray")
+    spec, out, cells = swept
+    ray_cells = run_sweep(spec, tmp_path / "ray", backend="ray", show_progress=False,
+                          say=lambda *a: None)
+    local = {str(c["fit"]): c["rows"] for c in cells}
+    for cell in ray_cells:
+        for got, want in zip(cell["rows"], local[str(cell["fit"])], strict=True):
+            assert got["lds"] == pytest.approx(want["lds"], abs=1e-9)
+    assert len(list((tmp_path / "ray" / "cells").glob("*.json"))) == 2
+
+
 def test_spec_errors_name_the_problem():
     base = {"settings": ["digits-lr"], "methods": [{"name": "iffim"}]}
     with pytest.raises(ValueError, match="unknown attributor"):

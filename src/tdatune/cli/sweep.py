@@ -14,8 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sweep", help="run (or resume) a hyperparameter sweep from a TOML file")
     s.add_argument("spec", type=Path, help="sweep TOML file (see docs/sweeps.md)")
     s.add_argument("--out", type=Path, required=True, help="sweep directory (resumed on rerun)")
-    s.add_argument("--backend", default="local", choices=["local", "ray"],
-                   help="where cells run: this process, or Ray tasks")
+    s.add_argument("--backend", default="local", choices=["local", "process", "ray"],
+                   help="where cells run: this process, a local process pool, or Ray tasks")
     s.add_argument("--address", default=None,
                    help="Ray cluster address (e.g. ray://head:10001); default: a local Ray instance")
     s.add_argument("--device", default="auto")

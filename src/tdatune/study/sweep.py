@@ -19,7 +19,8 @@ Each (setting, method, fit-stage values) is one *cell*: fit once, then score eve
 score-stage value (a lambda sweep on an eigen-based method is one lambda-path). Each finished
 cell is written atomically to ``cells/<id>.json``; a rerun skips finished cells, so a killed
 sweep resumes. Training and ground truth are done once per setting and shared by all cells.
-Cells are independent and can run on a Ray cluster (``backend="ray"``).
+Cells are independent and can run in a local process pool (``backend="process"``) or on a
+Ray cluster (``backend="ray"``); each is saved as soon as it finishes.
 """
 
 from __future__ import annotations
@@ -211,13 +212,20 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
     methods = {m.name: m for m in spec.methods}
     for name in dict.fromkeys(c.setting for c in pending):
         _prepare(spec, out, name, device, show_progress, say)  # train + ground truth once, here
-    if backend == "ray":
-        from tdatune.evaluate.runners import map_ray
+    if backend in ("ray", "process"):
+        from tdatune.evaluate.runners import map_local, map_ray
 
         payloads = [(spec.to_dict(), str(out), c, device) for c in pending]
-        for cell, result in zip(pending, map_ray(_run_cell_payload, payloads, address=address),
-                                strict=True):
-            atomic_write_json(cells_dir / f"{cell.cell_id}.json", result)
+
+        def save(index: int, result: dict[str, Any]) -> None:
+            atomic_write_json(cells_dir / f"{pending[index].cell_id}.json", result)
+
+        if backend == "ray":
+            map_ray(_run_cell_payload, payloads, address=address, show_progress=show_progress,
+                    desc="sweep cells", on_result=save)
+        else:
+            map_local(_run_cell_payload, payloads, show_progress=show_progress,
+                      desc="sweep cells", on_result=save)
     elif backend == "local":
         cache: dict[str, Prepared] = {}
         for cell in progress(pending, enabled=show_progress, desc="sweep cells", unit="cell"):
@@ -227,7 +235,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
                               spec.threshold, spec.grid_points)
             atomic_write_json(cells_dir / f"{cell.cell_id}.json", result)
     else:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: local, ray")
+        raise ValueError(f"unknown backend {backend!r}; choose one of: local, process, ray")
     return [read_json(cells_dir / f"{c.cell_id}.json") for c in cells]
 
 
@@ -243,8 +251,7 @@ def _prepare(spec: SweepSpec, out: Path, name: str, device: str, show_progress: 
 def _run_cell_payload(payload: tuple[dict[str, Any], str, Cell, str]) -> dict[str, Any]:
     """Run one cell in another process (Ray worker): reload the prepared setting from disk."""
     raw, out, cell, device = payload
-    spec = spec_from_dict({k: v for k, v in raw.items() if k != "groundtruth"}
-                          | {"groundtruth": raw["groundtruth"]})
+    spec = spec_from_dict(raw)
     prepared = _prepare(spec, Path(out), cell.setting, device, False, lambda *a: None)
     method = next(m for m in spec.methods if m.name == cell.method)
     return run_cell(prepared, method, dict(cell.fit), spec.threshold, spec.grid_points)
