@@ -80,7 +80,7 @@ def test_report_tables_and_figures(swept):
 
 def test_ray_backend_gives_the_same_cells_as_local(swept, tmp_path):
     pytest.importorskip("ray")
-    spec, out, cells = swept
+    spec, _, cells = swept
     ray_cells = run_sweep(spec, tmp_path / "ray", backend="ray", show_progress=False,
                           say=lambda *a: None)
     local = {str(c["fit"]): c["rows"] for c in cells}
