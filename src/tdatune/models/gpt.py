@@ -29,6 +29,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend causally; [B, T, d] -> [B, T, d]."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         h = self.n_head
@@ -49,6 +50,7 @@ class MLPBlock(nn.Module):
         self.proj = nn.Linear(4 * d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feed-forward map; [B, T, d] -> [B, T, d]."""
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -63,6 +65,7 @@ class Block(nn.Module):
         self.mlp = MLPBlock(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual attention then residual MLP."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -101,6 +104,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] for tokens [B, T]."""
         if tokens.dim() != 2:
             raise ValueError(f"GPT expects token ids [B, T], got shape {tuple(tokens.shape)}")
         t = tokens.shape[1]

@@ -32,6 +32,7 @@ class Residual(nn.Module):
         self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus the residual branch."""
         return x + self.body(x)
 
 
@@ -58,6 +59,7 @@ class ResNet9(nn.Module):
         self.output_scale = float(output_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_classes] for images [B, C, H, W]."""
         if x.dim() != 4:
             raise ValueError(f"ResNet9 expects images [B, C, H, W], got shape {tuple(x.shape)}")
         return self.classifier(self.features(x)) * self.output_scale

@@ -73,7 +73,7 @@ register(Setting(
     name="digits-lr", description="scikit-learn digits + multinomial logistic regression",
     data_source="real", sizes=(1000, 200, 200), load=_digits,
     make_task=partial(lr_task, name="digits-lr"), recipe=LR_RECIPE,
-    real_data="bundled with scikit-learn", recipe_overrides_tiny={"lbfgs_iters": 20},
+    real_data="bundled with scikit-learn", recipe_overrides_tiny={"lbfgs_iters": 10},
 ))
 register(Setting(
     name="digits-mlp", description="scikit-learn digits + MLP 64-32-10",
@@ -87,7 +87,7 @@ register(Setting(
     name="mnist-lr", description="MNIST-5k + multinomial logistic regression",
     data_source="real", sizes=(5000, 500, 500), load=load_mnist_benchmark_splits,
     make_task=partial(lr_task, name="mnist-lr"), recipe=LR_RECIPE,
-    real_data=MNIST_REAL, notes=MNIST_NOTES, recipe_overrides_tiny={"lbfgs_iters": 20},
+    real_data=MNIST_REAL, notes=MNIST_NOTES, recipe_overrides_tiny={"lbfgs_iters": 10},
 ))
 register(Setting(
     name="mnist-mlp", description="MNIST-5k + MLP 784-128-64-10",
@@ -145,7 +145,7 @@ register(Setting(
            "events, split at random by block (all the data allows)."),
     load_options={"block_len": 64},
     tiny_sizes=(24, 8, 8),
-    tiny_load_options={"block_len": 16, "max_pieces": 3},
+    tiny_load_options={"block_len": 16, "max_pieces": 2},
     task_options={"d_model": 128, "n_layer": 3, "n_head": 4},
     tiny_task_options={"d_model": 16, "n_layer": 1, "n_head": 2},
     recipe_overrides_tiny={"batch_size": 8},
