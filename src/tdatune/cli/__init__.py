@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "tdatune.cli.demo",
     "tdatune.cli.settings_cmd",
+    "tdatune.cli.groundtruth_cmd",
     "tdatune.cli.sweep",
 )
 

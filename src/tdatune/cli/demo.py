@@ -18,8 +18,28 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="surrogate threshold (default 0.5)")
     p.add_argument("--grid-points", type=int, default=41, help="lambda grid size for the curve")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    add_backend_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --backend, --address, --workers: where training and retraining run."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "sequential", "batched", "process", "ray"],
+                   help="how subset models are retrained (auto: batched when the model allows)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address for --backend ray (default: a local Ray instance)")
+    p.add_argument("--workers", type=int, default=None, help="processes for --backend process")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """Runner options from the parsed --address / --workers."""
+    if args.backend == "ray" and args.address:
+        return {"address": args.address}
+    if args.backend == "process" and args.workers:
+        return {"num_workers": args.workers}
+    return {}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         n_subsets=args.subsets, alpha=args.alpha, seeds_per_subset=args.seeds,
         threshold=args.threshold, grid_points=args.grid_points, seed=args.seed,
         data_dir=args.data_dir, device=args.device, show_progress=not args.quiet,
+        backend=args.backend, backend_options=backend_options(args),
     )
     summary = run_lambda_study(config, args.out)
     print()

@@ -202,7 +202,7 @@ def _minibatch_epoch(task: Task, model: nn.Module, params: Params, opt: torch.op
         if recipe.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), recipe.grad_clip)
         opt.step()
-        running += float(loss) * idx.numel()
+        running += float(loss.detach()) * idx.numel()
         count += idx.numel()
     return running / max(count, 1)
 

@@ -42,6 +42,8 @@ class LambdaStudyConfig:
     data_dir: str | None = None
     device: str = "auto"
     show_progress: bool = True
+    backend: str = "auto"
+    backend_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_open_unit("threshold", self.threshold)
@@ -65,7 +67,8 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
                                   subset_seed=config.seed, train_seed=config.seed)
     prepared = prepare_setting(config.setting, out, gt_config, seed=config.seed,
                                data_dir=config.data_dir, device=config.device,
-                               show_progress=config.show_progress, say=say)
+                               show_progress=config.show_progress, say=say,
+                               backend=config.backend, backend_options=config.backend_options)
     splits, gt, context = prepared.splits, prepared.groundtruth, prepared.context
     setting, recipe, device = prepared.setting, prepared.recipe, context.device
     test_accuracy = prepared.test_accuracy()

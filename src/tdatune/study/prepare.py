@@ -51,9 +51,11 @@ def prepare_setting(
     data_dir: str | None = None, sizes: tuple[int, int, int] | None = None,
     device: str | torch.device | None = "auto", show_progress: bool = True,
     recipe_overrides: dict[str, Any] | None = None, say: Any = print,
+    backend: str = "auto", backend_options: dict[str, Any] | None = None,
 ) -> Prepared:
     """Train ``name`` into ``directory/checkpoints`` and build ``directory/groundtruth``;
-    both are reused (resumed) when already there."""
+    both are reused (resumed) when already there. ``backend`` picks how subset models are
+    retrained (auto, sequential, batched, process, ray; see ``evaluate.runners.make_runner``)."""
     from dataclasses import replace
 
     directory = Path(directory)
@@ -67,7 +69,8 @@ def prepare_setting(
     say(f"ground truth: {gt_config.n_subsets} subsets x {gt_config.seeds_per_subset} seed(s), "
         f"alpha={gt_config.alpha}, {len(splits.test)} test examples")
     gt = build_ground_truth(task, recipe, splits.train, splits.test, gt_config,
-                            directory / "groundtruth", device=dev, show_progress=show_progress)
+                            directory / "groundtruth", device=dev, show_progress=show_progress,
+                            backend=backend, backend_options=backend_options)
     context = AttributionContext(
         task, splits.train, trained.checkpoints, weight_decay=recipe.weight_decay,
         learning_rates=epoch_learning_rates(recipe, len(splits.train)), device=dev,

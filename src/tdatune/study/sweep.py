@@ -210,8 +210,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
     pending = [c for c in cells if not (cells_dir / f"{c.cell_id}.json").exists()]
     say(f"sweep {spec.name}: {len(cells)} cells, {len(cells) - len(pending)} already done")
     methods = {m.name: m for m in spec.methods}
-    for name in dict.fromkeys(c.setting for c in pending):
-        _prepare(spec, out, name, device, show_progress, say)  # train + ground truth once, here
+    gt_backend, gt_options = ("ray", {"address": address}) if backend == "ray" else ("auto", {})
+    for name in dict.fromkeys(c.setting for c in pending):  # train + ground truth once, here
+        _prepare(spec, out, name, device, show_progress, say, gt_backend, gt_options)
     if backend in ("ray", "process"):
         from tdatune.evaluate.runners import map_local, map_ray
 
@@ -240,12 +241,14 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
 
 
 def _prepare(spec: SweepSpec, out: Path, name: str, device: str, show_progress: bool,
-             say: Callable[..., None]) -> Prepared:
+             say: Callable[..., None], backend: str = "auto",
+             backend_options: dict[str, Any] | None = None) -> Prepared:
     sizes = spec.sizes.get(name)
     return prepare_setting(name, out / "settings" / name, spec.groundtruth, seed=spec.seed,
                            data_dir=spec.data_dir, sizes=tuple(sizes) if sizes else None,
                            device=device, show_progress=show_progress,
-                           recipe_overrides=spec.recipes.get(name), say=say)
+                           recipe_overrides=spec.recipes.get(name), say=say, backend=backend,
+                           backend_options=backend_options)
 
 
 def _run_cell_payload(payload: tuple[dict[str, Any], str, Cell, str]) -> dict[str, Any]:
