@@ -25,6 +25,15 @@ from tdatune.models.task import Task
 from tdatune.models.training import TrainRecipe, train_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small problems: one thread is as fast and immune to oversubscription on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _lr_task(splits) -> Task:
     return Task(make_model=partial(LogisticRegression, 64, splits.num_classes), name="lr")
 
