@@ -152,13 +152,39 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             if "error" in r:
                 lines.append(f"| {r['method']} | n/a | n/a | n/a | n/a | {r['error']} |")
                 continue
-            ratio = f"{r['seconds'] / iffim['seconds']:.1f}x" if iffim else "-"
+            ratio = f"{r['seconds'] / iffim['seconds']:.2g}x" if iffim else "-"
             sel = (f"{r['lam_selected']:.2e}: {r['lds_selected']:.3f} ± {r['sem_selected']:.3f}"
                    if "lam_selected" in r else "-")
             lines.append(f"| {r['method']} | {r['lds']:.3f} ± {r['sem']:.3f} | "
                          f"{r['seconds']:.2f} | {ratio} | {sel} | {format_defaults(r['defaults'])} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + NOTES)
+
+
+NOTES = [
+    "## Notes on the methods", "",
+    "- Sign: a positive score means including the training example raises the explained "
+    "output f (margin). IF-family scores are -v^T (C + lam I)^-1 g_i; TracIn is "
+    "-sum_t eta_t grad f . grad l (the first-order effect of an SGD step on z_i); TRAK is "
+    "positive by construction.",
+    "- if_explicit keeps the Hessian's eigenvalues with their signs (an MLP's Hessian may be "
+    "indefinite) and refuses a lambda with sigma_k + lambda ~ 0. Its surrogate column "
+    "applies Algorithm 1 to H's spectrum (positive definite for the convex digits-lr model); "
+    "the surrogate's derivation is for the Fisher.",
+    "- if_cg runs in float64 on full-data HVPs; with early_stop an example stops at "
+    "||r|| <= 1e-10 ||v||; a direction of non-positive curvature freezes that example.",
+    "- if_lissa refuses scale <= (top eigenvalue + lam) / 2 (top eigenvalue by 20 power "
+    "steps) and stops with LiSSADivergence naming scale if the iterates blow up.",
+    "- trak averages the members' scores over checkpoints (the reference implementation "
+    "averages kernel part and Q separately); lam = 0 is the pseudo-inverse. Its default "
+    "lam = 0 is far from its best lambda here; compare the surrogate column.",
+    "- logra uses one Fisher over all layers' Kronecker-projected gradients (blocks='joint'); "
+    "blocks='layer' is LoGra's block-diagonal curvature. Factors of size k=16 per side "
+    "(a side of at most 16 stays unprojected).",
+    "- tracin sums over the last 10 saved epochs with each epoch's mean learning rate as "
+    "eta_t (weights 1 for L-BFGS).",
+    "",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
