@@ -120,6 +120,20 @@ def test_batched_outputs_equal_per_model_outputs(digits_small):
         assert out[m] == pytest.approx(alone, abs=1e-4)
 
 
+def test_unconverged_lbfgs_models_are_retrained_alone(digits_small):
+    # A budget too small to converge: the result is the budget's, so it must match train_model.
+    train, explained = digits_small.train, digits_small.test
+    task = _lr_task(digits_small)
+    recipe = TrainRecipe(optimizer="lbfgs", epochs=1, lbfgs_iters=5, weight_decay=1e-2)
+    masks = sample_subsets(len(train), GroundTruthConfig(n_subsets=2))
+    result = train_batched(task, train, masks, recipe, [0, 1])
+    assert result.converged is not None and not bool(result.converged.any())
+    out = retrain_outputs_batched(task, recipe, train, explained, masks, [0, 1])
+    for m in range(2):
+        alone = retrain_outputs(task, recipe, train, explained, masks[m], m)
+        assert out[m] == pytest.approx(alone, abs=1e-5)
+
+
 def test_batched_lbfgs_solves_separable_quadratics():
     # Independent check of the optimiser: M quadratics with known minimisers A_m^-1 b_m.
     gen = torch.Generator().manual_seed(0)
@@ -132,10 +146,11 @@ def test_batched_lbfgs_solves_separable_quadratics():
         ax = (a @ theta[..., None])[..., 0]
         return 0.5 * (theta * ax).sum(1) - (b * theta).sum(1), ax - b
 
-    theta, _, iters = batched_lbfgs(evaluate, torch.zeros(4, 6, dtype=torch.float64), 200)
+    theta, _, iters, converged = batched_lbfgs(evaluate, torch.zeros(4, 6, dtype=torch.float64),
+                                               200)
     expected = torch.linalg.solve(mats, rhs[..., None])[..., 0]
     assert torch.allclose(theta, expected, atol=1e-6)
-    assert bool((iters > 0).all())
+    assert bool((iters > 0).all()) and bool(converged.all())
 
 
 def test_batchnorm_and_dropout_are_refused():

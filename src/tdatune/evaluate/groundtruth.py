@@ -12,13 +12,14 @@ Every file is written atomically, so a killed run resumes with exactly the model
 finished; a directory built for another configuration is refused.
 
 Models are retrained by a pluggable runner (``backend``): ``auto`` (the default) trains chunks
-of models together with stacked parameters when the model allows it (see
-:mod:`tdatune.models.batched`) and one at a time otherwise; ``process`` and ``ray`` spread the
-work over a local process pool or a Ray cluster (see :mod:`tdatune.evaluate.runners`). Every
-backend hands finished models to the same atomic writer, so any backend can resume any other's
-partial run. The backend is recorded in ``backend.json``, not in the manifest: backends agree
-to float tolerance (exactly the same minibatch order and initialisation; for convex L-BFGS
-recipes the same unique minimiser).
+of models together with stacked parameters where that reproduces one-at-a-time training step
+for step (SGD/Adam recipes, models without BatchNorm or dropout; see
+:mod:`tdatune.models.batched`) and one at a time otherwise; ``batched`` also serves L-BFGS
+recipes (the same unique minimiser to float32 precision, several times faster); ``process``
+and ``ray`` spread the work over a local process pool or a Ray cluster (see
+:mod:`tdatune.evaluate.runners`). Every backend hands finished models to the same atomic
+writer, so any backend can resume any other's partial run. The backend is recorded in
+``backend.json``, not in the manifest, since backends agree to float tolerance.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def build_ground_truth(
         if run is None:
             from tdatune.evaluate.runners import make_runner, resolve_backend
 
-            backend = resolve_backend(backend, task)
+            backend = resolve_backend(backend, task, recipe)
             run = make_runner(backend, task, recipe, train, explained, masks, device=device,
                               show_progress=show_progress, **(backend_options or {}))
             atomic_write_json(directory / "backend.json", {

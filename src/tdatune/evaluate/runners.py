@@ -256,15 +256,14 @@ def make_runner(name: str, task: Task, recipe: TrainRecipe, train: ArrayDataset,
                 **options: Any) -> Runner:
     """The runner called ``name`` (auto, sequential, batched, process, ray) with its options.
 
-    ``auto`` is ``batched`` when the model supports it (no BatchNorm, dropout or buffers) and
-    ``sequential`` otherwise; ``batched`` refuses unsupported models with a message naming
-    the module. Options: batched — chunk_size, memory_bytes; process — num_workers,
-    threads_per_worker, models_per_task; ray — address, num_cpus_per_task, num_gpus_per_task,
-    models_per_task, init_options.
+    ``auto`` is ``batched`` when batched training reproduces ``train_model`` step for step
+    (a minibatch SGD/Adam recipe and a model without BatchNorm, dropout or buffers) and
+    ``sequential`` otherwise (see :func:`resolve_backend`); ``batched`` refuses unsupported
+    models with a message naming the module. Options: batched — chunk_size, memory_bytes;
+    process — num_workers, threads_per_worker, models_per_task; ray — address,
+    num_cpus_per_task, num_gpus_per_task, models_per_task, init_options.
     """
-    check_choice("ground-truth backend", name, RUNNERS)
-    if name == "auto":
-        name = "batched" if supports_batched(task) else "sequential"
+    name = resolve_backend(name, task, recipe)
     factories: dict[str, Callable[..., Runner]] = {
         "sequential": sequential_runner, "batched": batched_runner,
         "process": process_runner, "ray": ray_runner,
@@ -281,11 +280,19 @@ def make_runner(name: str, task: Task, recipe: TrainRecipe, train: ArrayDataset,
         raise
 
 
-def resolve_backend(name: str, task: Task) -> str:
-    """The concrete backend ``auto`` stands for with this task; other names unchanged."""
+def resolve_backend(name: str, task: Task, recipe: TrainRecipe | None = None) -> str:
+    """The concrete backend ``auto`` stands for with this task and recipe; others unchanged.
+
+    ``auto`` picks ``batched`` only where it reproduces ``train_model`` step for step: SGD or
+    Adam recipes on models it supports. For L-BFGS recipes batched training reaches the same
+    minimiser only to float32 precision (about 1e-3 in parameters), not ``train_model``'s
+    exact iterate, so ``auto`` keeps those ``sequential`` and ``batched`` is opt-in (it is
+    several times faster; see docs/performance.md).
+    """
     check_choice("ground-truth backend", name, RUNNERS)
     if name == "auto":
-        return "batched" if supports_batched(task) else "sequential"
+        minibatch = recipe is None or recipe.optimizer != "lbfgs"
+        return "batched" if minibatch and supports_batched(task) else "sequential"
     return name
 
 

@@ -18,7 +18,9 @@ where ``train_model(task, train.subset(mask_m), recipe, seed_m)`` ends (float to
   joint criterion; the per-model version converges to each model's own minimiser, the point
   ``train_model`` approaches too. It runs at most ``epochs * lbfgs_iters`` iterations (the
   budget ``train_model`` has) and stops a model earlier once its objective can no longer
-  decrease in floating point.
+  decrease in floating point. A model that exhausts the budget before converging is
+  retrained alone by :func:`retrain_outputs_batched` (its result is then defined by the
+  budget, which only ``train_model`` reproduces).
 
 Models with BatchNorm or dropout (batch statistics and random masks would need per-model
 state and random streams) are refused with :class:`BatchedTrainingUnsupported`; callers fall
@@ -41,7 +43,13 @@ from torch.func import functional_call, stack_module_state, vmap
 from tdatune.data.base import ArrayDataset
 from tdatune.models.outputs import cross_entropy
 from tdatune.models.task import Params, Task
-from tdatune.models.training import TrainRecipe, _make_optimizer, epoch_permutation, init_model
+from tdatune.models.training import (
+    TrainRecipe,
+    _make_optimizer,
+    epoch_permutation,
+    init_model,
+    train_model,
+)
 from tdatune.utils.progress import progress
 
 # Modules whose behaviour in training mode couples examples or draws random numbers.
@@ -94,11 +102,12 @@ def supports_batched(task: Task) -> bool:
 @dataclass
 class BatchedResult:
     """Stacked final parameters ``[M, ...]`` of M models, their final training objectives and
-    (L-BFGS) the iterations each took."""
+    (L-BFGS) the iterations each took and whether it converged before the iteration budget."""
 
     params: Params
     objectives: torch.Tensor
     iterations: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
 
     @property
     def num_models(self) -> int:
@@ -298,19 +307,22 @@ def _train_lbfgs(task: Task, base: nn.Module, params: Params, train: ArrayDatase
             (g,) = torch.autograd.grad(f.sum(), theta)
         return f.detach(), g
 
-    theta, f, iters = batched_lbfgs(evaluate, theta0, recipe.epochs * recipe.lbfgs_iters,
+    theta, f, iters, converged = batched_lbfgs(evaluate, theta0,
+                                               recipe.epochs * recipe.lbfgs_iters,
                                     show_progress=show_progress, desc=f"batched L-BFGS {task.name}")
     objectives = f.double().cpu()
     _check_finite(task, objectives, recipe.epochs - 1, recipe)
-    return BatchedResult(params=unflatten(theta), objectives=objectives, iterations=iters.cpu())
+    return BatchedResult(params=unflatten(theta), objectives=objectives, iterations=iters.cpu(),
+                         converged=converged.cpu())
 
 
 def batched_lbfgs(
     evaluate, theta0: torch.Tensor, max_iter: int, *, history: int = LBFGS_HISTORY,
     tol_grad: float = LBFGS_TOL_GRAD, tol_change: float = LBFGS_TOL_CHANGE,
     show_progress: bool = False, desc: str = "batched L-BFGS",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Minimise M independent objectives at once; returns (theta [M, p], f [M], iterations [M]).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Minimise M independent objectives at once; returns theta [M, p], f [M], iterations [M]
+    and whether each model converged [M] (False: it ran out of ``max_iter``).
 
     ``evaluate(theta_rows [k, p], rows [k])`` returns the values [k] and gradients [k, p] of
     the objectives of models ``rows`` at ``theta_rows``. Each model keeps its own curvature
@@ -386,7 +398,7 @@ def batched_lbfgs(
         active &= (g.abs().amax(1) > tol_grad) & (change >= tol_change) & (step_size > tol_change)
         if show_progress:
             bar.set_postfix(active=int(active.sum()))
-    return theta, f, iters
+    return theta, f, iters, ~active
 
 
 def batched_outputs(task: Task, base: nn.Module, params: Params, explained: ArrayDataset, *,
@@ -414,9 +426,21 @@ def retrain_outputs_batched(
     masks: torch.Tensor, seeds: Sequence[int], *, device: torch.device | str = "cpu",
     show_progress: bool = False,
 ) -> np.ndarray:
-    """Train one model per (mask, seed) at once; return their outputs on ``explained`` [M, m]."""
+    """Train one model per (mask, seed) at once; return their outputs on ``explained`` [M, m].
+
+    With an L-BFGS recipe, a model whose iteration budget ran out before it converged is
+    retrained alone with ``train_model``: its result is then defined by the budget, not by
+    the minimiser, and only the one-at-a-time run reproduces it.
+    """
     result = train_batched(task, train, masks, recipe, seeds, device=device,
                            show_progress=show_progress)
+    if result.converged is not None:
+        for m in (~result.converged).nonzero()[:, 0].tolist():
+            state = train_model(task, train.subset(masks[m].cpu()), recipe, int(seeds[m]),
+                                device=device).state
+            with torch.no_grad():
+                for k, v in result.params.items():
+                    v[m] = state[k].to(v.device, v.dtype)
     base = task.make_model().to("meta")
     out = batched_outputs(task, base, result.params, explained, device=device)
     return out.double().cpu().numpy()
