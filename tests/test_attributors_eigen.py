@@ -188,3 +188,23 @@ def test_layerwise_features_sum_over_sequence_positions():
         hidden = torch.cat([model.hidden.weight.grad, model.hidden.bias.grad[:, None]], dim=1)
         ref = torch.cat([hidden.reshape(-1), model.head.weight.grad.reshape(-1)])
         assert torch.allclose(feats[i], ref, atol=1e-6)
+
+
+def test_layerwise_refuses_a_layer_run_twice():
+    from tdatune.data.base import ArrayDataset
+    from tdatune.models.task import Task
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(torch.tanh(self.lin(x)))
+
+    model = Twice()
+    task = Task(make_model=Twice, name="twice")
+    data = ArrayDataset(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    layers = linear_layers(model)
+    with pytest.raises(ValueError, match="linear layer lin ran twice"):
+        layerwise_grads(task, model, data, layer_factors(layers, None), layers)

@@ -14,7 +14,9 @@ permutation of the layers' full parameter gradients; Fisher-based influence is i
 permutations, so LoGra with identity factors equals IFFIM on those layers' gradients.
 
 Factors are seeded Gaussian matrices with entries N(0, 1/k). A side whose size is <= k is left
-unprojected (identity), so ``k`` only ever reduces dimensions.
+unprojected (identity), so ``k`` only ever reduces dimensions. Only nn.Linear modules are
+hooked (convolutions are not), and each hooked module must run once per forward pass
+(a module reused within one pass, e.g. tied weights, is refused by name).
 """
 
 from __future__ import annotations
@@ -104,6 +106,10 @@ class _Taps:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if name in self.inputs:
+                raise ValueError(
+                    f"linear layer {name} ran twice in one forward pass (shared weights); LoGra's "
+                    "hooks need each hooked layer to run once: leave it out with `layers`")
             self.inputs[name] = args[0].detach()
             self.outputs[name] = output
         return hook
@@ -132,6 +138,8 @@ def iter_layerwise_grads(
                               total=(n + chunk_size - 1) // chunk_size):
             x = data.inputs[start : start + chunk_size].to(device)
             y = data.targets[start : start + chunk_size].to(device)
+            taps.inputs.clear()
+            taps.outputs.clear()
             with torch.enable_grad():
                 total = fn(model(x), y).sum()
                 outs = [taps.outputs[name] for name, _ in layers]
