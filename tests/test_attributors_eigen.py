@@ -36,7 +36,7 @@ def test_iffim_identity_projection_equals_none():
 
 def trak_dense(prob, attr, checkpoint: int, lam: float) -> torch.Tensor:
     """phi' (Phi^T Phi + n lam I)^-1 Phi^T Q with loop gradients and the member's own P."""
-    member = attr.members[prob.context.checkpoint_index(checkpoint)]
+    member = attr.members[(0, prob.context.checkpoint_index(checkpoint))]
     proj = member.projector.matrix().double()
     phi = loop_grads(prob, prob.train, "margin", checkpoint) @ proj
     phi_x = loop_grads(prob, prob.explained, "output", checkpoint) @ proj
@@ -59,7 +59,7 @@ def test_trak_ensemble_is_mean_of_members_and_grows_by_one():
     prob = problem("mlp")
     attr = make_attributor("trak", proj_dim=24, checkpoints=[-1]).fit(prob.context)
     attr.add_checkpoint(2)
-    assert sorted(attr.members) == [2, 5]
+    assert sorted(attr.members) == [(0, 2), (0, 5)]
     lam = 1e-3
     ref = 0.5 * (trak_dense(prob, attr, -1, lam) + trak_dense(prob, attr, 2, lam))
     assert rel_err(attr.score(prob.explained, lam=lam), ref) < 1e-3
@@ -67,6 +67,28 @@ def test_trak_ensemble_is_mean_of_members_and_grows_by_one():
     assert torch.allclose(both.score(prob.explained, lam=lam), attr.score(prob.explained, lam=lam))
     path = attr.lambda_path(prob.explained)
     assert isinstance(path, EnsembleLambdaPath) and path.sigma.numel() == 48
+
+
+def test_trak_ensemble_over_independently_trained_models():
+    from dataclasses import replace
+
+    from tdatune.models.training import TrainRecipe, train_model
+
+    prob = problem("mlp")
+    recipe = TrainRecipe(optimizer="sgd", epochs=6, lr=0.1, batch_size=16, momentum=0.9,
+                         weight_decay=1e-3)  # as in attr_problems, another seed
+    other = train_model(prob.task, prob.train, recipe, seed=1)
+    ctx2 = replace(prob.context, checkpoints=other.checkpoints, _models={})
+    attr = make_attributor("trak", proj_dim=24).fit(prob.context)
+    attr.add_model(ctx2)
+    single2 = make_attributor("trak", proj_dim=24).fit(ctx2)
+    single1 = make_attributor("trak", proj_dim=24).fit(prob.context)
+    lam = 1e-3
+    ref = 0.5 * (single1.score(prob.explained, lam=lam) + single2.score(prob.explained, lam=lam))
+    assert rel_err(attr.score(prob.explained, lam=lam), ref) < 1e-5
+    assert sorted(attr.members) == [(0, 5), (1, 5)]
+    with pytest.raises(ValueError, match="same training set"):
+        attr.add_model(problem("mlp", n_train=50).context)
 
 
 def test_trak_default_projection_capped_on_small_models():

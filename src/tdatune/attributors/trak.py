@@ -12,11 +12,13 @@ lambda_TRAK = n * lam, and with it the formula above is computed exactly:
     phi' (Phi^T Phi + n lam I)^-1 Phi^T Q = (1/n) phi' (Phi^T Phi / n + lam I)^-1 Phi^T Q.
 lam = 0 (TRAK's default) is the pseudo-inverse: the eigensystem drops zero eigenvalues.
 
-Ensembles. Each checkpoint is a member with its own projected features, Q and eigensystem;
-the score is the *average of the members' scores* (TRAK's reference implementation averages
-the kernel part and Q separately; averaging whole scores keeps the ensemble a sum of
-lambda-paths). ``add_checkpoint`` fits one more member, so growing the ensemble costs one
-checkpoint's work; members' explained coordinates are cached per explained set.
+Ensembles. Each member is one (model, checkpoint) with its own projected features, Q and
+eigensystem: checkpoints of the fitted context (``checkpoints``, ``add_checkpoint``) and of
+independently trained models on the same training set (``add_model(context)``). The score is
+the *average of the members' scores* (TRAK's reference implementation averages the kernel
+part and Q separately; averaging whole scores keeps the ensemble a sum of lambda-paths).
+Adding a member costs one checkpoint's work; members' explained coordinates are cached per
+explained set. Members are keyed (model, epoch), model 0 being the fitted context.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from tdatune.models.task import Params, Task
 class TRAKMember:
     """One checkpoint's share of TRAK: projection, eigensystem of Phi^T Phi / n, and Q."""
 
+    model: int  # 0: the fitted context; k: the k-th context given to add_model
     checkpoint: int
     projector: Projector | None
     eigen: Eigensystem
@@ -91,8 +94,9 @@ class TRAK(Attributor):
         self._proj_dim_given = "proj_dim" in values and values["proj_dim"] is not None
 
     def _fit(self, context: AttributionContext) -> None:
-        self.members: dict[int, TRAKMember] = {}
-        self._coords: dict[tuple[str, int], torch.Tensor] = {}
+        self.members: dict[tuple[int, int], TRAKMember] = {}
+        self.contexts: list[AttributionContext] = [context]
+        self._coords: dict[tuple[str, int, int], torch.Tensor] = {}
         for c in self.params["checkpoints"] or [-1]:
             self.add_checkpoint(c)
 
@@ -109,26 +113,40 @@ class TRAK(Attributor):
         return Projector(p, d, kind=self.params["proj_kind"], seed=self.params["proj_seed"],
                          device=ctx.device)
 
-    def add_checkpoint(self, checkpoint: int) -> TRAKMember:
-        """Fit one more ensemble member (features, Q, eigensystem) at ``checkpoint``."""
-        ctx = self._require_fit()
+    def add_model(self, context: AttributionContext, checkpoint: int = -1) -> TRAKMember:
+        """Add an independently trained model (same training set) as a member at ``checkpoint``."""
+        base = self._require_fit()
+        if dataset_key(context.train) != dataset_key(base.train):
+            raise ValueError(f"{self.name}: an ensemble member must be trained on the same "
+                             "training set as the fitted context (the scores index its examples)")
+        if all(c is not context for c in self.contexts):
+            self.contexts.append(context)
+        number = next(i for i, c in enumerate(self.contexts) if c is context)
+        return self.add_checkpoint(checkpoint, model=number)
+
+    def add_checkpoint(self, checkpoint: int, model: int = 0) -> TRAKMember:
+        """Fit one more ensemble member (features, Q, eigensystem) at ``checkpoint`` of the
+        fitted context (or of the ``model``-th context given to ``add_model``)."""
+        self._require_fit()
+        ctx = self.contexts[model]
         idx = ctx.checkpoint_index(checkpoint)
-        if idx in self.members:
-            return self.members[idx]
-        model, params = ctx.model_at(idx)
+        if (model, idx) in self.members:
+            return self.members[(model, idx)]
+        model_, params = ctx.model_at(idx)
         projector = self._projector(num_params(params))
         margin_task = replace(ctx.task, output="margin")
-        phi = per_example_grads(margin_task, model, params, ctx.train, target="output",
+        phi = per_example_grads(margin_task, model_, params, ctx.train, target="output",
                                 chunk_size=ctx.chunk_size, projector=projector,
                                 show_progress=ctx.show_progress, desc=f"TRAK features ep{idx}")
-        member = TRAKMember(idx, projector, fisher_eigensystem(phi),
-                            one_minus_p(ctx.task, model, params, ctx.train))
-        self.members[idx] = member
+        member = TRAKMember(model, idx, projector, fisher_eigensystem(phi),
+                            one_minus_p(ctx.task, model_, params, ctx.train))
+        self.members[(model, idx)] = member
         return member
 
     def _member_path(self, member: TRAKMember, explained: ArrayDataset) -> LambdaPath:
-        ctx = self._require_fit()
-        key = (dataset_key(explained), member.checkpoint)
+        self._require_fit()
+        ctx = self.contexts[member.model]
+        key = (dataset_key(explained), member.model, member.checkpoint)
         if key not in self._coords:
             model, params = ctx.model_at(member.checkpoint)
             v = per_example_grads(ctx.task, model, params, explained, target="output",
