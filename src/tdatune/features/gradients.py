@@ -70,10 +70,10 @@ def per_example_grads(
     show_progress: bool = False, desc: str = "gradients",
 ) -> torch.Tensor:
     """All per-example gradients as one [n, p] (or [n, d]) float32 tensor on the CPU."""
-    chunks = [g.cpu() for _, g in iter_per_example_grads(
-        task, model, params, data, target=target, chunk_size=chunk_size, projector=projector,
-        show_progress=show_progress, desc=desc)]
-    if not chunks:
-        width = projector.d if projector is not None else num_params(params)
-        return torch.empty(0, width)
-    return torch.cat(chunks)
+    width = projector.d if projector is not None else num_params(params)
+    out = torch.empty(len(data), width)
+    for start, g in iter_per_example_grads(
+            task, model, params, data, target=target, chunk_size=chunk_size, projector=projector,
+            show_progress=show_progress, desc=desc):
+        out[start : start + g.shape[0]] = g
+    return out

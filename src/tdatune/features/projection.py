@@ -15,7 +15,7 @@ from tdatune.utils.checks import check_choice
 
 PROJECTION_KINDS = ("gaussian", "rademacher", "identity")
 BLOCK_ROWS = 4096
-CACHE_LIMIT = 1 << 25  # entries (128 MiB in float32) up to which P is cached whole
+CACHE_LIMIT = 1 << 26  # entries (256 MiB in float32) up to which P is cached whole
 
 
 class Projector:
