@@ -16,21 +16,14 @@ per-example gradients costs.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 
+from common import add_machine_flags, rate, setup_machine
 from tdatune.features.gradients import iter_per_example_grads, num_params
 from tdatune.features.projection import Projector
 from tdatune.models.training import init_model, objective
 from tdatune.settings.registry import get_setting
-from tdatune.utils.device import resolve_device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step_rate(task, train, batch_size: int, device: torch.device, repeats: int) -> float:
@@ -47,13 +40,7 @@ def train_step_rate(task, train, batch_size: int, device: torch.device, repeats:
                       y[start : start + batch_size], 1e-3).backward()
             opt.step()
 
-    epoch()  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        epoch()
-    _sync(device)
-    return repeats * x.shape[0] / (time.perf_counter() - start)
+    return rate(epoch, x.shape[0], repeats, device)
 
 
 def per_example_rate(task, train, chunk: int, proj_dim: int | None, device: torch.device,
@@ -69,13 +56,7 @@ def per_example_rate(task, train, chunk: int, proj_dim: int | None, device: torc
                                         projector=projector):
             pass
 
-    one_pass()  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        one_pass()
-    _sync(device)
-    return repeats * len(train) / (time.perf_counter() - start)
+    return rate(one_pass, len(train), repeats, device)
 
 
 def main() -> None:
@@ -86,13 +67,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="training minibatch")
     parser.add_argument("--proj-dim", type=int, default=None, help="project gradients to d")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    add_machine_flags(parser)
     args = parser.parse_args()
-    os.environ.setdefault("TDATUNE_NO_PROGRESS", "1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = setup_machine(args)
     print(f"device {device}, torch threads {torch.get_num_threads()}, chunk {args.chunk}, "
           f"projection {args.proj_dim or 'none'}")
     print(f"{'setting':<12}{'p':>9}{'per-example ex/s':>19}{'train-step ex/s':>18}{'ratio':>8}")

@@ -19,7 +19,6 @@ checked against the sequential ones for the K shared subsets.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -28,12 +27,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from common import add_machine_flags, setup_machine
 from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.groundtruth import GroundTruthConfig, retrain_outputs, sample_subsets
 from tdatune.models.batched import models_per_chunk, retrain_outputs_batched
 from tdatune.models.training import train_model
 from tdatune.settings.registry import get_setting
-from tdatune.utils.device import resolve_device
 
 
 def _dattri_rate(task, recipe, train, k: int, device) -> float | None:
@@ -117,14 +116,10 @@ def main() -> None:
                         help="K models timed in the one-at-a-time and dattri loops")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override the recipe's epochs (L-BFGS: calls of lbfgs_iters)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    add_machine_flags(parser)
     parser.add_argument("--no-dattri", action="store_true", help="skip the dattri loop")
     args = parser.parse_args()
-    os.environ.setdefault("TDATUNE_NO_PROGRESS", "1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = setup_machine(args)
     k = min(args.sequential_models, args.models)
     for name in args.settings:
         bench_setting(name, args.models, k, args.epochs, device, not args.no_dattri)

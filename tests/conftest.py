@@ -17,3 +17,12 @@ def digits_small():
     from tdatune.data.digits import load_digits_splits
 
     return load_digits_splits(n_train=120, n_val=30, n_test=40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small problems: one thread is as fast and immune to oversubscription on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,6 @@ from functools import partial
 
 import numpy as np
 import pytest
-import torch
 
 from tdatune.evaluate.groundtruth import (
     GroundTruthConfig,
@@ -21,14 +20,7 @@ from tdatune.models.small import MLP, LogisticRegression
 from tdatune.models.task import Task
 from tdatune.models.training import TrainRecipe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small problems: one thread is as fast and immune to oversubscription on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SGD = TrainRecipe(optimizer="sgd", epochs=2, lr=0.05, batch_size=32, momentum=0.9,

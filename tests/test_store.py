@@ -18,14 +18,7 @@ from tdatune.models.small import LogisticRegression
 from tdatune.models.task import Task
 from tdatune.models.training import TrainRecipe, init_model, train_model, trainable
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small problems: one thread is as fast and immune to oversubscription on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
