@@ -28,6 +28,18 @@ def unit_rows(g: torch.Tensor) -> torch.Tensor:
     return g / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
+def exact_grads(task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
+                target: str, chunk_size: int = 256, show_progress: bool = False,
+                desc: str = "gradients") -> torch.Tensor:
+    """Per-example gradients [n, p] on the CPU in the parameters' own dtype (float64 for the
+    IF family), unlike ``features.gradients.per_example_grads`` which stores float32."""
+    chunks = [g.cpu() for _, g in iter_per_example_grads(
+        task, model, params, data, target=target, chunk_size=chunk_size,
+        show_progress=show_progress, desc=desc)]
+    dtype = next(iter(params.values())).dtype
+    return torch.cat(chunks) if chunks else torch.empty(0, num_params(params), dtype=dtype)
+
+
 class TrainGradients:
     """Per-example training gradients at one parameter point, used only through products
     ``X @ G^T``. Kept whole when n x width is at most ``limit`` entries, else recomputed in

@@ -32,10 +32,9 @@ from tdatune.attributors.base import (
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import TrainGradients, dataset_key
+from tdatune.attributors.common import TrainGradients, dataset_key, exact_grads
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
-from tdatune.features.gradients import per_example_grads
 from tdatune.utils.progress import progress
 
 CG_BATCH = 64  # explained examples solved together
@@ -98,7 +97,7 @@ class IFCG(Attributor):
         if key not in self._v:
             _, _, data = cast_problem(self._model, self._params, explained,
                                       self.objective.theta.dtype)
-            self._v[key] = per_example_grads(ctx.task, self._model, self._params, data,
+            self._v[key] = exact_grads(ctx.task, self._model, self._params, data,
                                              target="output", chunk_size=ctx.chunk_size)
         return self._v[key]
 
