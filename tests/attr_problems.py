@@ -4,8 +4,6 @@ attributor tests."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -107,18 +105,6 @@ def dense_if(prob: Problem, lam: float) -> torch.Tensor:
     g = loop_grads(prob, prob.train, "loss")
     eye = torch.eye(h.shape[0], dtype=h.dtype)
     return -v @ torch.linalg.solve(h + lam * eye, g.T)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run with one intra-op thread: these tensors are tiny, and on a busy 2-core machine a
-    second spinning thread only costs time. Restores the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,16 +7,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from attr_problems import loop_grads, model64, one_thread, problem, rel_err
+from attr_problems import loop_grads, model64, problem, rel_err
 from tdatune.attributors import EnsembleLambdaPath, LambdaPath, make_attributor
 from tdatune.features.layerwise import layer_factors, layerwise_grads, linear_layers
 from tdatune.select import select_lambda
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dense_fisher_if(v: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:

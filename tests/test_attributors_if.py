@@ -7,14 +7,10 @@ import itertools
 import pytest
 import torch
 
-from attr_problems import dense_if, one_thread, problem, rel_err
+from attr_problems import dense_if, problem, rel_err
 from tdatune.attributors import LiSSADivergence, make_attributor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attr_problems import loop_grads, one_thread, problem, rel_err
+from attr_problems import loop_grads, problem, rel_err
 from tdatune.attributors import make_attributor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def explicit_tracin(prob, epochs: list[int], normalize: bool) -> torch.Tensor:

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from attr_problems import one_thread, problem
+from attr_problems import problem
 from tdatune.attributors import ATTRIBUTORS, make_attributor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_registry_has_every_method():

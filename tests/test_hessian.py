@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attr_problems import dense_hessian, model64, one_thread, problem
+from attr_problems import dense_hessian, model64, problem
 from tdatune.curvature.hessian import (
     TrainingObjective,
     flatten_params,
@@ -14,11 +14,7 @@ from tdatune.curvature.hessian import (
 )
 from tdatune.data.base import ArrayDataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def objective(kind: str, data: ArrayDataset | None = None) -> TrainingObjective:
