@@ -69,11 +69,14 @@ def per_example_grads(
     target: str = "loss", chunk_size: int = 256, projector: Projector | None = None,
     show_progress: bool = False, desc: str = "gradients",
 ) -> torch.Tensor:
-    """All per-example gradients as one [n, p] (or [n, d]) float32 tensor on the CPU."""
+    """All per-example gradients as one [n, p] (or [n, d]) tensor on the CPU, in the
+    parameters' dtype (the projection's after projection)."""
     width = projector.d if projector is not None else num_params(params)
-    out = torch.empty(len(data), width)
+    out: torch.Tensor | None = None
     for start, g in iter_per_example_grads(
             task, model, params, data, target=target, chunk_size=chunk_size, projector=projector,
             show_progress=show_progress, desc=desc):
+        if out is None:  # the parameters' (or projection's) dtype, preallocated once
+            out = torch.empty(len(data), width, dtype=g.dtype)
         out[start : start + g.shape[0]] = g
-    return out
+    return out if out is not None else torch.empty(0, width)
