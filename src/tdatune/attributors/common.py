@@ -4,12 +4,15 @@ that keep G in memory when it is small and stream it in chunks when it is not.""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from tdatune.attributors.base import AttributionContext
+from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
-from tdatune.features.gradients import iter_per_example_grads, num_params
+from tdatune.features.gradients import iter_per_example_grads, num_params, per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
 from tdatune.utils.fingerprint import fingerprint_tensors
@@ -26,18 +29,6 @@ def unit_rows(g: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit Euclidean norm (zero rows stay zero)."""
     norm = g.norm(dim=1, keepdim=True)
     return g / torch.where(norm > 0, norm, torch.ones_like(norm))
-
-
-def exact_grads(task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
-                target: str, chunk_size: int = 256, show_progress: bool = False,
-                desc: str = "gradients") -> torch.Tensor:
-    """Per-example gradients [n, p] on the CPU in the parameters' own dtype (float64 for the
-    IF family), unlike ``features.gradients.per_example_grads`` which stores float32."""
-    chunks = [g.cpu() for _, g in iter_per_example_grads(
-        task, model, params, data, target=target, chunk_size=chunk_size,
-        show_progress=show_progress, desc=desc)]
-    dtype = next(iter(params.values())).dtype
-    return torch.cat(chunks) if chunks else torch.empty(0, num_params(params), dtype=dtype)
 
 
 class TrainGradients:
@@ -84,3 +75,36 @@ class TrainGradients:
         for start, g in self._chunks():
             out[:, start : start + g.shape[0]] = x @ g.to(x.device, x.dtype).T
         return out
+
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class HVPProblem:
+    """Shared training side of the Hessian-vector-product influence functions (CG, LiSSA):
+    the checkpoint's model cast to the ``precision`` hyperparameter, the training objective,
+    training gradients, and output gradients of explained sets cached by content."""
+
+    params: dict[str, Any]
+
+    def _fit_problem(self, context: AttributionContext) -> None:
+        model, params = context.model_at(self.params["checkpoint"])
+        dtype = DTYPES[self.params["precision"]]
+        self._model, self._params, train = cast_problem(model, params, context.train, dtype)
+        self.objective = TrainingObjective(context.task, self._model, self._params, train,
+                                           context.weight_decay, context.chunk_size)
+        self.train_grads = TrainGradients(context.task, self._model, self._params, train,
+                                          chunk_size=context.chunk_size,
+                                          show_progress=context.show_progress)
+        self._v: dict[str, torch.Tensor] = {}
+
+    def explained_grads(self, explained: ArrayDataset) -> torch.Tensor:
+        """Output-function gradients v of ``explained`` (cached by content)."""
+        ctx = self._require_fit()  # type: ignore[attr-defined]
+        key = dataset_key(explained)
+        if key not in self._v:
+            _, _, data = cast_problem(self._model, self._params, explained,
+                                      self.objective.theta.dtype)
+            self._v[key] = per_example_grads(ctx.task, self._model, self._params, data,
+                                             target="output", chunk_size=ctx.chunk_size)
+        return self._v[key]

@@ -32,13 +32,11 @@ from tdatune.attributors.base import (
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import TrainGradients, dataset_key, exact_grads
-from tdatune.curvature.hessian import TrainingObjective, cast_problem
+from tdatune.attributors.common import DTYPES, HVPProblem, dataset_key
 from tdatune.data.base import ArrayDataset
 from tdatune.utils.progress import progress
 
 CG_BATCH = 64  # explained examples solved together
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass
@@ -63,7 +61,7 @@ class _CGRun:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-class IFCG(Attributor):
+class IFCG(HVPProblem, Attributor):
     """Influence function by conjugate gradient on Hessian-vector products."""
 
     name = "if_cg"
@@ -78,28 +76,9 @@ class IFCG(Attributor):
     )
 
     def _fit(self, context: AttributionContext) -> None:
-        model, params = context.model_at(self.params["checkpoint"])
-        dtype = DTYPES[self.params["precision"]]
-        self._model, self._params, train = cast_problem(model, params, context.train, dtype)
-        self.objective = TrainingObjective(context.task, self._model, self._params, train,
-                                           context.weight_decay, context.chunk_size)
-        self.train_grads = TrainGradients(context.task, self._model, self._params, train,
-                                          chunk_size=context.chunk_size,
-                                          show_progress=context.show_progress)
+        self._fit_problem(context)
         self._runs: dict[tuple[Any, ...], _CGRun] = {}
-        self._v: dict[str, torch.Tensor] = {}
         self.breakdowns = 0
-
-    def explained_grads(self, explained: ArrayDataset) -> torch.Tensor:
-        """Output-function gradients v of ``explained`` (cached by content)."""
-        ctx = self._require_fit()
-        key = dataset_key(explained)
-        if key not in self._v:
-            _, _, data = cast_problem(self._model, self._params, explained,
-                                      self.objective.theta.dtype)
-            self._v[key] = exact_grads(ctx.task, self._model, self._params, data,
-                                             target="output", chunk_size=ctx.chunk_size)
-        return self._v[key]
 
     def _new_run(self, v: torch.Tensor) -> _CGRun:
         states = []

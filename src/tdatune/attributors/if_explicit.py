@@ -23,10 +23,11 @@ from tdatune.attributors.base import (
     any_int,
     positive_float,
 )
-from tdatune.attributors.common import dataset_key, exact_grads
+from tdatune.attributors.common import dataset_key
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
+from tdatune.features.gradients import per_example_grads
 
 
 class IFExplicit(Attributor):
@@ -47,7 +48,7 @@ class IFExplicit(Attributor):
         hess = objective.exact()
         sigma, basis = torch.linalg.eigh(hess.cpu())
         self.sigma, self.basis = sigma.flip(0), basis.flip(1)
-        grads = exact_grads(context.task, self._model, self._params, train, target="loss",
+        grads = per_example_grads(context.task, self._model, self._params, train, target="loss",
                                   chunk_size=context.chunk_size,
                                   show_progress=context.show_progress, desc="train gradients")
         self.train_coords = grads @ self.basis
@@ -62,7 +63,7 @@ class IFExplicit(Attributor):
         """Output-function gradients v of ``explained`` (float64)."""
         ctx = self._require_fit()
         _, _, data = cast_problem(self._model, self._params, explained, torch.float64)
-        return exact_grads(ctx.task, self._model, self._params, data, target="output",
+        return per_example_grads(ctx.task, self._model, self._params, data, target="output",
                                  chunk_size=ctx.chunk_size)
 
     def lambda_path(self, explained: ArrayDataset) -> LambdaPath:

@@ -34,9 +34,7 @@ from tdatune.attributors.base import (
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import TrainGradients, dataset_key, exact_grads
-from tdatune.attributors.if_cg import DTYPES
-from tdatune.curvature.hessian import TrainingObjective, cast_problem
+from tdatune.attributors.common import DTYPES, HVPProblem, dataset_key
 from tdatune.data.base import ArrayDataset
 from tdatune.utils.progress import progress
 
@@ -49,7 +47,7 @@ class LiSSADivergence(FloatingPointError):
     """The LiSSA recursion diverged (scale too small for the curvature, or H indefinite)."""
 
 
-class IFLiSSA(Attributor):
+class IFLiSSA(HVPProblem, Attributor):
     """Influence function with the stochastic LiSSA inverse-HVP recursion."""
 
     name = "if_lissa"
@@ -66,28 +64,9 @@ class IFLiSSA(Attributor):
     )
 
     def _fit(self, context: AttributionContext) -> None:
-        model, params = context.model_at(self.params["checkpoint"])
-        dtype = DTYPES[self.params["precision"]]
-        self._model, self._params, train = cast_problem(model, params, context.train, dtype)
-        self.objective = TrainingObjective(context.task, self._model, self._params, train,
-                                           context.weight_decay, context.chunk_size)
+        self._fit_problem(context)
         self.top_eigenvalue = self.objective.top_eigenvalue(iters=POWER_ITERS)
-        self.train_grads = TrainGradients(context.task, self._model, self._params, train,
-                                          chunk_size=context.chunk_size,
-                                          show_progress=context.show_progress)
         self._scores: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._v: dict[str, torch.Tensor] = {}
-
-    def explained_grads(self, explained: ArrayDataset) -> torch.Tensor:
-        """Output-function gradients v of ``explained`` (cached by content)."""
-        ctx = self._require_fit()
-        key = dataset_key(explained)
-        if key not in self._v:
-            _, _, data = cast_problem(self._model, self._params, explained,
-                                      self.objective.theta.dtype)
-            self._v[key] = exact_grads(ctx.task, self._model, self._params, data,
-                                             target="output", chunk_size=ctx.chunk_size)
-        return self._v[key]
 
     def check_scale(self, scale: float, lam: float) -> None:
         """Refuse a scale for which the recursion cannot converge (from the estimated top

@@ -68,13 +68,19 @@ def mean_indicator(sigma: torch.Tensor, c: torch.Tensor,
 
 def default_lambda_grid(sigma: torch.Tensor, num: int = 200, below: float = 1e-3,
                         above: float = 1e3) -> torch.Tensor:
-    """A log grid from ``below`` x the smallest non-zero eigenvalue to ``above`` x the largest."""
+    """A log grid from ``below`` x the smallest non-zero eigenvalue to ``above`` x the largest.
+
+    For an indefinite spectrum (a Hessian away from a minimum) the grid starts above twice the
+    most negative eigenvalue's magnitude, so that sigma + lambda stays away from zero."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     top = float(sigma.max())
     if not top > 0:
-        raise ValueError("the spectrum has no positive eigenvalue; the Fisher matrix is zero")
+        raise ValueError("the spectrum has no positive eigenvalue; the curvature matrix is zero")
     nonzero = sigma[sigma > ZERO_RTOL * top]
     lo, hi = float(nonzero.min()) * below, top * above
+    if float(sigma.min()) < 0:
+        lo = max(lo, 2.0 * abs(float(sigma.min())))
+        hi = max(hi, 10.0 * lo)
     return torch.logspace(math.log10(lo), math.log10(hi), num, dtype=torch.float64)
 
 

@@ -74,15 +74,17 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     test_accuracy = prepared.test_accuracy()
     say(f"{config.attributor}: gradients, eigendecomposition, lambda-path")
     attributor = make_attributor(config.attributor, **config.attributor_params).fit(context)
+    if not hasattr(attributor, "lambda_path"):
+        raise ValueError(f"{config.attributor} has no lambda-path; the lambda study needs an "
+                         "eigen-based attributor (iffim, if_explicit, trak, logra)")
     test_path = attributor.lambda_path(splits.test)
-    val_path = attributor.lambda_path(splits.val)
-    sigma = test_path.sigma
+    sigma, c_val = attributor.surrogate_spectrum(splits.val)
     grid = default_lambda_grid(sigma, num=config.grid_points, below=1e-2, above=1e2)
 
     say("selecting lambda on validation, scoring LDS on test")
     curve = lds_path(test_path, gt.masks, gt.mean_outputs, grid)
-    xi_mean, _ = mean_indicator(sigma, val_path.explained_coords, grid)
-    selection = select_lambda(sigma, val_path.explained_coords, threshold=config.threshold)
+    xi_mean, _ = mean_indicator(sigma, c_val, grid)
+    selection = select_lambda(sigma, c_val, threshold=config.threshold)
     lds_sel = lds_path(test_path, gt.masks, gt.mean_outputs, [selection.lam])[0]
     best = int(np.nanargmax([c.mean for c in curve]))
     baselines = {}

@@ -173,10 +173,14 @@ def run_cell(prepared: Prepared, method: MethodSpec, fit_values: dict[str, Any],
         for lam, res in zip(lambdas.tolist(), lds_path(test_path, gt.masks, gt.mean_outputs, lambdas),
                             strict=True):
             rows.append({"lam": lam, "lds": res.mean, "sem": res.sem})
-        val_path = att.lambda_path(val)
-        sel = select_lambda(val_path.sigma, val_path.explained_coords, threshold=threshold)
-        sel_lds = lds_path(test_path, gt.masks, gt.mean_outputs, [sel.lam])[0]
-        extra["surrogate"] = {**sel.to_dict(), "lds": sel_lds.mean, "sem": sel_lds.sem}
+        try:
+            sigma_val, c_val = att.surrogate_spectrum(val)
+        except ValueError as err:  # e.g. an indefinite Hessian: xi is defined for PSD matrices
+            extra["surrogate_error"] = str(err)
+        else:
+            sel = select_lambda(sigma_val, c_val, threshold=threshold)
+            sel_lds = lds_path(test_path, gt.masks, gt.mean_outputs, [sel.lam])[0]
+            extra["surrogate"] = {**sel.to_dict(), "lds": sel_lds.mean, "sem": sel_lds.sem}
         extra["spectrum"] = {"k": int(test_path.sigma.numel()), "max": float(test_path.sigma.max()),
                              "min": float(test_path.sigma.min())}
     else:
