@@ -112,3 +112,17 @@ def test_expand_cells_is_the_cartesian_product():
     cells = expand_cells(spec)
     assert len(cells) == 12 and len({c.cell_id for c in cells}) == 12
     assert np.all([c.method == "iffim" for c in cells])
+
+
+def test_indefinite_hessian_cell_records_why_no_surrogate(tmp_path):
+    spec = spec_from_dict({
+        "settings": ["digits-mlp"], "grid_points": 5, "sizes": {"digits-mlp": [120, 30, 30]},
+        "recipes": {"digits-mlp": {"epochs": 2}}, "groundtruth": {"n_subsets": 4},
+        "methods": [{"name": "if_explicit"}],
+    })
+    (cell,) = run_sweep(spec, tmp_path, show_progress=False, say=lambda *a: None)
+    assert len(cell["rows"]) == 5 and all(np.isfinite(r["lds"]) for r in cell["rows"])
+    assert ("surrogate" in cell) != ("surrogate_error" in cell)
+    if "surrogate_error" in cell:
+        assert "negative eigenvalue" in cell["surrogate_error"]
+    assert "digits-mlp | if_explicit" in write_report(tmp_path).read_text()
