@@ -31,7 +31,8 @@ class RowSource(Protocol):
 
 def _rows(source: RowSource, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     block = source[start:stop]
-    block = torch.from_numpy(np.asarray(block)) if not isinstance(block, torch.Tensor) else block
+    if not isinstance(block, torch.Tensor):  # copy: memory-mapped stores are read-only
+        block = torch.from_numpy(np.array(block, copy=True))
     return block.to(dtype)
 
 
