@@ -114,15 +114,19 @@ def test_expand_cells_is_the_cartesian_product():
     assert np.all([c.method == "iffim" for c in cells])
 
 
-def test_indefinite_hessian_cell_records_why_no_surrogate(tmp_path):
+def test_cells_that_cannot_run_or_select_are_recorded_not_fatal(tmp_path):
     spec = spec_from_dict({
         "settings": ["digits-mlp"], "grid_points": 5, "sizes": {"digits-mlp": [120, 30, 30]},
         "recipes": {"digits-mlp": {"epochs": 2}}, "groundtruth": {"n_subsets": 4},
-        "methods": [{"name": "if_explicit"}],
+        # digits-mlp has p = 2410 parameters: a 5000-dim projection is invalid for it
+        "methods": [{"name": "if_explicit"}, {"name": "iffim", "fit": {"proj_dim": [5000]}}],
     })
-    (cell,) = run_sweep(spec, tmp_path, show_progress=False, say=lambda *a: None)
-    assert len(cell["rows"]) == 5 and all(np.isfinite(r["lds"]) for r in cell["rows"])
-    assert ("surrogate" in cell) != ("surrogate_error" in cell)
-    if "surrogate_error" in cell:
-        assert "negative eigenvalue" in cell["surrogate_error"]
-    assert "digits-mlp | if_explicit" in write_report(tmp_path).read_text()
+    explicit, too_big = run_sweep(spec, tmp_path, show_progress=False, say=lambda *a: None)
+    assert len(explicit["rows"]) == 5 and all(np.isfinite(r["lds"]) for r in explicit["rows"])
+    assert ("surrogate" in explicit) != ("surrogate_error" in explicit)
+    if "surrogate_error" in explicit:
+        assert "negative eigenvalue" in explicit["surrogate_error"]
+    assert too_big["rows"] == [] and "number of parameters p=2410" in too_big["error"]
+    text = write_report(tmp_path).read_text()
+    assert "digits-mlp | if_explicit" in text
+    assert "Cells that could not run" in text and "proj_dim=5000" in text

@@ -58,6 +58,7 @@ def write_report(out: str | Path) -> Path:
         by_pair[(cell["setting"], cell["method"])].append(cell)
     figures = []
     for (setting, method), group in sorted(by_pair.items()):
+        group = [c for c in group if c["rows"]]
         flat = [(c, r) for c in group for r in c["rows"] if r["lds"] is not None
                 and not math.isnan(r["lds"])]
         if not flat:
@@ -88,6 +89,16 @@ def write_report(out: str | Path) -> Path:
         best = max((r["lds"] for r in cell["rows"] if not math.isnan(r["lds"])), default=float("nan"))
         lines.append(f"| {cell['setting']} | {cell['method']} | {_hp_label(cell['fit'])} | "
                      f"{s['lambda']:.3g} | {s['lds']:.3f} | {best:.3f} | {s['status']} |")
+    failed = [c for c in cells if "error" in c]
+    if failed:
+        lines += ["", "## Cells that could not run", "", "| setting | method | fit-stage values | why |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['setting']} | {c['method']} | {_hp_label(c['fit'])} | {c['error']} |"
+                  for c in failed]
+    undefined = [c for c in cells if "surrogate_error" in c]
+    if undefined:
+        lines += ["", "Surrogate undefined (indefinite curvature) for: "
+                  + "; ".join(f"{c['setting']}/{c['method']} {_hp_label(c['fit'])}" for c in undefined)]
     lines += ["", "All numbers: `results.csv` (one row per hyperparameter value); raw cells: `cells/`."]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 

@@ -198,6 +198,18 @@ def run_cell(prepared: Prepared, method: MethodSpec, fit_values: dict[str, Any],
             "data_source": prepared.splits.source, **extra}
 
 
+def run_cell_or_error(prepared: Prepared, method: MethodSpec, fit_values: dict[str, Any],
+                      threshold: float = 0.5, grid_points: int = 25) -> dict[str, Any]:
+    """``run_cell``, but a value that is invalid for this setting (a ValueError, e.g. a
+    projection dim above this model's parameter count) becomes a recorded error cell instead
+    of stopping the sweep. Delete the cell file to retry it."""
+    try:
+        return run_cell(prepared, method, fit_values, threshold, grid_points)
+    except ValueError as err:
+        return {"setting": prepared.setting.name, "method": method.name, "fit": fit_values,
+                "rows": [], "error": str(err), "data_source": prepared.splits.source}
+
+
 def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
               address: str | None = None, device: str = "auto", show_progress: bool = True,
               say: Callable[..., None] = print) -> list[dict[str, Any]]:
@@ -236,8 +248,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
         for cell in progress(pending, enabled=show_progress, desc="sweep cells", unit="cell"):
             if cell.setting not in cache:
                 cache[cell.setting] = _prepare(spec, out, cell.setting, device, False, lambda *a: None)
-            result = run_cell(cache[cell.setting], methods[cell.method], dict(cell.fit),
-                              spec.threshold, spec.grid_points)
+            result = run_cell_or_error(cache[cell.setting], methods[cell.method], dict(cell.fit),
+                                       spec.threshold, spec.grid_points)
             atomic_write_json(cells_dir / f"{cell.cell_id}.json", result)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of: local, process, ray")
@@ -261,7 +273,7 @@ def _run_cell_payload(payload: tuple[dict[str, Any], str, Cell, str]) -> dict[st
     spec = spec_from_dict(raw)
     prepared = _prepare(spec, Path(out), cell.setting, device, False, lambda *a: None)
     method = next(m for m in spec.methods if m.name == cell.method)
-    return run_cell(prepared, method, dict(cell.fit), spec.threshold, spec.grid_points)
+    return run_cell_or_error(prepared, method, dict(cell.fit), spec.threshold, spec.grid_points)
 
 
 def _as_list(value: Any) -> list[Any]:
