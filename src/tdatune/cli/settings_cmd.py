@@ -115,9 +115,6 @@ def train_setting(args: argparse.Namespace) -> int:
 
     setting = get_setting(args.setting)
     device = resolve_device(args.device)
-    if device.type == "cuda":  # cuDNN's autotuned kernels differ between runs; pin them
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
     task_opts = parse_options(args.model_opt, "--model-opt")
     load_opts = parse_options(args.data_opt, "--data-opt")
     splits, task = setting.build(seed=args.seed, data_dir=args.data_dir, tiny=args.tiny,

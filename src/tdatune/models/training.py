@@ -88,7 +88,16 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 def init_model(task: Task, seed: int, device: torch.device | str = "cpu") -> nn.Module:
     """Build the task's model with initialisation fixed by ``seed``."""
     torch.manual_seed(int(seed))
+    if torch.device(device).type == "cuda":
+        pin_cuda_determinism()
     return task.make_model().to(device)
+
+
+def pin_cuda_determinism() -> None:
+    """Deterministic cuDNN kernels (no autotuning), so a seed gives the same run on a GPU in
+    every process that trains: ``tdatune train``, ground-truth workers, batched retraining."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def l2_penalty(params: Params, weight_decay: float) -> torch.Tensor | float:
