@@ -53,6 +53,12 @@ def test_cells_equal_direct_attribution_and_lds(swept):
             direct = lds(att.score(prepared.splits.test, lam=row["lam"]), gt.masks, gt.mean_outputs)
             assert row["lds"] == pytest.approx(direct.mean, abs=1e-9)
         assert "surrogate" in cell and cell["surrogate"]["lambda"] > 0
+        sigma, _ = att.surrogate_spectrum(prepared.splits.val)
+        nonzero = sigma[sigma > 1e-10 * sigma.max()].numpy()
+        for q, (lam_q, lds_q) in cell["quantile_baselines"].items():
+            assert lam_q == pytest.approx(float(np.quantile(nonzero, float(q))))
+            direct = lds(att.score(prepared.splits.test, lam=lam_q), gt.masks, gt.mean_outputs)
+            assert lds_q == pytest.approx(direct.mean, abs=1e-9)
 
 
 def test_resume_recomputes_only_missing_cells(swept):

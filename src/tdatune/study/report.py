@@ -79,16 +79,23 @@ def write_report(out: str | Path) -> Path:
     for fig, group_files in figures:
         lines += [f"![{fig.stem}]({fig.name})", "",
                   f"Source files: {', '.join(f'`{f}`' for f in group_files)}", ""]
+    quantiles = sorted({q for c in cells for q in c.get("quantile_baselines", {})}, key=float)
     lines += ["## Surrogate selection per cell", "",
-              "| setting | method | fit-stage values | λ selected | LDS there | best LDS of cell | status |",
-              "|---|---|---|---|---|---|---|"]
+              "LDS on test at the lambda chosen without retraining (Algorithm 1 on validation), "
+              "at the grid's best lambda (an oracle that needs the ground truth), and at the "
+              "spectrum-quantile baselines.", "",
+              "| setting | method | fit-stage values | λ selected | LDS there | best LDS of cell | "
+              + " | ".join(f"q={q} LDS" for q in quantiles) + " | status |",
+              "|---|---|---|---|---|---|" + "---|" * len(quantiles) + "---|"]
     for cell in cells:
         if "surrogate" not in cell:
             continue
         s = cell["surrogate"]
         best = max((r["lds"] for r in cell["rows"] if not math.isnan(r["lds"])), default=float("nan"))
+        base = cell.get("quantile_baselines", {})
+        qcols = "".join(f" {base[q][1]:.3f} |" if q in base else " — |" for q in quantiles)
         lines.append(f"| {cell['setting']} | {cell['method']} | {_hp_label(cell['fit'])} | "
-                     f"{s['lambda']:.3g} | {s['lds']:.3f} | {best:.3f} | {s['status']} |")
+                     f"{s['lambda']:.3g} | {s['lds']:.3f} | {best:.3f} |{qcols} {s['status']} |")
     failed = [c for c in cells if "error" in c]
     if failed:
         lines += ["", "## Cells that could not run", "", "| setting | method | fit-stage values | why |",

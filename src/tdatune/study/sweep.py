@@ -39,6 +39,7 @@ import torch
 from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
 from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.lds import lds, lds_path
+from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, select_lambda
 from tdatune.study.prepare import Prepared, prepare_setting
 from tdatune.utils.atomic import atomic_write_json, read_json
@@ -47,6 +48,7 @@ from tdatune.utils.fingerprint import fingerprint_config
 from tdatune.utils.progress import progress
 
 SPECTRUM = "spectrum"
+BASELINE_QUANTILES = (0.1, 0.5, 0.9)  # spectrum-quantile baselines recorded per eigen cell
 
 
 @dataclass
@@ -181,6 +183,11 @@ def run_cell(prepared: Prepared, method: MethodSpec, fit_values: dict[str, Any],
             sel = select_lambda(sigma_val, c_val, threshold=threshold)
             sel_lds = lds_path(test_path, gt.masks, gt.mean_outputs, [sel.lam])[0]
             extra["surrogate"] = {**sel.to_dict(), "lds": sel_lds.mean, "sem": sel_lds.sem}
+            lam_q = [quantile_lambda(sigma_val, q) for q in BASELINE_QUANTILES]
+            extra["quantile_baselines"] = {
+                str(q): [lam, res.mean] for q, lam, res in zip(
+                    BASELINE_QUANTILES, lam_q, lds_path(test_path, gt.masks, gt.mean_outputs, lam_q),
+                    strict=True)}
         extra["spectrum"] = {"k": int(test_path.sigma.numel()), "max": float(test_path.sigma.max()),
                              "min": float(test_path.sigma.min())}
     else:
