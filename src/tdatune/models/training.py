@@ -145,14 +145,21 @@ def train_model(
     n = len(data)
     steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
     total = recipe.epochs * steps_per_epoch
-    bar = progress(range(start_epoch, recipe.epochs), enabled=show_progress, desc=f"train {task.name}")
-    for epoch in bar:
+    # One bar tick per optimizer step (per L-BFGS call for full-batch recipes), so long epochs
+    # show progress too.
+    per_epoch = 1 if recipe.optimizer == "lbfgs" else steps_per_epoch
+    bar = progress(total=(recipe.epochs - start_epoch) * per_epoch, enabled=show_progress,
+                   desc=f"train {task.name}", unit="step")
+    for epoch in range(start_epoch, recipe.epochs):
         model.train()
+        if show_progress:
+            bar.set_description(f"train {task.name} epoch {epoch + 1}/{recipe.epochs}")
         if recipe.optimizer == "lbfgs":
             loss = _lbfgs_epoch(task, model, params, opt, x, y, recipe)
+            bar.update(1)
         else:
             loss = _minibatch_epoch(task, model, params, opt, x, y, recipe, seed, epoch,
-                                    epoch * steps_per_epoch, total)
+                                    epoch * steps_per_epoch, total, on_step=bar.update)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"training {task.name} diverged at epoch {epoch} (loss {loss}); lower the learning "
@@ -170,6 +177,7 @@ def train_model(
             atomic_torch_save(ckpt_dir / f"epoch_{epoch:03d}.pt",
                               {"state": state, "optimizer": opt.state_dict(), "record": record})
             atomic_write_json(ckpt_dir / "history.json", history)
+    bar.close()
     return TrainResult(state=model_state(model), checkpoints=checkpoints, history=history)
 
 
@@ -198,7 +206,8 @@ def _lbfgs_epoch(task: Task, model: nn.Module, params: Params, opt: torch.optim.
 
 def _minibatch_epoch(task: Task, model: nn.Module, params: Params, opt: torch.optim.Optimizer,
                      x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, seed: int,
-                     epoch: int, step0: int, total: int) -> float:
+                     epoch: int, step0: int, total: int,
+                     on_step: Callable[[int], object] | None = None) -> float:
     order = epoch_permutation(x.shape[0], seed, epoch).to(x.device)
     running, count = 0.0, 0
     for i, start in enumerate(range(0, x.shape[0], recipe.batch_size)):
@@ -213,6 +222,8 @@ def _minibatch_epoch(task: Task, model: nn.Module, params: Params, opt: torch.op
         opt.step()
         running += float(loss.detach()) * idx.numel()
         count += idx.numel()
+        if on_step is not None:
+            on_step(1)
     return running / max(count, 1)
 
 
