@@ -10,7 +10,7 @@ are dropped. The decomposition runs in float64 by default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -38,23 +38,43 @@ def _rows(source: RowSource, start: int, stop: int, dtype: torch.dtype) -> torch
 
 @dataclass
 class Eigensystem:
-    """Non-zero eigenvalues ``sigma`` [k] (descending), eigenvectors ``basis`` [p, k] of F,
-    and the training gradients in that basis ``train_coords`` [n, k] (= G U)."""
+    """Non-zero eigenvalues ``sigma`` [k] (descending) of F and the training gradients in its
+    eigenbasis, ``train_coords`` [n, k] (= G U).
+
+    Parameter form keeps the eigenvectors ``basis`` [p, k]. Kernel form never builds them
+    (U = G^T W / sqrt(n sigma) would cost n p k flops and p k float64 numbers): explained
+    gradients are mapped as V U = (V G^T) W / sqrt(n sigma), streaming G's rows."""
 
     sigma: torch.Tensor
-    basis: torch.Tensor
     train_coords: torch.Tensor
     form: str
     n: int
+    basis: torch.Tensor | None = None
+    grads: RowSource | None = field(default=None, repr=False)
+    kernel_vectors: torch.Tensor | None = field(default=None, repr=False)
+    chunk_rows: int = 2048
+
+    @property
+    def dim(self) -> int:
+        """Width p (or d) of the gradients this eigensystem was built on."""
+        return int(self.basis.shape[0]) if self.basis is not None else int(self.grads.shape[1])
 
     def coords(self, v: torch.Tensor) -> torch.Tensor:
         """Coordinates of gradients ``v`` [m, p] in the eigenbasis: V U, shape [m, k]."""
-        if v.shape[-1] != self.basis.shape[0]:
+        if v.shape[-1] != self.dim:
             raise ValueError(
                 f"explained gradients have {v.shape[-1]} columns but the eigensystem was built on "
-                f"{self.basis.shape[0]} (same projection and parameters are needed)"
+                f"{self.dim} (same projection and parameters are needed)"
             )
-        return v.to(self.basis.dtype) @ self.basis
+        dtype = self.sigma.dtype
+        if self.basis is not None:
+            return v.to(dtype) @ self.basis
+        v = v.to(dtype)
+        out = torch.zeros(v.shape[0], self.sigma.numel(), dtype=dtype)
+        for s in range(0, self.n, self.chunk_rows):
+            g = _rows(self.grads, s, min(self.n, s + self.chunk_rows), dtype)
+            out += (v @ g.T) @ self.kernel_vectors[s : s + g.shape[0]]
+        return out / torch.sqrt(self.n * self.sigma)
 
     def nonzero_quantile(self, q: float) -> float:
         """The q-quantile of the (non-zero) eigenvalues."""
@@ -85,7 +105,8 @@ def fisher_eigensystem(
         sigma, basis = sigma[keep], basis[:, keep]
         coords = torch.cat([_rows(grads, s, min(n, s + chunk_rows), dtype) @ basis
                             for s in range(0, n, chunk_rows)])
-        return Eigensystem(sigma=sigma, basis=basis, train_coords=coords, form=form, n=n)
+        return Eigensystem(sigma=sigma, train_coords=coords, form=form, n=n, basis=basis,
+                           chunk_rows=chunk_rows)
 
     gram = torch.zeros(n, n, dtype=dtype)
     for i in range(0, n, chunk_rows):
@@ -101,9 +122,5 @@ def fisher_eigensystem(
     sigma, w = sigma.flip(0), w.flip(1)
     keep = sigma > rtol * sigma[0].clamp_min(torch.finfo(dtype).tiny)
     sigma, w = sigma[keep], w[:, keep]
-    scale = torch.sqrt(n * sigma)
-    basis = torch.zeros(p, sigma.numel(), dtype=dtype)
-    for s in range(0, n, chunk_rows):
-        basis += _rows(grads, s, min(n, s + chunk_rows), dtype).T @ w[s : s + chunk_rows]
-    basis /= scale
-    return Eigensystem(sigma=sigma, basis=basis, train_coords=w * scale, form=form, n=n)
+    return Eigensystem(sigma=sigma, train_coords=w * torch.sqrt(n * sigma), form=form, n=n,
+                       grads=grads, kernel_vectors=w, chunk_rows=chunk_rows)
