@@ -111,3 +111,13 @@ def test_iffim_bad_input(trained, digits_small):
         att.score(digits_small.test, proj_dim=3)
     with pytest.raises(ValueError, match="shape"):
         LambdaPath(torch.ones(3), torch.ones(2, 4), torch.ones(5, 3))
+
+
+def test_loading_a_checkpoint_leaves_the_global_rng_alone(trained):
+    ctx, _, _ = trained
+    fresh = AttributionContext(ctx.task, ctx.train, ctx.checkpoints, device="cpu")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fresh.model_at(-1)
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -55,7 +55,8 @@ class AttributionContext:
         """The model with the given epoch's state loaded, and its trainable parameters."""
         idx = self.checkpoint_index(checkpoint)
         if idx not in self._models:
-            model = init_model(self.task, 0, self.device)
+            with torch.random.fork_rng(devices=[]):  # loading a checkpoint must not reseed
+                model = init_model(self.task, 0, self.device)  # the caller's global RNG
             state = {k: v.to(self.device) for k, v in self.checkpoints[idx].items()}
             model.load_state_dict(state)
             model.eval()
