@@ -15,7 +15,7 @@ import torch
 from common import add_machine_flags, setup_machine
 from tdatune.curvature.eigen import fisher_eigensystem
 from tdatune.features.gradients import per_example_grads
-from tdatune.models.training import train_model
+from tdatune.models.training import load_model, train_model
 from tdatune.settings.registry import get_setting
 
 
@@ -34,9 +34,7 @@ def main() -> None:
 
     result = train_model(task, splits.train, replace(setting.recipe, epochs=args.epochs), 0,
                          device=device)
-    model = task.make_model().to(device)
-    model.load_state_dict(result.state)
-    params = dict(model.named_parameters())
+    model, params = load_model(task, result.state, device)
     g = per_example_grads(task, model, params, splits.train)
     v = per_example_grads(task, model, params, splits.test, target="output")
     print(f"{args.setting}: n={g.shape[0]}, p={g.shape[1]}, m={v.shape[0]}, "

@@ -21,7 +21,7 @@ from torch import nn
 
 from tdatune.data.base import ArrayDataset
 from tdatune.models.task import Params, Task
-from tdatune.models.training import init_model, trainable
+from tdatune.models.training import load_model
 from tdatune.utils.device import resolve_device
 
 
@@ -55,12 +55,7 @@ class AttributionContext:
         """The model with the given epoch's state loaded, and its trainable parameters."""
         idx = self.checkpoint_index(checkpoint)
         if idx not in self._models:
-            with torch.random.fork_rng(devices=[]):  # loading a checkpoint must not reseed
-                model = init_model(self.task, 0, self.device)  # the caller's global RNG
-            state = {k: v.to(self.device) for k, v in self.checkpoints[idx].items()}
-            model.load_state_dict(state)
-            model.eval()
-            self._models[idx] = (model, trainable(model, state))
+            self._models[idx] = load_model(self.task, self.checkpoints[idx], self.device)
         return self._models[idx]
 
 

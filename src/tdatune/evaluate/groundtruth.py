@@ -35,7 +35,7 @@ import torch
 
 from tdatune.data.base import ArrayDataset
 from tdatune.models.task import Task
-from tdatune.models.training import TrainRecipe, train_model, trainable
+from tdatune.models.training import TrainRecipe, load_model, train_model
 from tdatune.utils.atomic import atomic_save_npy, atomic_write_json, read_json
 from tdatune.utils.checks import check_open_unit
 from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
@@ -108,12 +108,8 @@ def sample_subsets(n: int, config: GroundTruthConfig) -> torch.Tensor:
 def retrain_outputs(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
                     mask: torch.Tensor, seed: int, device: str | torch.device = "cpu") -> np.ndarray:
     """Train on the masked subset with ``seed`` and return the outputs on ``explained``."""
-    from tdatune.models.training import init_model
-
     result = train_model(task, train.subset(mask), recipe, seed, device=device)
-    model = init_model(task, seed, device)
-    model.load_state_dict(result.state)
-    params = trainable(model, result.state)
+    model, params = load_model(task, result.state, device)
     out = task.evaluate(model, params, explained.inputs.to(device), explained.targets.to(device))
     return out.double().cpu().numpy()
 

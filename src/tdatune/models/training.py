@@ -93,6 +93,17 @@ def init_model(task: Task, seed: int, device: torch.device | str = "cpu") -> nn.
     return task.make_model().to(device)
 
 
+def load_model(task: Task, state: Params, device: torch.device | str = "cpu") -> tuple[nn.Module, Params]:
+    """A model holding ``state`` (parameters + buffers), in eval mode, and its trainable
+    parameters. The global RNG is left as it was: loading is not initialising."""
+    with torch.random.fork_rng(devices=[]):
+        model = init_model(task, 0, device)
+    state = {k: v.to(device) for k, v in state.items()}
+    model.load_state_dict(state)
+    model.eval()
+    return model, trainable(model, state)
+
+
 def pin_cuda_determinism() -> None:
     """Deterministic cuDNN kernels (no autotuning), so a seed gives the same run on a GPU in
     every process that trains: ``tdatune train``, ground-truth workers, batched retraining."""
@@ -271,5 +282,5 @@ def trainable(model: nn.Module, state: Params) -> Params:
 
 __all__ = [
     "TrainRecipe", "TrainResult", "epoch_permutation", "init_model", "l2_penalty",
-    "load_checkpoints", "model_params", "objective", "train_model", "trainable",
+    "load_checkpoints", "load_model", "model_params", "objective", "train_model", "trainable",
 ]
