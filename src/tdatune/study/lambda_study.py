@@ -82,15 +82,16 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     grid = default_lambda_grid(sigma, num=config.grid_points, below=1e-2, above=1e2)
 
     say("selecting lambda on validation, scoring LDS on test")
-    curve = lds_path(test_path, gt.masks, gt.mean_outputs, grid)
     xi_mean, _ = mean_indicator(sigma, c_val, grid)
     selection = select_lambda(sigma, c_val, threshold=config.threshold)
-    lds_sel = lds_path(test_path, gt.masks, gt.mean_outputs, [selection.lam])[0]
+    lam_q = [quantile_lambda(sigma, q) for q in config.quantiles]
+    # one pass over the lambda-path: the grid, the selected lambda, the baselines
+    extra = torch.tensor([selection.lam, *lam_q], dtype=grid.dtype)
+    results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([grid, extra]))
+    curve, lds_sel = results[: len(grid)], results[len(grid)]
+    baselines = {str(q): [lam, res.mean] for q, lam, res in
+                 zip(config.quantiles, lam_q, results[len(grid) + 1 :], strict=True)}
     best = int(np.nanargmax([c.mean for c in curve]))
-    baselines = {}
-    for q in config.quantiles:
-        lam_q = quantile_lambda(sigma, q)
-        baselines[str(q)] = [lam_q, lds_path(test_path, gt.masks, gt.mean_outputs, [lam_q])[0].mean]
 
     summary = {
         "setting": setting.name,

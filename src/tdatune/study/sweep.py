@@ -172,22 +172,25 @@ def run_cell(prepared: Prepared, method: MethodSpec, fit_values: dict[str, Any],
         if score_spec:
             raise ValueError(f"{method.name}: with a lambda-path only `lam` is swept at score "
                              f"stage; remove {', '.join(score_spec)} from its score grid")
-        for lam, res in zip(lambdas.tolist(), lds_path(test_path, gt.masks, gt.mean_outputs, lambdas),
-                            strict=True):
-            rows.append({"lam": lam, "lds": res.mean, "sem": res.sem})
+        sel = None
+        lam_q: list[float] = []
         try:
             sigma_val, c_val = att.surrogate_spectrum(val)
         except ValueError as err:  # e.g. an indefinite Hessian: xi is defined for PSD matrices
             extra["surrogate_error"] = str(err)
         else:
             sel = select_lambda(sigma_val, c_val, threshold=threshold)
-            sel_lds = lds_path(test_path, gt.masks, gt.mean_outputs, [sel.lam])[0]
-            extra["surrogate"] = {**sel.to_dict(), "lds": sel_lds.mean, "sem": sel_lds.sem}
             lam_q = [quantile_lambda(sigma_val, q) for q in BASELINE_QUANTILES]
-            extra["quantile_baselines"] = {
-                str(q): [lam, res.mean] for q, lam, res in zip(
-                    BASELINE_QUANTILES, lam_q, lds_path(test_path, gt.masks, gt.mean_outputs, lam_q),
-                    strict=True)}
+        # one pass over the lambda-path: the grid, then the selected lambda and the baselines
+        extra_lams = torch.tensor(([sel.lam] if sel else []) + lam_q, dtype=torch.float64)
+        results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([lambdas, extra_lams]))
+        rows = [{"lam": lam, "lds": res.mean, "sem": res.sem}
+                for lam, res in zip(lambdas.tolist(), results[: len(lambdas)], strict=True)]
+        if sel is not None:
+            sel_lds, *q_lds = results[len(lambdas):]
+            extra["surrogate"] = {**sel.to_dict(), "lds": sel_lds.mean, "sem": sel_lds.sem}
+            extra["quantile_baselines"] = {str(q): [lam, res.mean] for q, lam, res in
+                                           zip(BASELINE_QUANTILES, lam_q, q_lds, strict=True)}
         extra["spectrum"] = {"k": int(test_path.sigma.numel()), "max": float(test_path.sigma.max()),
                              "min": float(test_path.sigma.min())}
     else:
