@@ -45,9 +45,10 @@ from tdatune.models.outputs import cross_entropy
 from tdatune.models.task import Params, Task
 from tdatune.models.training import (
     TrainRecipe,
-    _make_optimizer,
     epoch_permutation,
     init_model,
+    make_optimizer,
+    objective,
     train_model,
 )
 from tdatune.utils.progress import progress
@@ -165,15 +166,9 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
     num_models, size = index.shape
     x, y = train.inputs.to(device), train.targets.to(device)
     leaves = list(params.values())
-    opt = _make_optimizer(recipe, leaves)
-    wd = recipe.weight_decay
-
+    opt = make_optimizer(recipe, leaves)
     def model_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(base, p, (xb,))
-        loss = task.loss_fn(logits, yb).mean()
-        if wd:
-            loss = loss + 0.5 * wd * sum((q * q).sum() for q in p.values())
-        return loss
+        return objective(task, base, p, xb, yb, recipe.weight_decay)  # train_model's objective
 
     losses_fn = vmap(model_loss)
     steps_per_epoch = max(1, math.ceil(size / recipe.batch_size))

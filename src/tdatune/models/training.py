@@ -93,7 +93,8 @@ def init_model(task: Task, seed: int, device: torch.device | str = "cpu") -> nn.
     return task.make_model().to(device)
 
 
-def load_model(task: Task, state: Params, device: torch.device | str = "cpu") -> tuple[nn.Module, Params]:
+def load_model(task: Task, state: Params,
+               device: torch.device | str = "cpu") -> tuple[nn.Module, Params]:
     """A model holding ``state`` (parameters + buffers), in eval mode, and its trainable
     parameters. The global RNG is left as it was: loading is not initialising."""
     with torch.random.fork_rng(devices=[]):
@@ -145,7 +146,7 @@ def train_model(
     model = init_model(task, seed, device)
     x, y = data.inputs.to(device), data.targets.to(device)
     params = {k: p for k, p in model.named_parameters()}
-    opt = _make_optimizer(recipe, list(params.values()))
+    opt = make_optimizer(recipe, list(params.values()))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     meta = {"recipe": recipe.to_dict(), "seed": seed, "task": task.name, "n": len(data)}
     checkpoints: list[Params] = []
@@ -192,7 +193,8 @@ def train_model(
     return TrainResult(state=model_state(model), checkpoints=checkpoints, history=history)
 
 
-def _make_optimizer(recipe: TrainRecipe, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def make_optimizer(recipe: TrainRecipe, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``params`` (shared with batched retraining)."""
     if recipe.optimizer == "lbfgs":
         return torch.optim.LBFGS(params, lr=1.0, max_iter=recipe.lbfgs_iters, history_size=20,
                                  tolerance_grad=1e-10, tolerance_change=1e-14,
@@ -282,5 +284,6 @@ def trainable(model: nn.Module, state: Params) -> Params:
 
 __all__ = [
     "TrainRecipe", "TrainResult", "epoch_permutation", "init_model", "l2_penalty",
-    "load_checkpoints", "load_model", "model_params", "objective", "train_model", "trainable",
+    "load_checkpoints", "load_model", "make_optimizer", "model_params", "objective",
+    "train_model", "trainable",
 ]
