@@ -15,14 +15,8 @@ from tdatune.data.base import ArrayDataset
 from tdatune.features.gradients import iter_per_example_grads, num_params, per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
-from tdatune.utils.fingerprint import fingerprint_tensors
 
 GRAD_CACHE_LIMIT = 1 << 26  # entries of G (256 MiB in float32) kept in memory
-
-
-def dataset_key(data: ArrayDataset) -> str:
-    """Content fingerprint of a dataset, used to cache per-explained-set work."""
-    return fingerprint_tensors(data.inputs, data.targets)
 
 
 def unit_rows(g: torch.Tensor) -> torch.Tensor:
@@ -101,7 +95,7 @@ class HVPProblem:
     def explained_grads(self, explained: ArrayDataset) -> torch.Tensor:
         """Output-function gradients v of ``explained`` (cached by content)."""
         ctx = self._require_fit()  # type: ignore[attr-defined]
-        key = dataset_key(explained)
+        key = explained.fingerprint()
         if key not in self._v:
             _, _, data = cast_problem(self._model, self._params, explained,
                                       self.objective.theta.dtype)

@@ -32,7 +32,7 @@ from tdatune.attributors.base import (
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import DTYPES, HVPProblem, dataset_key
+from tdatune.attributors.common import DTYPES, HVPProblem
 from tdatune.data.base import ArrayDataset
 from tdatune.utils.progress import progress
 
@@ -141,7 +141,7 @@ class IFCG(HVPProblem, Attributor):
 
     def _run_for(self, explained: ArrayDataset, lam: float, early_stop: bool, tol: float,
                  iters: list[int]) -> _CGRun:
-        key = (dataset_key(explained), lam, early_stop, tol)
+        key = (explained.fingerprint(), lam, early_stop, tol)
         run = self._runs.get(key)
         missing = [k for k in iters if k not in (run.scores if run else {})]
         if run is None or any(k <= run.it for k in missing):
@@ -170,7 +170,7 @@ class IFCG(HVPProblem, Attributor):
             groups.setdefault((v["lam"], v["early_stop"], v["tol"]), []).append(v["max_iter"])
         for (lam, early_stop, tol), iters in groups.items():
             self._run_for(explained, lam, early_stop, tol, sorted(set(iters)))
-        key = dataset_key(explained)
+        key = explained.fingerprint()
         for values, v in settings:
             run = self._runs[(key, v["lam"], v["early_stop"], v["tol"])]
             yield values, run.scores[v["max_iter"]]

@@ -23,7 +23,6 @@ from tdatune.attributors.base import (
     any_int,
     positive_float,
 )
-from tdatune.attributors.common import dataset_key
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
@@ -69,7 +68,7 @@ class IFExplicit(Attributor):
     def lambda_path(self, explained: ArrayDataset) -> LambdaPath:
         """The lambda-path over H's full (signed) spectrum for ``explained`` (cached)."""
         self._require_fit()
-        key = dataset_key(explained)
+        key = explained.fingerprint()
         if key not in self._paths:
             coords = self.explained_grads(explained) @ self.basis
             self._paths[key] = LambdaPath(self.sigma, coords, self.train_coords, sign=-1.0)

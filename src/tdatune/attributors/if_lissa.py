@@ -34,7 +34,7 @@ from tdatune.attributors.base import (
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import DTYPES, HVPProblem, dataset_key
+from tdatune.attributors.common import DTYPES, HVPProblem
 from tdatune.data.base import ArrayDataset
 from tdatune.utils.progress import progress
 
@@ -126,7 +126,7 @@ class IFLiSSA(HVPProblem, Attributor):
             for d, x in self._recursion(v[s : s + LISSA_BATCH], lam, scale, depths, batch_size,
                                         seed).items():
                 parts[d].append(x)
-        key = dataset_key(explained)
+        key = explained.fingerprint()
         for d in depths:
             scores = -self.train_grads.products(torch.cat(parts[d])).float().cpu()
             self._scores[(key, lam, scale, d, batch_size, seed)] = scores
@@ -135,7 +135,7 @@ class IFLiSSA(HVPProblem, Attributor):
         """Scores [m, n] from the LiSSA recursion at the given settings (cached)."""
         v = self.score_params(values)
         self._require_fit()
-        key = (dataset_key(explained), v["lam"], v["scale"], v["depth"], v["batch_size"], v["seed"])
+        key = (explained.fingerprint(), v["lam"], v["scale"], v["depth"], v["batch_size"], v["seed"])
         if key not in self._scores:
             self._solve_and_score(explained, v["lam"], v["scale"], [v["depth"]],
                                   v["batch_size"], v["seed"])
@@ -151,7 +151,7 @@ class IFLiSSA(HVPProblem, Attributor):
         for _, v in settings:
             groups.setdefault((v["lam"], v["scale"], v["batch_size"], v["seed"]), set()).add(
                 v["depth"])
-        key = dataset_key(explained)
+        key = explained.fingerprint()
         for (lam, scale, batch_size, seed), depths in groups.items():
             todo = sorted(d for d in depths if (key, lam, scale, d, batch_size, seed)
                           not in self._scores)

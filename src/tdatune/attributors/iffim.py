@@ -24,7 +24,6 @@ from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
 from tdatune.data.base import ArrayDataset
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
-from tdatune.utils.fingerprint import fingerprint_tensors
 
 
 class IFFIM(Attributor):
@@ -63,7 +62,7 @@ class IFFIM(Attributor):
     def lambda_path(self, explained: ArrayDataset) -> LambdaPath:
         """The lambda-path for ``explained`` (cached by content)."""
         self._require_fit()
-        key = fingerprint_tensors(explained.inputs, explained.targets)
+        key = explained.fingerprint()
         if key not in self._paths:
             coords = self.eigen.coords(self.explained_grads(explained))
             self._paths[key] = LambdaPath(self.eigen.sigma, coords, self.eigen.train_coords)

@@ -29,7 +29,6 @@ from tdatune.attributors.base import (
     optional_positive_int,
     positive_float,
 )
-from tdatune.attributors.common import dataset_key
 from tdatune.attributors.lambda_path import EnsembleLambdaPath, LambdaPath
 from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
 from tdatune.data.base import ArrayDataset
@@ -100,7 +99,7 @@ class LoGra(Attributor):
         """The lambda-path for ``explained`` (an ensemble of per-layer blocks with
         ``blocks='layer'``); cached by content."""
         self._require_fit()
-        key = dataset_key(explained)
+        key = explained.fingerprint()
         if key not in self._paths:
             v = self.explained_grads(explained)
             paths = [LambdaPath(e.sigma, e.coords(v[:, s]), e.train_coords)

@@ -29,7 +29,7 @@ from tdatune.attributors.base import (
     optional_int_list,
     optional_positive_int,
 )
-from tdatune.attributors.common import TrainGradients, dataset_key
+from tdatune.attributors.common import TrainGradients
 from tdatune.data.base import ArrayDataset
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
@@ -95,7 +95,7 @@ class TracIn(Attributor):
     def _part(self, explained: ArrayDataset, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw products grad f . grad l [m, n] and explained gradient norms [m] at one epoch."""
         ctx = self._require_fit()
-        key = (dataset_key(explained), idx)
+        key = (explained.fingerprint(), idx)
         if key not in self._parts:
             model, params = ctx.model_at(idx)
             v = per_example_grads(ctx.task, model, params, explained, target="output",

@@ -38,7 +38,6 @@ from tdatune.attributors.base import (
     optional_int_list,
     optional_positive_int,
 )
-from tdatune.attributors.common import dataset_key
 from tdatune.attributors.lambda_path import EnsembleLambdaPath, LambdaPath
 from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
 from tdatune.data.base import ArrayDataset
@@ -116,7 +115,7 @@ class TRAK(Attributor):
     def add_model(self, context: AttributionContext, checkpoint: int = -1) -> TRAKMember:
         """Add an independently trained model (same training set) as a member at ``checkpoint``."""
         base = self._require_fit()
-        if dataset_key(context.train) != dataset_key(base.train):
+        if context.train.fingerprint() != base.train.fingerprint():
             raise ValueError(f"{self.name}: an ensemble member must be trained on the same "
                              "training set as the fitted context (the scores index its examples)")
         if all(c is not context for c in self.contexts):
@@ -146,7 +145,7 @@ class TRAK(Attributor):
     def _member_path(self, member: TRAKMember, explained: ArrayDataset) -> LambdaPath:
         self._require_fit()
         ctx = self.contexts[member.model]
-        key = (dataset_key(explained), member.model, member.checkpoint)
+        key = (explained.fingerprint(), member.model, member.checkpoint)
         if key not in self._coords:
             model, params = ctx.model_at(member.checkpoint)
             v = per_example_grads(ctx.task, model, params, explained, target="output",

@@ -7,6 +7,8 @@ from itertools import pairwise
 
 import torch
 
+from tdatune.utils.fingerprint import fingerprint_tensors
+
 
 @dataclass(frozen=True)
 class ArrayDataset:
@@ -33,6 +35,10 @@ class ArrayDataset:
         """The examples at ``index`` (a long index or a boolean mask)."""
         idx = torch.as_tensor(index)
         return ArrayDataset(self.inputs[idx], self.targets[idx])
+
+    def fingerprint(self) -> str:
+        """Content hash of inputs and targets (cache keys, manifests, stale-result checks)."""
+        return fingerprint_tensors(self.inputs, self.targets)
 
     def to(self, device: torch.device | str) -> ArrayDataset:
         """A copy on ``device``."""

@@ -38,7 +38,7 @@ from tdatune.models.task import Task
 from tdatune.models.training import TrainRecipe, load_model, train_model
 from tdatune.utils.atomic import atomic_save_npy, atomic_write_json, read_json
 from tdatune.utils.checks import check_open_unit
-from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
+from tdatune.utils.fingerprint import fingerprint_config
 from tdatune.utils.progress import progress
 
 
@@ -137,8 +137,8 @@ def manifest_for(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained
         "config": asdict(config),
         "recipe": recipe.to_dict(),
         "task": {"name": task.name, "output": task.output},
-        "train_fingerprint": fingerprint_tensors(train.inputs, train.targets),
-        "explained_fingerprint": fingerprint_tensors(explained.inputs, explained.targets),
+        "train_fingerprint": train.fingerprint(),
+        "explained_fingerprint": explained.fingerprint(),
         "n_train": len(train),
         "n_explained": len(explained),
     }

@@ -226,7 +226,7 @@ def gradient_identity(task: Task, params: Params, data: ArrayDataset, *, target:
         "task": task.name, "output": task.output, "target": target, "seed": int(seed),
         "checkpoint": checkpoint,
         "projection": projector.describe() if projector is not None else None,
-        "data_fingerprint": fingerprint_tensors(data.inputs, data.targets),
+        "data_fingerprint": data.fingerprint(),
         "params_fingerprint": fingerprint_tensors(*(params[k] for k in names)),
         "n": len(data),
     }
