@@ -166,11 +166,16 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
     num_models, size = index.shape
     x, y = train.inputs.to(device), train.targets.to(device)
     leaves = list(params.values())
-    opt = make_optimizer(recipe, leaves)
-    def model_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return objective(task, base, p, xb, yb, recipe.weight_decay)  # train_model's objective
+    opt = make_optimizer(recipe, leaves, fused=True)
+    wd = recipe.weight_decay
 
-    losses_fn = vmap(model_loss)
+    def data_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        # train_model's objective without its L2 term: the term's gradient, wd * theta, is
+        # added to the stacked gradients in place below (one pass over the parameters instead
+        # of an autograd graph of squares, sums and their backward over all M models).
+        return objective(task, base, p, xb, yb, 0.0)
+
+    losses_fn = vmap(data_loss)
     steps_per_epoch = max(1, math.ceil(size / recipe.batch_size))
     total = recipe.epochs * steps_per_epoch
     objectives = torch.zeros(num_models, dtype=torch.float64)
@@ -184,9 +189,17 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
             for group in opt.param_groups:
                 group["lr"] = recipe.lr_at(epoch * steps_per_epoch + i, total)
             idx = order[:, start : start + recipe.batch_size]
-            opt.zero_grad()
             losses = losses_fn(params, x[idx], y[idx])
-            losses.sum().backward()
+            grads = torch.autograd.grad(losses.sum(), leaves)
+            with torch.no_grad():
+                losses = losses.detach()
+                if wd:
+                    losses = losses + 0.5 * wd * _squared_norms(leaves)
+                for leaf, grad in zip(leaves, grads, strict=True):
+                    # One pass that adds wd * theta and lays the gradient out like its
+                    # parameter (autograd hands back the transposed view a batched matmul
+                    # produced; the fused optimizer wants contiguous tensors).
+                    leaf.grad = torch.add(grad, leaf, alpha=wd, out=torch.empty_like(leaf))
             if recipe.grad_clip is not None:
                 _clip_per_model(leaves, recipe.grad_clip)
             opt.step()
@@ -195,6 +208,11 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
         _check_finite(task, objectives, epoch, recipe)
     return BatchedResult(params={k: v.detach() for k, v in params.items()},
                          objectives=objectives)
+
+
+def _squared_norms(leaves: list[torch.Tensor]) -> torch.Tensor:
+    """``[M]`` squared norms of each model's slice of the stacked parameters."""
+    return sum(torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1) ** 2 for v in leaves)
 
 
 def _clip_per_model(leaves: list[torch.Tensor], max_norm: float) -> None:
@@ -336,7 +354,8 @@ def batched_lbfgs(
     has_pair = torch.zeros(num_models, dtype=torch.bool, device=theta.device)
     active = g.abs().amax(1) > tol_grad
     iters = torch.zeros(num_models, dtype=torch.long, device=theta.device)
-    slot = 0
+    eps = torch.finfo(theta.dtype).eps
+    slot, stored = 0, 0  # next ring slot; slots written so far (unwritten ones are skipped)
     bar = progress(range(max_iter), enabled=show_progress, desc=desc)
     for _ in bar:
         if not bool(active.any()):
@@ -345,14 +364,14 @@ def batched_lbfgs(
         q = -g
         order = [(slot - 1 - j) % history for j in range(history)]
         alphas = []
-        for j in order:
-            a = rho[:, j] * (s_hist[:, j] * q).sum(1)
-            q = q - a[:, None] * y_hist[:, j]
+        for j in order[:stored]:
+            a = rho[:, j] * torch.linalg.vecdot(s_hist[:, j], q)
+            q.addcmul_(a[:, None], y_hist[:, j], value=-1)
             alphas.append(a)
-        r = gamma[:, None] * q
-        for j, a in zip(reversed(order), reversed(alphas), strict=True):
-            b = rho[:, j] * (y_hist[:, j] * r).sum(1)
-            r = r + (a - b)[:, None] * s_hist[:, j]
+        r = q.mul_(gamma[:, None])
+        for j, a in zip(reversed(order[:stored]), reversed(alphas), strict=True):
+            b = rho[:, j] * torch.linalg.vecdot(y_hist[:, j], r)
+            r.addcmul_((a - b)[:, None], s_hist[:, j])
         direction = r
         gd = (g * direction).sum(1)
         bad = gd > -1e-30
@@ -360,6 +379,10 @@ def batched_lbfgs(
         gd[bad] = -(g[bad] * g[bad]).sum(1)
         step = torch.where(has_pair & ~bad, torch.ones_like(gamma),
                            (1.0 / g.abs().sum(1).clamp_min(1e-30)).clamp(max=1.0))
+        # A model whose first-order predicted decrease is below the float resolution of its
+        # objective cannot show a decrease any more: it has converged (no evaluation spent).
+        resolvable = -step * gd > eps * f.abs()
+        active &= resolvable
         # Per-model Armijo backtracking; only the models still searching are evaluated.
         pending = active.clone()
         new_theta, new_f, new_g = theta.clone(), f.clone(), g.clone()
@@ -369,13 +392,23 @@ def batched_lbfgs(
                 break
             trial = theta[rows] + step[rows, None] * direction[rows]
             f_try, g_try = (t.detach() for t in evaluate(trial, rows))
-            ok = torch.isfinite(f_try) & (f_try <= f[rows] + LBFGS_C1 * step[rows] * gd[rows])
+            # Armijo, and a strict decrease: where c1 * step * gd is below the float resolution
+            # of f, Armijo alone would accept a step that leaves f unchanged.
+            ok = (torch.isfinite(f_try) & (f_try < f[rows])
+                  & (f_try <= f[rows] + LBFGS_C1 * step[rows] * gd[rows]))
             accepted = rows[ok]
             new_theta[accepted], new_f[accepted], new_g[accepted] = trial[ok], f_try[ok], g_try[ok]
             pending[accepted] = False
             step[pending] *= 0.5
         moved = active & ~pending
-        active &= ~pending  # no decrease found: converged to floating-point precision
+        # No decrease along an L-BFGS direction: its curvature pairs may be stale (rounding
+        # decides when that happens), so forget them and retry along -g next iteration. No
+        # decrease along -g either: converged to floating-point precision.
+        restart = pending & has_pair & ~bad
+        active &= ~(pending & ~restart)
+        rho[restart] = 0
+        gamma[restart] = 1
+        has_pair &= ~restart
         s_new = new_theta - theta
         y_new = new_g - g
         ys = (s_new * y_new).sum(1)
@@ -386,6 +419,7 @@ def batched_lbfgs(
         gamma = torch.where(valid, ys / (y_new * y_new).sum(1).clamp_min(1e-30), gamma)
         has_pair |= valid
         slot = (slot + 1) % history
+        stored = min(stored + 1, history)
         change = (f - new_f).abs()
         step_size = s_new.abs().amax(1)
         theta, f, g = new_theta, new_f, new_g

@@ -193,15 +193,21 @@ def train_model(
     return TrainResult(state=model_state(model), checkpoints=checkpoints, history=history)
 
 
-def make_optimizer(recipe: TrainRecipe, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """The recipe's optimizer over ``params`` (shared with batched retraining)."""
+def make_optimizer(recipe: TrainRecipe, params: list[torch.Tensor], *,
+                   fused: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``params`` (shared with batched retraining).
+
+    ``fused`` selects torch's single-kernel SGD / Adam update (the same arithmetic, one pass
+    over the parameters; batched retraining uses it for its large stacked tensors).
+    """
     if recipe.optimizer == "lbfgs":
         return torch.optim.LBFGS(params, lr=1.0, max_iter=recipe.lbfgs_iters, history_size=20,
                                  tolerance_grad=1e-10, tolerance_change=1e-14,
                                  line_search_fn="strong_wolfe")
+    kind = {"fused": True} if fused else {}
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
+        return torch.optim.Adam(params, lr=recipe.lr, **kind)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, **kind)
 
 
 def _lbfgs_epoch(task: Task, model: nn.Module, params: Params, opt: torch.optim.Optimizer,
