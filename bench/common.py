@@ -41,3 +41,22 @@ def rate(work: Callable[[], None], items: int, repeats: int, device: torch.devic
         work()
     sync(device)
     return repeats * items / (time.perf_counter() - start)
+
+
+def gemm_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large float32 matrix product on ``device``: the practical compute ceiling
+    the roofline bounds are taken against, measured in the same run as the benchmark."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    return rate(lambda: a @ b, 2 * size**3, repeats, device)
+
+
+def count_flops(work: Callable[[], object]) -> int:
+    """Matrix-product FLOPs (mm, bmm, addmm, convolutions) ``work`` performs, counted by
+    torch's FlopCounterMode on an untimed call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        work()
+    return int(counter.get_total_flops())

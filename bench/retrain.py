@@ -27,7 +27,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from common import add_machine_flags, setup_machine
+from common import add_machine_flags, count_flops, gemm_peak, setup_machine
 from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.groundtruth import GroundTruthConfig, retrain_outputs, sample_subsets
 from tdatune.models.batched import models_per_chunk, retrain_outputs_batched
@@ -90,6 +90,12 @@ def bench_setting(name: str, models: int, k: int, epochs: int | None, device: to
     sequential_rate = k / (time.perf_counter() - start)
     dattri_rate = _dattri_rate(task, recipe, train, k, device) if use_dattri else None
 
+    # Roofline: one model's matrix-product FLOPs (the sequential loop's arithmetic, which no
+    # batching removes) against the machine's GEMM rate measured now.
+    flops = count_flops(lambda: retrain_outputs(task, recipe, train, explained, masks[0],
+                                                seeds[0], device))
+    peak = gemm_peak(device)
+    achieved = flops * sequential_rate
     gap = float(np.abs(batched[:k] - sequential).max())
     print(f"\n{name}: n_train={len(train)}, M={models} (chunks of {chunk}), recipe "
           f"{recipe.optimizer} x {recipe.epochs} epochs"
@@ -104,7 +110,11 @@ def bench_setting(name: str, models: int, k: int, epochs: int | None, device: to
     elif use_dattri:
         print("  dattri      not importable (pip install --no-deps dattri==0.3.0 pyyaml)")
     print(f"  max |output(batched) - output(sequential)| over {k} models: {gap:.2e}")
-    return {"batched": batched_rate, "sequential": sequential_rate, "dattri": dattri_rate}
+    print(f"  roofline    {flops / 1e9:.2f} GFLOP of matrix products per model; sequential runs "
+          f"them at {achieved / 1e9:.1f} GFLOP/s, a {peak / 1e9:.0f} GFLOP/s GEMM here -> no "
+          f"batching can beat sequential by more than {peak / achieved:.1f}x on this hardware")
+    return {"batched": batched_rate, "sequential": sequential_rate, "dattri": dattri_rate,
+            "ceiling": peak / achieved}
 
 
 def main() -> None:
