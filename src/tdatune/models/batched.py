@@ -165,8 +165,6 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
     index = subset_indices(masks)
     num_models, size = index.shape
     x, y = train.inputs.to(device), train.targets.to(device)
-    leaves = list(params.values())
-    opt = make_optimizer(recipe, leaves, fused=True)
     wd = recipe.weight_decay
 
     def data_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -176,6 +174,19 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
         return objective(task, base, p, xb, yb, 0.0)
 
     losses_fn = vmap(data_loss)
+    # Keep each stacked parameter in the layout its gradient comes back in (a linear layer's
+    # weight gradient is the transpose of a batched matmul's output), so the gradient needs
+    # no strided copy; the model sees the parameter through a view in its own layout.
+    probe = index[:, : recipe.batch_size].to(device)
+    flipped = _transposed_gradients(losses_fn, params, x[probe], y[probe])
+    stored = {k: v.detach().transpose(-1, -2).contiguous().requires_grad_(True) if k in flipped
+              else v for k, v in params.items()}
+
+    def model_view() -> Params:
+        return {k: v.transpose(-1, -2) if k in flipped else v for k, v in stored.items()}
+
+    leaves = list(stored.values())
+    opt = make_optimizer(recipe, leaves, fused=True)
     steps_per_epoch = max(1, math.ceil(size / recipe.batch_size))
     total = recipe.epochs * steps_per_epoch
     objectives = torch.zeros(num_models, dtype=torch.float64)
@@ -189,25 +200,32 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
             for group in opt.param_groups:
                 group["lr"] = recipe.lr_at(epoch * steps_per_epoch + i, total)
             idx = order[:, start : start + recipe.batch_size]
-            losses = losses_fn(params, x[idx], y[idx])
+            losses = losses_fn(model_view(), x[idx], y[idx])
             grads = torch.autograd.grad(losses.sum(), leaves)
             with torch.no_grad():
                 losses = losses.detach()
                 if wd:
                     losses = losses + 0.5 * wd * _squared_norms(leaves)
                 for leaf, grad in zip(leaves, grads, strict=True):
-                    # One pass that adds wd * theta and lays the gradient out like its
-                    # parameter (autograd hands back the transposed view a batched matmul
-                    # produced; the fused optimizer wants contiguous tensors).
-                    leaf.grad = torch.add(grad, leaf, alpha=wd, out=torch.empty_like(leaf))
+                    leaf.grad = grad.add_(leaf, alpha=wd) if wd else grad
             if recipe.grad_clip is not None:
                 _clip_per_model(leaves, recipe.grad_clip)
             opt.step()
             running += losses.detach().double() * idx.shape[1]
         objectives = (running / size).cpu()
         _check_finite(task, objectives, epoch, recipe)
-    return BatchedResult(params={k: v.detach() for k, v in params.items()},
+    return BatchedResult(params={k: v.detach().contiguous() for k, v in model_view().items()},
                          objectives=objectives)
+
+
+def _transposed_gradients(losses_fn, params: Params, xb: torch.Tensor,
+                          yb: torch.Tensor) -> set[str]:
+    """Names of stacked parameters whose gradient autograd returns as a transposed view
+    (last two dimensions swapped), found on one probe batch."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    grads = torch.autograd.grad(losses_fn(leaves, xb, yb).sum(), list(leaves.values()))
+    return {k for k, g in zip(leaves, grads, strict=True)
+            if g.dim() >= 3 and not g.is_contiguous() and g.transpose(-1, -2).is_contiguous()}
 
 
 def _squared_norms(leaves: list[torch.Tensor]) -> torch.Tensor:
