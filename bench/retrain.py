@@ -19,6 +19,7 @@ checked against the sequential ones for the K shared subsets.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -37,6 +38,7 @@ from tdatune.settings.registry import get_setting
 
 def _dattri_rate(task, recipe, train, k: int, device) -> float | None:
     """Models per second of dattri's retrain_lds loop over k subsets, or None without dattri."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's per-subset bars would flood the table
     try:
         from dattri.model_util.retrain import retrain_lds
     except ImportError:
