@@ -60,3 +60,73 @@ def test_nan_gradient_names_the_example(digits_small):
 def test_unknown_output_function_lists_choices():
     with pytest.raises(ValueError, match="margin"):
         get_output_fn("logit")
+
+
+class _BatchCentred(torch.nn.Module):
+    """Subtracts the batch mean: couples the examples of a batch (a batch of one gives 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+class _Tied(torch.nn.Module):
+    """One linear layer applied twice in a forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def _conv() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), torch.nn.Conv2d(1, 2, 3),
+                               torch.nn.Flatten(), torch.nn.Linear(72, 10))
+
+
+def _centred() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(64, 8), _BatchCentred(), torch.nn.Linear(8, 10))
+
+
+@pytest.mark.parametrize("factory", [_Tied, _conv, _centred])
+def test_models_outside_the_linear_fast_path_match_the_single_example_loop(digits_small, factory):
+    """Tied layers, convolutions and batch-coupled modules take the generic path, whose
+    gradients are each example's own (a forward pass of that example alone)."""
+    task = Task(make_model=factory)
+    model = init_model(task, seed=1)
+    params = dict(model.named_parameters())
+    data = digits_small.train.subset(torch.arange(12))
+    fast = per_example_grads(task, model, params, data, chunk_size=5)
+    torch.testing.assert_close(fast, _loop_grads(model, data, task.loss_fn), rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_of_some_linear_layers_only(digits_small):
+    """Differentiating a subset of the parameters (the head, its weight before the first
+    layer's bias) keeps the order of the given names."""
+    task = Task(make_model=partial(MLP, 64, (16,), 10), output="margin")
+    model = init_model(task, seed=2)
+    named = dict(model.named_parameters())
+    names = [k for k in named if k.endswith("weight")][-1:] + [k for k in named if k.endswith("bias")][:1]
+    params = {k: named[k] for k in names}
+    data = digits_small.train.subset(torch.arange(9))
+    fast = per_example_grads(task, model, params, data, target="output", chunk_size=4)
+    rows = []
+    for i in range(len(data)):
+        out = task.output_fn(model(data.inputs[i : i + 1]), data.targets[i : i + 1])[0]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, list(params.values()))]))
+    torch.testing.assert_close(fast, torch.stack(rows), rtol=1e-4, atol=1e-6)
+
+
+def test_out_buffer_cannot_take_projected_chunks(digits_small):
+    from tdatune.features.gradients import iter_per_example_grads
+    from tdatune.features.projection import Projector
+
+    task = Task(make_model=partial(LogisticRegression, 64, 10))
+    model = init_model(task, seed=0)
+    params = dict(model.named_parameters())
+    out = torch.empty(len(digits_small.train), 650)
+    with pytest.raises(ValueError, match="projector"):
+        next(iter_per_example_grads(task, model, params, digits_small.train, out=out,
+                                    projector=Projector(650, 8, seed=0)))
