@@ -175,20 +175,20 @@ def per_example_grads(
 ) -> torch.Tensor:
     """All per-example gradients as one [n, p] (or [n, d]) tensor on the CPU, in the
     parameters' dtype (the projection's after projection)."""
-    device = next(iter(params.values())).device
-    if projector is None:
-        out = torch.empty(len(data), num_params(params), dtype=next(iter(params.values())).dtype,
-                          device=device)
+    first = next(iter(params.values()))
+    width = projector.d if projector is not None else num_params(params)
+    if projector is None and first.device.type == "cpu":  # chunks written in place
+        out = torch.empty(len(data), width, dtype=first.dtype)
         for _ in iter_per_example_grads(task, model, params, data, target=target,
                                         chunk_size=chunk_size, show_progress=show_progress,
                                         desc=desc, out=out):
             pass
-        return out.cpu()
-    result: torch.Tensor | None = None
+        return out
+    result: torch.Tensor | None = None  # on the CPU: [n, p] need not fit on the GPU
     for start, g in iter_per_example_grads(
             task, model, params, data, target=target, chunk_size=chunk_size, projector=projector,
             show_progress=show_progress, desc=desc):
-        if result is None:  # the projection's dtype, preallocated once
-            result = torch.empty(len(data), projector.d, dtype=g.dtype)
+        if result is None:  # the parameters' (or projection's) dtype, preallocated once
+            result = torch.empty(len(data), width, dtype=g.dtype)
         result[start : start + g.shape[0]] = g
-    return result if result is not None else torch.empty(0, projector.d)
+    return result if result is not None else torch.empty(0, width)
