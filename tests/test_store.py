@@ -49,16 +49,16 @@ def test_resume_after_kill_recomputes_only_missing_chunks(digits_small, trained,
                                                           monkeypatch):
     task, model, params = trained
     projector = Projector(650, 24, seed=4)
-    real = store_module.iter_per_example_grads
+    real = store_module.per_example_grads
     calls: list[int] = []
 
     def dies_on_third_chunk(*args, **kwargs):
         calls.append(len(args[3]))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        yield from real(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "iter_per_example_grads", dies_on_third_chunk)
+    monkeypatch.setattr(store_module, "per_example_grads", dies_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         build_gradient_store(tmp_path, task, model, params, digits_small.train,
                              projector=projector, chunk_rows=25)
@@ -73,9 +73,9 @@ def test_resume_after_kill_recomputes_only_missing_chunks(digits_small, trained,
 
     def counting(*args, **kwargs):
         calls.append(len(args[3]))
-        yield from real(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "iter_per_example_grads", counting)
+    monkeypatch.setattr(store_module, "per_example_grads", counting)
     store = build_gradient_store(tmp_path, task, model, params, digits_small.train,
                                  projector=projector, chunk_rows=25)
     assert calls == [25, 25, 25, 20]  # chunks 1, 2, 3 and the short last chunk 4

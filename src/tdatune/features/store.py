@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tdatune.data.base import ArrayDataset
-from tdatune.features.gradients import iter_per_example_grads, num_params
+from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
 from tdatune.utils.atomic import atomic_write_json, read_json
@@ -249,10 +249,8 @@ def build_gradient_store(
 
     def compute(start: int, stop: int) -> torch.Tensor:
         part = ArrayDataset(data.inputs[start:stop], data.targets[start:stop])
-        pieces = [g.cpu() for _, g in iter_per_example_grads(
-            task, model, params, part, target=target, chunk_size=min(grad_chunk_size, stop - start),
-            projector=projector)]
-        return torch.cat(pieces)
+        return per_example_grads(task, model, params, part, target=target,
+                                 chunk_size=min(grad_chunk_size, stop - start), projector=projector)
 
     store.fill(compute, show_progress=show_progress, desc=f"{target} gradients -> store")
     return store
