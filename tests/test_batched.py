@@ -123,6 +123,32 @@ def test_batched_adam_with_clipping_equals_train_model(digits_small):
             assert torch.allclose(result.state(m)[name], value, atol=1e-5, rtol=1e-4), name
 
 
+class _SummedShift(nn.Module):
+    """A parameter that enters only through its sum: autograd hands back an expanded
+    gradient (one element seen from many places), which must not be written in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+        self.shift = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.shift.sum()
+
+
+def test_batched_sgd_handles_expanded_gradients(digits_small):
+    train = digits_small.train
+    task = Task(make_model=_SummedShift, name="shift")
+    recipe = TrainRecipe(optimizer="sgd", epochs=2, lr=0.05, batch_size=16, momentum=0.9,
+                         weight_decay=1e-3)
+    masks = sample_subsets(len(train), GroundTruthConfig(n_subsets=2, alpha=0.5, subset_seed=1))
+    result = train_batched(task, train, masks, recipe, [0, 1])
+    for m in range(2):
+        alone = train_model(task, train.subset(masks[m]), recipe, m)
+        for name, value in alone.state.items():
+            assert torch.allclose(result.state(m)[name], value, atol=1e-5, rtol=1e-4), name
+
+
 def test_batched_outputs_equal_per_model_outputs(digits_small):
     train, explained = digits_small.train, digits_small.test
     task = _mlp_task(digits_small)

@@ -207,6 +207,8 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
                 if wd:
                     losses = losses + 0.5 * wd * _squared_norms(leaves)
                 for leaf, grad in zip(leaves, grads, strict=True):
+                    if grad.stride() != leaf.stride():  # e.g. expanded: not writable in place
+                        grad = torch.empty_like(leaf).copy_(grad)
                     leaf.grad = grad.add_(leaf, alpha=wd) if wd else grad
             if recipe.grad_clip is not None:
                 _clip_per_model(leaves, recipe.grad_clip)
