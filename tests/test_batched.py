@@ -72,26 +72,34 @@ def test_batched_lbfgs_reaches_the_minimiser_train_model_reaches(digits_small):
             assert torch.allclose(batched[name], alone[name], atol=3e-3), name
 
 
-def test_batched_lbfgs_objectives_reach_float32_resolution_of_the_minimum():
+# (training examples, weight decay, models, subset seed, allowed relative excess). Which model
+# of which configuration a premature stop hits depends on rounding; each of these caught one
+# (the first with the original line search, the second with Armijo lacking a strict decrease).
+RESOLUTION_CASES = [(400, 1e-2, 16, 3, 1.5e-6), (1000, 1e-4, 24, 0, 4e-6)]
+
+
+@pytest.mark.parametrize("n_train,wd,models,subset_seed,excess", RESOLUTION_CASES)
+def test_batched_lbfgs_objectives_reach_float32_resolution_of_the_minimum(
+        n_train, wd, models, subset_seed, excess):
     """Every model's objective ends within a few float32 ulps of the exact minimum: no model
-    stops early on a step that left f unchanged or on a stale L-BFGS direction."""
+    stops early on a step that left its float32 objective unchanged."""
     from tdatune.data.digits import load_digits_splits
 
-    splits = load_digits_splits(n_train=400, n_val=30, n_test=40, seed=1)
-    task, wd = _lr_task(splits), 1e-2
-    recipe = TrainRecipe(optimizer="lbfgs", epochs=3, lbfgs_iters=100, weight_decay=wd)
+    splits = load_digits_splits(n_train=n_train, n_val=30, n_test=40, seed=1)
+    task = _lr_task(splits)
+    recipe = TrainRecipe(optimizer="lbfgs", epochs=5, lbfgs_iters=100, weight_decay=wd)
     masks = sample_subsets(len(splits.train),
-                           GroundTruthConfig(n_subsets=16, alpha=0.5, subset_seed=3))
-    result = train_batched(task, splits.train, masks, recipe, list(range(16)))
+                           GroundTruthConfig(n_subsets=models, alpha=0.5, subset_seed=subset_seed))
+    result = train_batched(task, splits.train, masks, recipe, list(range(models)))
     assert bool(result.converged.all())
-    for m in range(16):
+    for m in range(models):
         sub = splits.train.subset(masks[m])
         w = _newton_minimiser(sub.inputs, sub.targets, splits.num_classes, wd)
         x = torch.cat([sub.inputs.double(), torch.ones(len(sub), 1, dtype=torch.float64)], 1)
         minimum = float(nn.functional.cross_entropy(x @ w.T, sub.targets)
                         + 0.5 * wd * (w * w).sum())
         assert minimum <= float(result.objectives[m]) + 1e-7
-        assert float(result.objectives[m]) <= minimum * (1 + 1.5e-6), m
+        assert float(result.objectives[m]) <= minimum * (1 + excess), m
 
 
 def test_batched_sgd_momentum_equals_train_model(digits_small):

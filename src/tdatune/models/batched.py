@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,7 +220,7 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
                          objectives=objectives)
 
 
-def _transposed_gradients(losses_fn, params: Params, xb: torch.Tensor,
+def _transposed_gradients(losses_fn: Callable[..., torch.Tensor], params: Params, xb: torch.Tensor,
                           yb: torch.Tensor) -> set[str]:
     """Names of stacked parameters whose gradient autograd returns as a transposed view
     (last two dimensions swapped), found on one probe batch."""
@@ -421,14 +421,7 @@ def batched_lbfgs(
             pending[accepted] = False
             step[pending] *= 0.5
         moved = active & ~pending
-        # No decrease along an L-BFGS direction: its curvature pairs may be stale (rounding
-        # decides when that happens), so forget them and retry along -g next iteration. No
-        # decrease along -g either: converged to floating-point precision.
-        restart = pending & has_pair & ~bad
-        active &= ~(pending & ~restart)
-        rho[restart] = 0
-        gamma[restart] = 1
-        has_pair &= ~restart
+        active &= ~pending  # no strict decrease found: converged to floating-point precision
         s_new = new_theta - theta
         y_new = new_g - g
         ys = (s_new * y_new).sum(1)
