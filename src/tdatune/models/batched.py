@@ -168,9 +168,9 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
     wd = recipe.weight_decay
 
     def data_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        # train_model's objective without its L2 term: the term's gradient, wd * theta, is
-        # added to the stacked gradients in place below (one pass over the parameters instead
-        # of an autograd graph of squares, sums and their backward over all M models).
+        # train_model's objective without its L2 term, whose gradient wd * theta is added
+        # outside autograd (see below): one pass over the stacked parameters instead of an
+        # autograd graph of squares, sums and their backward over all M models.
         return objective(task, base, p, xb, yb, 0.0)
 
     losses_fn = vmap(data_loss)
@@ -187,6 +187,12 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
 
     leaves = list(stored.values())
     opt = make_optimizer(recipe, leaves, fused=True)
+    # The L2 term's gradient wd * theta: added by the fused update itself (SGD's and Adam's
+    # weight_decay is exactly that), or before per-model clipping when the recipe clips,
+    # since train_model clips the gradient of the whole objective.
+    clip = recipe.grad_clip is not None
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.0 if clip else wd
     steps_per_epoch = max(1, math.ceil(size / recipe.batch_size))
     total = recipe.epochs * steps_per_epoch
     objectives = torch.zeros(num_models, dtype=torch.float64)
@@ -209,8 +215,8 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
                 for leaf, grad in zip(leaves, grads, strict=True):
                     if grad.stride() != leaf.stride():  # e.g. expanded: not writable in place
                         grad = torch.empty_like(leaf).copy_(grad)
-                    leaf.grad = grad.add_(leaf, alpha=wd) if wd else grad
-            if recipe.grad_clip is not None:
+                    leaf.grad = grad.add_(leaf, alpha=wd) if wd and clip else grad
+            if clip:
                 _clip_per_model(leaves, recipe.grad_clip)
             opt.step()
             running += losses.detach().double() * idx.shape[1]
