@@ -19,6 +19,7 @@ checked against the sequential ones for the K shared subsets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -38,7 +39,6 @@ from tdatune.settings.registry import get_setting
 
 def _dattri_rate(task, recipe, train, k: int, device) -> float | None:
     """Models per second of dattri's retrain_lds loop over k subsets, or None without dattri."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's per-subset bars would flood the table
     try:
         from dattri.model_util.retrain import retrain_lds
     except ImportError:
@@ -56,7 +56,9 @@ def _dattri_rate(task, recipe, train, k: int, device) -> float | None:
     path = tempfile.mkdtemp(prefix="dattri-bench-")
     try:
         start = time.perf_counter()
-        retrain_lds(train_func, loader, path, num_subsets=k, subset_ratio=0.5, seed=0)
+        # dattri's per-subset progress bars would flood the table (they ignore TQDM_DISABLE).
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            retrain_lds(train_func, loader, path, num_subsets=k, subset_ratio=0.5, seed=0)
         return k / (time.perf_counter() - start)
     finally:
         shutil.rmtree(path, ignore_errors=True)
