@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tdatune.data.base import ArrayDataset
+from tdatune.features.layerwise import LayerRanTwice, LinearTaps
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
 from tdatune.utils.checks import check_choice, check_finite_rows
@@ -22,9 +24,11 @@ def num_params(params: Params) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def flatten(tree: Params, names: list[str], batch: int) -> torch.Tensor:
-    """Concatenate a dict of [batch, *shape] tensors into [batch, p] in ``names`` order."""
-    return torch.cat([tree[k].reshape(batch, -1) for k in names], dim=1)
+def flatten(tree: Params, names: list[str], batch: int,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate a dict of [batch, *shape] tensors into [batch, p] in ``names`` order
+    (into ``out`` when given)."""
+    return torch.cat([tree[k].reshape(batch, -1) for k in names], dim=1, out=out)
 
 
 def iter_per_example_grads(
@@ -65,23 +69,22 @@ def iter_per_example_grads(
 
     per_example = vmap(grad(single), in_dims=(None, 0, 0))
 
-    def generic(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> None:
+    def generic(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> bool:
         # Gradients are data here: no graph back to parameters outside ``params`` (grad
         # transforms ignore an outer no_grad, so the per-example gradients are unaffected).
         with torch.no_grad():
-            tree = per_example(detached, x, y)
-            torch.cat([tree[k].reshape(x.shape[0], -1) for k in names], dim=1, out=dest)
+            flatten(per_example(detached, x, y), names, x.shape[0], out=dest)
+        return True
 
+    compute = generic
     layers = _linear_layout(model, names)
-    outer = None
     if layers is not None and len(data) > 0:
-        outer = _OuterProductGrads(model, detached, fn, layers, names)
+        outer = _OuterProductGrads(model, detached, fn, layers)
         probe = min(4, len(data))
         x, y = data.inputs[:probe].to(device), data.targets[:probe].to(device)
         fast, slow = (torch.empty(probe, width, dtype=dtype, device=device) for _ in range(2))
-        if not (outer(x, y, fast) and _same(fast, (generic(x, y, slow), slow)[1])):
-            outer = None
-    compute = outer if outer is not None else generic
+        if outer(x, y, fast) and generic(x, y, slow) and _same(fast, slow):
+            compute = outer
 
     n = len(data)
     for start in progress(range(0, n, chunk_size), enabled=show_progress, desc=desc,
@@ -90,7 +93,7 @@ def iter_per_example_grads(
         y = data.targets[start : start + chunk_size].to(device)
         g = (out[start : start + x.shape[0]] if out is not None
              else torch.empty(x.shape[0], width, dtype=dtype, device=device))
-        if compute(x, y, g) is False:  # the linear path refused this chunk's shapes
+        if not compute(x, y, g):  # the linear path refused this chunk's shapes
             generic(x, y, g)
         check_finite_rows(f"per-example {target} gradients", g, offset=start)
         if projector is not None:
@@ -103,68 +106,70 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)))
 
 
-def _linear_layout(model: nn.Module, names: list[str]) -> list[tuple[nn.Linear, int, int]] | None:
-    """For each nn.Linear owning differentiated parameters: (module, column offset of its
-    weight, column offset of its bias or -1), in the flat ``names`` layout; None when some
-    differentiated parameter does not belong to an nn.Linear."""
-    owner: dict[str, tuple[nn.Linear, str]] = {}
+def _linear_layout(model: nn.Module, names: list[str]) -> list[_LinearColumns] | None:
+    """Where each nn.Linear owning differentiated parameters writes in the flat ``names``
+    layout; None when some differentiated parameter does not belong to an nn.Linear."""
+    owner: dict[str, tuple[str, nn.Linear, str]] = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             for attr in ("weight", "bias"):
                 if getattr(module, attr) is not None:
-                    owner[f"{mod_name}.{attr}" if mod_name else attr] = (module, attr)
+                    owner[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, module, attr)
     if not names or any(k not in owner for k in names):
         return None
-    offsets, col = {}, 0
+    layers: dict[str, _LinearColumns] = {}
+    col = 0
     for k in names:
-        module, attr = owner[k]
-        offsets[(id(module), attr)] = col
+        mod_name, module, attr = owner[k]
+        entry = layers.setdefault(mod_name, _LinearColumns(mod_name, module))
+        setattr(entry, f"{attr}_col", col)
         col += getattr(module, attr).numel()
-    layers = {id(owner[k][0]): owner[k][0] for k in names}
-    return [(m, offsets.get((key, "weight"), -1), offsets.get((key, "bias"), -1))
-            for key, m in layers.items()]
+    return list(layers.values())
+
+
+@dataclass
+class _LinearColumns:
+    """A linear layer and the first columns of its weight and bias in the flat gradient
+    (-1: that parameter is not differentiated)."""
+
+    name: str
+    layer: nn.Linear
+    weight_col: int = -1
+    bias_col: int = -1
 
 
 class _OuterProductGrads:
     """Per-example gradients of linear-layer parameters from one batched backward pass."""
 
-    def __init__(self, model: nn.Module, params: Params, fn, layers: list[tuple[nn.Linear, int, int]],
-                 names: list[str]) -> None:
+    def __init__(self, model: nn.Module, params: Params,
+                 fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 layers: list[_LinearColumns]) -> None:
         self.model, self.fn, self.layers = model, fn, layers
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> bool:
         """Fill ``dest`` [b, p]; False (dest untouched) when a layer's input is not
         [b, features] or a layer ran other than once."""
-        captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            captured.setdefault(id(module), []).append((inputs[0].detach(), output))
-
-        handles = [m.register_forward_hook(hook) for m, _, _ in self.layers]
-        try:
-            with torch.enable_grad():
+        with LinearTaps([(c.name, c.layer) for c in self.layers]) as taps, torch.enable_grad():
+            try:
                 values = self.fn(functional_call(self.model, self.params, (x,)), y)
-                calls = [captured.get(id(m), []) for m, _, _ in self.layers]
-                if values.shape != (x.shape[0],) or any(
-                        len(c) != 1 or c[0][0].shape[:1] != x.shape[:1] or c[0][0].dim() != 2
-                        for c in calls):
-                    return False
-                # Examples do not interact (eval mode), so d(sum of values)/d(output row i)
-                # is example i's own output gradient.
-                deltas = torch.autograd.grad(values.sum(), [c[0][1] for c in calls])
-        finally:
-            for h in handles:
-                h.remove()
+            except LayerRanTwice:
+                return False
+            acts = [taps.inputs.get(c.name) for c in self.layers]
+            if values.shape != (x.shape[0],) or any(
+                    a is None or a.dim() != 2 or a.shape[0] != x.shape[0] for a in acts):
+                return False
+            # Examples do not interact (eval mode), so d(sum of values)/d(output row i) is
+            # example i's own output gradient.
+            deltas = taps.output_grads(values.sum())
         with torch.no_grad():
-            for (_, w_col, b_col), c, delta in zip(self.layers, calls, deltas, strict=True):
-                acts = c[0][0]
-                rows, cols = delta.shape[1], acts.shape[1]
-                if w_col >= 0:
-                    view = dest[:, w_col : w_col + rows * cols].unflatten(1, (rows, cols))
-                    torch.mul(delta[:, :, None], acts[:, None, :], out=view)
-                if b_col >= 0:
-                    dest[:, b_col : b_col + rows] = delta
+            for c, a, delta in zip(self.layers, acts, deltas, strict=True):
+                rows, cols = delta.shape[1], a.shape[1]
+                if c.weight_col >= 0:
+                    view = dest[:, c.weight_col : c.weight_col + rows * cols]
+                    torch.mul(delta[:, :, None], a[:, None, :], out=view.unflatten(1, (rows, cols)))
+                if c.bias_col >= 0:
+                    dest[:, c.bias_col : c.bias_col + rows] = delta
         return True
 
 

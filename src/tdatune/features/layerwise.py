@@ -96,10 +96,16 @@ def layer_factors(layers: list[tuple[str, nn.Linear]], k: int | None, seed: int 
     return out
 
 
-class _Taps:
-    """Forward hooks that keep each layer's input and output during one forward pass."""
+class LayerRanTwice(ValueError):
+    """A hooked linear layer ran more than once in one forward pass (shared weights)."""
+
+
+class LinearTaps:
+    """Forward hooks that keep each linear layer's input and output during one forward pass,
+    and the output gradients of a scalar built from that pass. Use as a context manager."""
 
     def __init__(self, layers: list[tuple[str, nn.Linear]]) -> None:
+        self.layers = layers
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers]
@@ -107,17 +113,32 @@ class _Taps:
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if name in self.inputs:
-                raise ValueError(
+                raise LayerRanTwice(
                     f"linear layer {name} ran twice in one forward pass (shared weights); LoGra's "
                     "hooks need each hooked layer to run once: leave it out with `layers`")
             self.inputs[name] = args[0].detach()
             self.outputs[name] = output
         return hook
 
+    def clear(self) -> None:
+        """Forget the previous forward pass."""
+        self.inputs.clear()
+        self.outputs.clear()
+
+    def output_grads(self, total: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """d total / d(output) of each layer, in layer order, from the last forward pass."""
+        return torch.autograd.grad(total, [self.outputs[name] for name, _ in self.layers])
+
     def close(self) -> None:
         """Remove the hooks."""
         for h in self.handles:
             h.remove()
+
+    def __enter__(self) -> LinearTaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def iter_layerwise_grads(
@@ -131,19 +152,15 @@ def iter_layerwise_grads(
     fn = task.loss_fn if target == "loss" else task.output_fn
     model.eval()
     device = next(model.parameters()).device
-    taps = _Taps(layers)
-    try:
+    with LinearTaps(layers) as taps:
         n = len(data)
         for start in progress(range(0, n, chunk_size), enabled=show_progress, desc=desc,
                               total=(n + chunk_size - 1) // chunk_size):
             x = data.inputs[start : start + chunk_size].to(device)
             y = data.targets[start : start + chunk_size].to(device)
-            taps.inputs.clear()
-            taps.outputs.clear()
+            taps.clear()
             with torch.enable_grad():
-                total = fn(model(x), y).sum()
-                outs = [taps.outputs[name] for name, _ in layers]
-                deltas = torch.autograd.grad(total, outs)
+                deltas = taps.output_grads(fn(model(x), y).sum())
             parts = []
             b = x.shape[0]
             for (name, layer), f, delta in zip(layers, factors, deltas, strict=True):
@@ -159,8 +176,6 @@ def iter_layerwise_grads(
             g = torch.cat(parts, dim=1)
             check_finite_rows(f"layer-wise {target} gradients", g, offset=start)
             yield start, g
-    finally:
-        taps.close()
 
 
 def layerwise_grads(task: Task, model: nn.Module, data: ArrayDataset,
