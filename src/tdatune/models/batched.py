@@ -219,7 +219,7 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
             if clip:
                 _clip_per_model(leaves, recipe.grad_clip)
             opt.step()
-            running += losses.detach().double() * idx.shape[1]
+            running += losses.double() * idx.shape[1]
         objectives = (running / size).cpu()
         _check_finite(task, objectives, epoch, recipe)
     return BatchedResult(params={k: v.detach().contiguous() for k, v in model_view().items()},
