@@ -156,3 +156,36 @@ def test_map_local_keeps_order():
     assert seen == {0: 13, 1: 11, 2: 12}
     assert map_local(abs, [-1, 2], num_workers=0) == [1, 2]
     assert chunked(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_a_failed_task_is_raised_and_the_queued_ones_cancelled():
+    """The drain loop every pool backend uses: the first failure propagates, and futures not
+    yet started are cancelled rather than left to run."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tdatune.evaluate.runners import _drain_futures
+
+    release = threading.Event()
+
+    def fails() -> int:
+        raise RuntimeError("task 0 failed")
+
+    def waits(i: int) -> int:
+        release.wait(10)
+        return i
+
+    seen: list[int] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = {pool.submit(fails): 0}
+        futures.update({pool.submit(waits, i): i for i in range(1, 4)})
+        try:
+            with pytest.raises(RuntimeError, match="task 0 failed"):
+                _drain_futures(futures, lambda key, result: seen.append(key))
+        finally:
+            release.set()
+    assert seen == []
+    cancelled = sorted(i for f, i in futures.items() if f.cancelled())
+    # Task 1 may have started on the single worker before the cancel (then it ran to the end);
+    # tasks 2 and 3 were queued behind it, so they cannot have started.
+    assert cancelled in ([2, 3], [1, 2, 3])

@@ -78,6 +78,55 @@ def chunked(items: Sequence[T], size: int) -> list[list[T]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
+def _drain_futures(futures: dict[Future[R], T], on_done: Callable[[T, R], None]) -> None:
+    """Call ``on_done(key, result)`` as each future finishes; on any error (a failed task,
+    an error in ``on_done``, Ctrl-C) cancel the futures not yet started and re-raise."""
+    pending = set(futures)
+    try:
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                on_done(futures[future], future.result())
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
+def _drain_ray(ray: Any, refs: dict[Any, T], on_done: Callable[[T, Any], None]) -> None:
+    """Call ``on_done(key, result)`` as each Ray task finishes; on any error cancel the
+    tasks still pending and re-raise."""
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            on_done(refs[ready[0]], ray.get(ready[0]))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _chunk_writer(done: Done, bar: Any) -> Callable[[list[RetrainJob], list[np.ndarray]], None]:
+    """The callback that hands a finished chunk's models to ``done`` and ticks the bar."""
+    def finished(chunk: list[RetrainJob], outs: list[np.ndarray]) -> None:
+        for job, out in zip(chunk, outs, strict=True):
+            done(job, np.asarray(out))
+        bar.update(len(chunk))
+    return finished
+
+
+def _result_collector(results: list[Any], on_result: Callable[[int, Any], None] | None,
+                      bar: Any) -> Callable[[int, Any], None]:
+    """The callback that stores item ``index``'s result, reports it and ticks the bar."""
+    def finished(index: int, result: Any) -> None:
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+        bar.update(1)
+    return finished
+
+
 def batched_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
                    masks: torch.Tensor, device: str | torch.device = "cpu",
                    show_progress: bool = True, *, chunk_size: int | None = None,
@@ -93,10 +142,9 @@ def batched_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explain
                                               memory_bytes=memory_bytes, subset_size=subset_size)
         with progress(total=len(jobs), enabled=show_progress, desc="retraining (batched)",
                       unit="model") as bar:
+            write = _chunk_writer(done, bar)
             for chunk in chunked(jobs, min(size, max(len(jobs), 1))):
-                for job, out in zip(chunk, ctx.run_chunk(chunk, batched=True), strict=True):
-                    done(job, out)
-                bar.update(len(chunk))
+                write(chunk, ctx.run_chunk(chunk, batched=True))
     return run
 
 
@@ -156,21 +204,8 @@ def process_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explain
                                  initializer=_init_worker, initargs=(ctx, threads)) as pool, \
                 progress(total=len(jobs), enabled=show_progress,
                          desc=f"retraining ({workers} processes)", unit="model") as bar:
-            futures: dict[Future[list[np.ndarray]], list[RetrainJob]] = {
-                pool.submit(_worker_chunk, chunk, batched): chunk for chunk in chunks}
-            try:
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        chunk = futures[future]
-                        for job, out in zip(chunk, future.result(), strict=True):
-                            done(job, out)
-                        bar.update(len(chunk))
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+            _drain_futures({pool.submit(_worker_chunk, chunk, batched): chunk
+                            for chunk in chunks}, _chunk_writer(done, bar))
     return run
 
 
@@ -233,18 +268,7 @@ def ray_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: 
                     for chunk in chunked(jobs, models_per_task)}
             with progress(total=len(jobs), enabled=show_progress, desc="retraining (ray)",
                           unit="model") as bar:
-                pending = list(refs)
-                try:
-                    while pending:
-                        ready, pending = ray.wait(pending, num_returns=1)
-                        chunk = refs[ready[0]]
-                        for job, out in zip(chunk, ray.get(ready[0]), strict=True):
-                            done(job, np.asarray(out))
-                        bar.update(len(chunk))
-                except BaseException:
-                    for ref in pending:
-                        ray.cancel(ref, force=True)
-                    raise
+                _drain_ray(ray, refs, _chunk_writer(done, bar))
     return run
 
 
@@ -329,22 +353,8 @@ def map_local(fn: Callable[[T], R], items: Iterable[T], *, num_workers: int | No
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                              initializer=_init_worker, initargs=(None, threads)) as pool, \
             progress(total=len(items), enabled=show_progress, desc=desc) as bar:
-        futures = {pool.submit(_call_with_threads, fn, item, threads): i
-                   for i, item in enumerate(items)}
-        pending = set(futures)
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    index = futures[future]
-                    results[index] = future.result()
-                    if on_result is not None:
-                        on_result(index, results[index])
-                    bar.update(1)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        _drain_futures({pool.submit(_call_with_threads, fn, item, threads): i
+                        for i, item in enumerate(items)}, _result_collector(results, on_result, bar))
     return results
 
 
@@ -361,20 +371,8 @@ def map_ray(fn: Callable[[T], R], items: Iterable[T], *, address: str | None = N
         threads = max(1, int(num_cpus))
         refs = {remote.remote(fn, item, threads): i for i, item in enumerate(items)}
         results: list[Any] = [None] * len(items)
-        pending = list(refs)
         with progress(total=len(items), enabled=show_progress, desc=desc) as bar:
-            try:
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1)
-                    index = refs[ready[0]]
-                    results[index] = ray.get(ready[0])
-                    if on_result is not None:
-                        on_result(index, results[index])
-                    bar.update(1)
-            except BaseException:
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                raise
+            _drain_ray(ray, refs, _result_collector(results, on_result, bar))
     return results
 
 
