@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -39,6 +40,20 @@ class ArrayDataset:
     def fingerprint(self) -> str:
         """Content hash of inputs and targets (cache keys, manifests, stale-result checks)."""
         return fingerprint_tensors(self.inputs, self.targets)
+
+    def batches(self, size: int, device: torch.device | str = "cpu"
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(start, inputs, targets)`` of consecutive pieces of at most ``size`` examples,
+        moved to ``device``."""
+        if size < 1:
+            raise ValueError(f"batch size must be >= 1, got {size}")
+        for start in range(0, len(self), size):
+            yield (start, self.inputs[start : start + size].to(device),
+                   self.targets[start : start + size].to(device))
+
+    def num_batches(self, size: int) -> int:
+        """How many pieces :meth:`batches` yields."""
+        return -(-len(self) // size)
 
     def to(self, device: torch.device | str) -> ArrayDataset:
         """A copy on ``device``."""

@@ -86,11 +86,8 @@ def iter_per_example_grads(
         if outer(x, y, fast) and generic(x, y, slow) and _same(fast, slow):
             compute = outer
 
-    n = len(data)
-    for start in progress(range(0, n, chunk_size), enabled=show_progress, desc=desc,
-                          total=(n + chunk_size - 1) // chunk_size):
-        x = data.inputs[start : start + chunk_size].to(device)
-        y = data.targets[start : start + chunk_size].to(device)
+    for start, x, y in progress(data.batches(chunk_size, device), enabled=show_progress,
+                                desc=desc, total=data.num_batches(chunk_size)):
         g = (out[start : start + x.shape[0]] if out is not None
              else torch.empty(x.shape[0], width, dtype=dtype, device=device))
         if not compute(x, y, g):  # the linear path refused this chunk's shapes

@@ -153,11 +153,8 @@ def iter_layerwise_grads(
     model.eval()
     device = next(model.parameters()).device
     with LinearTaps(layers) as taps:
-        n = len(data)
-        for start in progress(range(0, n, chunk_size), enabled=show_progress, desc=desc,
-                              total=(n + chunk_size - 1) // chunk_size):
-            x = data.inputs[start : start + chunk_size].to(device)
-            y = data.targets[start : start + chunk_size].to(device)
+        for start, x, y in progress(data.batches(chunk_size, device), enabled=show_progress,
+                                    desc=desc, total=data.num_batches(chunk_size)):
             taps.clear()
             with torch.enable_grad():
                 deltas = taps.output_grads(fn(model(x), y).sum())

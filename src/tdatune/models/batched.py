@@ -461,9 +461,7 @@ def batched_outputs(task: Task, base: nn.Module, params: Params, explained: Arra
     fn = vmap(outputs, in_dims=(0, None, None))
     chunks = []
     with torch.no_grad():
-        for start in range(0, len(explained), batch_size):
-            xb = explained.inputs[start : start + batch_size].to(device)
-            yb = explained.targets[start : start + batch_size].to(device)
+        for _, xb, yb in explained.batches(batch_size, device):
             chunks.append(fn(params, xb, yb))
     num_models = next(iter(params.values())).shape[0]
     return torch.cat(chunks, dim=1) if chunks else torch.empty(num_models, 0)
