@@ -36,10 +36,21 @@ import torch
 from tdatune.data.base import ArrayDataset
 from tdatune.models.task import Task
 from tdatune.models.training import TrainRecipe, load_model, train_model
-from tdatune.utils.atomic import atomic_save_npy, atomic_write_json, read_json
+from tdatune.utils.atomic import (
+    atomic_save_npy,
+    atomic_write_json,
+    keep_or_discard,
+    load_npy_verified,
+    read_json,
+)
 from tdatune.utils.checks import check_open_unit
 from tdatune.utils.fingerprint import fingerprint_config
 from tdatune.utils.progress import progress
+
+_RERUN = ("rerun build_ground_truth (or `tdatune groundtruth`) with the same arguments: it "
+          "recomputes a damaged masks.npy, outputs.npy or model file")
+_MANIFEST_FIX = ("the manifest identifies what the stored models were trained for, so it cannot "
+                 "be recomputed: delete the whole ground-truth directory and rebuild it")
 
 
 @dataclass(frozen=True)
@@ -161,20 +172,21 @@ def build_ground_truth(
     manifest["fingerprint"] = fingerprint_config(manifest)
     _check_or_write_manifest(directory, manifest)
     masks_path = directory / "masks.npy"
-    if masks_path.exists():
-        masks = torch.from_numpy(np.load(masks_path))
+    if keep_or_discard(masks_path, "the subset masks from their seed"):
+        masks = torch.from_numpy(load_npy_verified(masks_path))
     else:
         masks = sample_subsets(len(train), config)
         atomic_save_npy(masks_path, masks.numpy())
     outputs_path = directory / "outputs.npy"
-    if outputs_path.exists():
-        return GroundTruth(masks, np.load(outputs_path), config, directory)
+    if keep_or_discard(outputs_path, "it from the per-model files in models/"):
+        return GroundTruth(masks, load_npy_verified(outputs_path), config, directory)
 
     models_dir = directory / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     jobs = [RetrainJob(m, s, config.model_seed(m, s))
             for m in range(config.n_subsets) for s in range(config.seeds_per_subset)]
-    pending = [j for j in jobs if not (models_dir / j.filename).exists()]
+    pending = [j for j in jobs if not keep_or_discard(models_dir / j.filename,
+                                                      f"model {j.filename} by retraining it")]
 
     def done(job: RetrainJob, out: np.ndarray) -> None:
         if out.shape != (len(explained),) or not np.isfinite(out).all():
@@ -199,7 +211,7 @@ def build_ground_truth(
             })
         run(pending, done)
     outputs = np.stack([
-        np.stack([np.load(models_dir / RetrainJob(m, s, 0).filename)
+        np.stack([load_npy_verified(models_dir / RetrainJob(m, s, 0).filename, _RERUN)
                   for s in range(config.seeds_per_subset)])
         for m in range(config.n_subsets)
     ])
@@ -216,15 +228,16 @@ def load_ground_truth(directory: str | Path) -> GroundTruth:
             f"{directory} holds no finished ground truth (no outputs.npy); build it first or "
             "rerun build_ground_truth to resume"
         )
-    manifest = read_json(directory / "manifest.json")
-    return GroundTruth(torch.from_numpy(np.load(directory / "masks.npy")), np.load(outputs_path),
+    manifest = read_json(directory / "manifest.json", _MANIFEST_FIX)
+    return GroundTruth(torch.from_numpy(load_npy_verified(directory / "masks.npy", _RERUN)),
+                       load_npy_verified(outputs_path, _RERUN),
                        GroundTruthConfig(**manifest["config"]), directory)
 
 
 def _check_or_write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     path = directory / "manifest.json"
     if path.exists():
-        stored = read_json(path)
+        stored = read_json(path, _MANIFEST_FIX)
         if stored.get("fingerprint") != manifest["fingerprint"]:
             diffs = [k for k in manifest if k != "fingerprint" and stored.get(k) != manifest[k]]
             raise ValueError(

@@ -7,17 +7,25 @@ Layout of a store directory::
                         parameter fingerprints)
     features.npy        the [n, width] array, a .npy file opened as a memory map
     chunks/c000007.json one record per finished chunk of rows (written atomically after the
-                        chunk's rows are flushed to features.npy)
+                        chunk's rows are flushed to features.npy): rows and SHA-256 of
+                        their bytes
 
 Rows are computed chunk by chunk and never held whole in memory. A killed run leaves rows
 without a completion record; a rerun recomputes exactly those chunks. Reading refuses an
 incomplete store, and opening a store with a manifest that does not match the request is
 refused with the fields that differ. Reads are lazy: ``store[a:b]`` returns rows from the
 memory map, so ``tdatune.curvature.eigen.fisher_eigensystem(store)`` streams it in chunks.
+
+Verified reads: the first read of a store checks every chunk against its record and raises
+:class:`~tdatune.utils.atomic.DamagedFileError` naming the damaged chunk; reopening the store
+for a build (:meth:`FeatureStore.open_or_create`, :func:`build_gradient_store`) instead drops
+the damaged chunks' records (a truncated ``features.npy``: all of them, the array is
+reallocated) and says so, and the build recomputes them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -33,12 +41,20 @@ from tdatune.data.base import ArrayDataset
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
-from tdatune.utils.atomic import atomic_write_json, read_json
+from tdatune.utils.atomic import (
+    DamagedFileError,
+    atomic_write_json,
+    notice,
+    read_json,
+    remove_with_record,
+)
 from tdatune.utils.fingerprint import fingerprint_tensors
 from tdatune.utils.progress import progress
 
 STORE_FORMAT = 1
 ARRAY_NAME = "features.npy"
+_REBUILD = ("rerun the build (build_gradient_store, or the command that made the store) with "
+            "the same arguments: it recomputes damaged chunks")
 
 
 class StoreMismatch(ValueError):
@@ -54,11 +70,13 @@ class FeatureStore:
         if not manifest_path.exists():
             raise FileNotFoundError(f"{self.directory} is not a feature store (no manifest.json); "
                                     "create it with FeatureStore.open_or_create")
-        self.manifest: dict[str, Any] = read_json(manifest_path)
+        self.manifest: dict[str, Any] = read_json(
+            manifest_path, "delete the store directory to rebuild it")
         self.shape: tuple[int, int] = tuple(self.manifest["shape"])  # type: ignore[assignment]
         self.dtype = np.dtype(self.manifest["dtype"])
         self.chunk_rows = int(self.manifest["chunk_rows"])
         self._reader: np.memmap | None = None
+        self._verified = False
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -75,29 +93,42 @@ class FeatureStore:
                   "chunk_rows": int(chunk_rows), "identity": json.loads(json.dumps(identity))}
         manifest_path = directory / "manifest.json"
         if manifest_path.exists():
-            _check_manifest(directory, read_json(manifest_path), wanted)
+            _check_manifest(directory, read_json(
+                manifest_path, "delete the store directory to rebuild it"), wanted)
             if not (directory / ARRAY_NAME).exists():
                 raise FileNotFoundError(f"{directory} has a manifest but no {ARRAY_NAME}; delete "
                                         "the directory to rebuild the store")
-            return cls(directory)
+            store = cls(directory)
+            store.repair()
+            return store
         directory.mkdir(parents=True, exist_ok=True)
-        # Allocate the array under a temporary name, then rename: a crash here leaves no
-        # array that could be mistaken for this store's.
-        fd, tmp = tempfile.mkstemp(prefix=f".{ARRAY_NAME}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype),
-                                              shape=(n, width))
-            array.flush()
-            del array
-            os.replace(tmp, directory / ARRAY_NAME)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _allocate(directory, dtype, (n, width))
         (directory / "chunks").mkdir(exist_ok=True)
         atomic_write_json(manifest_path, wanted)
         return cls(directory)
+
+    def repair(self) -> list[int]:
+        """Drop the records of damaged chunks so that a build recomputes them (a damaged
+        ``features.npy`` is reallocated and every chunk dropped); say so; return them."""
+        try:
+            self._open_array("r")
+        except DamagedFileError as err:
+            done = self.completed_chunks()
+            for chunk in done:
+                remove_with_record(self._record(chunk))
+            _allocate(self.directory, self.dtype, self.shape)
+            notice(f"{err.path} was damaged ({err.reason}); reallocated it, recomputing all "
+                   f"{self.num_chunks} chunks")
+            self._reader = None
+            return done
+        bad = self.damaged_chunks()
+        for chunk in bad:
+            remove_with_record(self._record(chunk))
+        if bad:
+            notice(f"feature store {self.directory}: chunk(s) {bad[:10]} did not match their "
+                   "records (damaged); recomputing them")
+        self._reader = None
+        return bad
 
     # ------------------------------------------------------------------ chunks
     @property
@@ -141,16 +172,18 @@ class FeatureStore:
             bad = int(np.nonzero(~np.isfinite(rows).all(axis=1))[0][0]) + start
             raise ValueError(f"features for example {bad} are not finite; not storing chunk "
                              f"{chunk}")
-        rows = rows.astype(self.dtype, copy=False)
-        array = np.load(self.directory / ARRAY_NAME, mmap_mode="r+")
+        rows = np.ascontiguousarray(rows.astype(self.dtype, copy=False))
+        array = self._open_array("r+")
         array[start:stop] = rows
         array.flush()
         del array
         atomic_write_json(self._record(chunk), {
             "chunk": chunk, "rows": [start, stop],
             "sum": float(rows.astype(np.float64).sum()),
+            "sha256": hashlib.sha256(memoryview(rows)).hexdigest(),
         })
         self._reader = None
+        self._verified = False
 
     def fill(self, compute: Callable[[int, int], np.ndarray | torch.Tensor], *,
              show_progress: bool = False, desc: str = "feature chunks") -> list[int]:
@@ -160,17 +193,54 @@ class FeatureStore:
             self.write_chunk(chunk, compute(*self.chunk_bounds(chunk)))
         return todo
 
-    def verify(self) -> None:
-        """Check every completed chunk against its recorded checksum."""
-        array = np.load(self.directory / ARRAY_NAME, mmap_mode="r")
-        for chunk in self.completed_chunks():
+    def _open_array(self, mode: str) -> np.memmap:
+        """``features.npy`` as a memory map; a truncated or unreadable one, or one of another
+        shape or dtype, raises :class:`DamagedFileError`."""
+        path = self.directory / ARRAY_NAME
+        try:
+            array = np.load(path, mmap_mode=mode)
+        except (ValueError, EOFError, OSError) as exc:
+            raise DamagedFileError(path, f"not a readable array: {exc}", _REBUILD) from None
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise DamagedFileError(path, f"holds {array.dtype} {list(array.shape)}, the manifest "
+                                   f"says {self.dtype} {list(self.shape)}", _REBUILD)
+        return array
+
+    def _chunk_problem(self, chunk: int, array: np.ndarray) -> str | None:
+        """Why a completed chunk does not match its record, or None when it does."""
+        try:
             record = read_json(self._record(chunk))
-            start, stop = record["rows"]
-            total = float(np.asarray(array[start:stop], dtype=np.float64).sum())
-            if not np.isclose(total, record["sum"], rtol=1e-6, atol=1e-6):
-                raise ValueError(f"chunk {chunk} of {self.directory} does not match its record "
-                                 f"(sum {total} vs {record['sum']}); delete {self._record(chunk)} "
-                                 "to recompute it")
+        except DamagedFileError as err:
+            return f"its record {err.path.name} is damaged"
+        start, stop = self.chunk_bounds(chunk)
+        if record.get("rows") != [start, stop]:
+            return f"its record names rows {record.get('rows')}, expected {[start, stop]}"
+        rows = np.ascontiguousarray(array[start:stop])
+        if "sha256" in record:  # stores written before checksums were recorded have only a sum
+            if hashlib.sha256(memoryview(rows)).hexdigest() != record["sha256"]:
+                return "its rows do not match their SHA-256 record"
+            return None
+        total = float(rows.astype(np.float64).sum())
+        if not np.isclose(total, record["sum"], rtol=1e-6, atol=1e-6):
+            return f"its rows sum to {total}, the record says {record['sum']}"
+        return None
+
+    def damaged_chunks(self) -> list[int]:
+        """Completed chunks whose rows or record do not verify."""
+        array = self._open_array("r")
+        return [c for c in self.completed_chunks() if self._chunk_problem(c, array) is not None]
+
+    def verify(self) -> None:
+        """Check ``features.npy`` and every completed chunk against its record; raise
+        :class:`DamagedFileError` naming the first damaged chunk and the fix."""
+        array = self._open_array("r")
+        for chunk in self.completed_chunks():
+            problem = self._chunk_problem(chunk, array)
+            if problem is not None:
+                raise DamagedFileError(self.directory / ARRAY_NAME,
+                                       f"chunk {chunk} (rows {self.chunk_bounds(chunk)}): "
+                                       f"{problem}", _REBUILD)
+        self._verified = True
 
     # ------------------------------------------------------------------ reading
     def _array(self) -> np.memmap:
@@ -181,8 +251,10 @@ class FeatureStore:
                 f"{self.num_chunks} chunks missing, e.g. {missing[:5]}); finish it (rerun the "
                 "build, which resumes) before reading"
             )
+        if not self._verified:
+            self.verify()
         if self._reader is None:
-            self._reader = np.load(self.directory / ARRAY_NAME, mmap_mode="r")
+            self._reader = self._open_array("r")
         return self._reader
 
     def __len__(self) -> int:
@@ -199,6 +271,23 @@ class FeatureStore:
     def to_tensor(self) -> torch.Tensor:
         """The whole store loaded into memory (small stores and tests only)."""
         return torch.from_numpy(np.array(self._array()))
+
+
+def _allocate(directory: Path, dtype: str | np.dtype, shape: tuple[int, int]) -> None:
+    """Allocate ``features.npy`` under a temporary name, then rename: a crash here leaves no
+    array that could be mistaken for this store's."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{ARRAY_NAME}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype),
+                                          shape=tuple(shape))
+        array.flush()
+        del array
+        os.replace(tmp, directory / ARRAY_NAME)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _check_manifest(directory: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:

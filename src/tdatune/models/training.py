@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from tdatune.data.base import ArrayDataset
 from tdatune.models.task import Params, Task, model_params, model_state
-from tdatune.utils.atomic import atomic_torch_save, atomic_write_json
+from tdatune.utils.atomic import atomic_torch_save, atomic_write_json, torch_load_verified
 from tdatune.utils.checks import check_choice
 from tdatune.utils.fingerprint import fingerprint_config
 from tdatune.utils.progress import progress
@@ -249,7 +249,7 @@ def _minibatch_epoch(task: Task, model: nn.Module, params: Params, opt: torch.op
 def _resume(ckpt_dir: Path, meta: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
             checkpoints: list[Params], history: list[dict[str, float]]) -> int:
     """Load saved epochs of a matching run into ``checkpoints``; return the next epoch."""
-    from tdatune.utils.atomic import read_json
+    from tdatune.utils.atomic import read_json, truncate_damaged_epochs
 
     meta_path = ckpt_dir / "recipe.json"
     fp = fingerprint_config(meta)
@@ -262,13 +262,13 @@ def _resume(ckpt_dir: Path, meta: dict[str, Any], model: nn.Module, opt: torch.o
             )
     else:
         atomic_write_json(meta_path, {"fingerprint": fp, "meta": meta})
-    files = sorted(ckpt_dir.glob("epoch_*.pt"))
-    for f in files:
-        blob = torch.load(f, map_location="cpu", weights_only=False)
+    # Epochs from the first damaged checkpoint on are deleted (and said so) and retrained.
+    files, blobs = truncate_damaged_epochs(sorted(ckpt_dir.glob("epoch_*.pt")))
+    for blob in blobs:
         checkpoints.append(blob["state"])
         history.append(blob["record"])
     if files:
-        last = torch.load(files[-1], map_location=next(model.parameters()).device, weights_only=False)
+        last = torch_load_verified(files[-1], map_location=next(model.parameters()).device)
         model.load_state_dict(last["state"])
         opt.load_state_dict(last["optimizer"])
     return len(files)
@@ -279,7 +279,9 @@ def load_checkpoints(ckpt_dir: str | Path) -> list[Params]:
     files = sorted(Path(ckpt_dir).glob("epoch_*.pt"))
     if not files:
         raise FileNotFoundError(f"no epoch_XXX.pt checkpoints in {ckpt_dir}; train first")
-    return [torch.load(f, map_location="cpu", weights_only=False)["state"] for f in files]
+    fix = ("rerun the training with the same checkpoint directory (train_model / `tdatune "
+           "train`): it retrains from the last intact epoch")
+    return [torch_load_verified(f, fix)["state"] for f in files]
 
 
 def trainable(model: nn.Module, state: Params) -> Params:
