@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tdatune.utils.checks import check_open_unit, check_positive_lambdas, check_shape
+from tdatune.utils.checks import (
+    check_nonempty,
+    check_open_unit,
+    check_positive_lambdas,
+    check_shape,
+)
 
 ZERO_RTOL = 1e-10
 
@@ -108,6 +113,9 @@ def select_lambda(sigma: torch.Tensor, c_val: torch.Tensor, threshold: float = 0
     ``threshold``, refined by bisection in log lambda inside the first bracketing interval."""
     check_open_unit("threshold", threshold)
     sigma, c_val = _check_spectrum(sigma, c_val)
+    check_nonempty("the validation set (c_val has 0 rows)", c_val.shape[0],
+                   "select_lambda needs the eigenbasis coordinates of at least one validation "
+                   "example's output gradient: use a non-empty validation split")
     grid = default_lambda_grid(sigma) if grid is None else check_positive_lambdas(grid).sort().values
     defined = ~torch.isnan(surrogate_indicator(sigma, c_val, grid[:1])[:, 0])
     if not bool(defined.any()):

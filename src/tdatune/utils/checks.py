@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -64,3 +65,103 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     if value not in options:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
     return value
+
+
+# ---------------------------------------------------------------- data checks
+
+def _named_leaves(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every tensor in a tensor or a tuple / list / dict tree of them."""
+    if isinstance(tree, torch.Tensor):
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() for leaf in _named_leaves(v, f"{prefix}[{k!r}]")]
+    if isinstance(tree, list | tuple):
+        return [leaf for i, v in enumerate(tree) for leaf in _named_leaves(v, f"{prefix}[{i}]")]
+    return []
+
+
+def check_finite_examples(name: str, data: Any) -> None:
+    """Refuse NaN or inf in any floating tensor of ``data`` (a tensor or a tree of tensors
+    with a leading example axis), naming the first offending example."""
+    for path, tensor in _named_leaves(data):
+        if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+            continue
+        rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() else tensor.reshape(1, 1)
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(
+                f"{name}{path} holds NaN or inf for example {row}; repair or drop that example "
+                "(e.g. impute missing features) before training or attributing"
+            )
+
+
+def check_nonempty(name: str, n: int, fix: str) -> None:
+    """Refuse a split or subset of ``n`` == 0 examples where examples are needed."""
+    if n < 1:
+        raise ValueError(f"{name} is empty (0 examples); {fix}")
+
+
+def check_class_targets(name: str, targets: torch.Tensor, num_classes: int) -> None:
+    """Refuse class labels that are not integers or lie outside ``0..num_classes-1``, naming
+    the first offending example (-100, cross-entropy's ignored index, is accepted)."""
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be integer class indices (int64), got {targets.dtype}; convert them "
+            "with targets.long() (float labels are not class indices)"
+        )
+    if targets.numel() == 0:
+        return
+    flat = targets.reshape(targets.shape[0], -1) if targets.dim() else targets.reshape(1, 1)
+    bad = ((flat < 0) & (flat != -100)) | (flat >= num_classes)
+    if bool(bad.any()):
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        value = int(flat[row][bad[row]][0])
+        raise ValueError(
+            f"{name}: label {value} of example {row} is out of range for a model with "
+            f"{num_classes} classes (valid 0..{num_classes - 1}); fix the labels or give the "
+            "model as many outputs as there are classes"
+        )
+
+
+def _input_hint(model: torch.nn.Module) -> str:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            return f"; its first linear layer takes {module.in_features} features per example"
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            return f"; its first convolution takes {module.in_channels} input channels"
+        if isinstance(module, torch.nn.Embedding):
+            return f"; its first embedding takes token ids in 0..{module.num_embeddings - 1}"
+    return ""
+
+
+def check_model_accepts(name: str, model: torch.nn.Module, inputs: torch.Tensor,
+                        targets: torch.Tensor | None = None) -> None:
+    """Run ``model`` on the first two examples of ``inputs`` and refuse data it cannot take
+    (wrong feature dimension, dtype), naming the shapes; with ``targets`` also check class
+    labels against the number of model outputs (classification [B, C] or sequences
+    [B, T, V]). Only plain tensors are probed (trees are left to the model)."""
+    if not isinstance(inputs, torch.Tensor) or inputs.shape[0] == 0:
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    probe = inputs[:2].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{name}: the model does not accept inputs of per-example shape "
+            f"{list(inputs.shape[1:])} ({inputs.dtype}){_input_hint(model)} ({first}); pass "
+            "data whose features match the model, or a model built for this data"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(targets, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return
+    classification = out.dim() == 2 and targets.dim() == 1
+    sequences = out.dim() == 3 and targets.dim() == 2
+    if classification or sequences:
+        check_class_targets(f"{name} targets", targets, int(out.shape[-1]))
