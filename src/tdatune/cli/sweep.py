@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tdatune.study.report import write_report
@@ -28,13 +29,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    """Run the sweep, then write its report."""
+    """Run the sweep, then write its report; exit 1 when any cell failed (one line each)."""
     spec = load_spec(args.spec)
     say = (lambda *a: None) if args.quiet else print
-    run_sweep(spec, args.out, backend=args.backend, address=args.address, device=args.device,
-              show_progress=not args.quiet, say=say)
+    outcome = run_sweep(spec, args.out, backend=args.backend, address=args.address,
+                        device=args.device, show_progress=not args.quiet, say=say)
     path = write_report(args.out)
     print(f"wrote {path}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} of {len(outcome)} cells failed (rerun the same command to "
+              "retry them; details in report.md and the cell files):", file=sys.stderr)
+        for cell in outcome.failed:
+            print(f"  FAILED {cell['file']}: {cell['error'].splitlines()[0][:200]}", file=sys.stderr)
+        return 1
     return 0
 
 

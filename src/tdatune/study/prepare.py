@@ -13,7 +13,7 @@ from tdatune.attributors.base import AttributionContext
 from tdatune.data.base import Splits
 from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig, build_ground_truth
 from tdatune.models.task import Task
-from tdatune.models.training import TrainRecipe, TrainResult, train_model
+from tdatune.models.training import TrainFunction, TrainRecipe, TrainResult, train_model
 from tdatune.settings.registry import Setting, get_setting
 from tdatune.utils.device import resolve_device
 
@@ -34,16 +34,67 @@ class Prepared:
         """Accuracy of the final model on the test split."""
         model, params = self.context.model_at(-1)
         dev = self.context.device
-        return self.task.accuracy(model, params, self.splits.test.inputs.to(dev),
-                                  self.splits.test.targets.to(dev))
+        test = self.splits.test.to(dev)
+        return self.task.accuracy(model, params, test.inputs, test.targets)
 
 
-def epoch_learning_rates(recipe: TrainRecipe, n_train: int) -> list[float]:
-    """The learning rate in force at the start of each epoch (TracIn's weights); 1 for L-BFGS."""
-    if recipe.optimizer == "lbfgs":
-        return [1.0] * recipe.epochs
-    steps = max(1, -(-n_train // recipe.batch_size))
-    return [recipe.lr_at(e * steps, recipe.epochs * steps) for e in range(recipe.epochs)]
+def epoch_learning_rates(recipe: TrainRecipe | TrainFunction, n_train: int) -> list[float] | None:
+    """The learning rate in force at the start of each epoch (TracIn's weights); 1 for L-BFGS;
+    the given ones (or None) for a user's training function."""
+    return recipe.epoch_learning_rates(n_train)
+
+
+@dataclass
+class TrainedSetting:
+    """A trained setting without ground truth: data, task, recipe, checkpoints, context."""
+
+    setting: Setting
+    splits: Splits
+    task: Task
+    recipe: TrainRecipe
+    trained: TrainResult
+    context: AttributionContext
+
+
+def train_setting(
+    name: str, directory: str | Path, *, seed: int = 0, data_dir: str | None = None,
+    sizes: tuple[int, int, int] | None = None, device: str | torch.device | None = "auto",
+    show_progress: bool = True, recipe_overrides: dict[str, Any] | None = None, say: Any = print,
+    task_options: dict[str, Any] | None = None, load_options: dict[str, Any] | None = None,
+) -> TrainedSetting:
+    """Build ``name`` (with model / data option overrides) and train it into
+    ``directory/checkpoints`` (resumed or reused when already there)."""
+    from dataclasses import replace
+
+    directory = Path(directory)
+    dev = resolve_device(device)
+    setting = get_setting(name)
+    splits, task = setting.build(seed=seed, data_dir=data_dir, sizes=sizes,
+                                 task_options=task_options, load_options=load_options)
+    recipe = replace(setting.recipe, **(recipe_overrides or {}))
+    say(f"training {setting.name} on {len(splits.train)} examples ({splits.source})")
+    trained = train_model(task, splits.train, recipe, seed, device=dev,
+                          checkpoint_dir=directory / "checkpoints", show_progress=show_progress)
+    context = AttributionContext(
+        task, splits.train, trained.checkpoints, weight_decay=recipe.weight_decay,
+        learning_rates=epoch_learning_rates(recipe, len(splits.train)), device=dev,
+        show_progress=show_progress,
+    )
+    return TrainedSetting(setting, splits, task, recipe, trained, context)
+
+
+def setting_groundtruth(
+    trained: TrainedSetting, gt_config: GroundTruthConfig, directory: str | Path, *,
+    show_progress: bool = True, say: Any = print, backend: str = "auto",
+    backend_options: dict[str, Any] | None = None,
+) -> GroundTruth:
+    """Build (or resume, or reuse) the ground truth of a trained setting in ``directory``."""
+    say(f"ground truth: {gt_config.n_subsets} subsets x {gt_config.seeds_per_subset} seed(s), "
+        f"alpha={gt_config.alpha}, {len(trained.splits.test)} test examples")
+    return build_ground_truth(trained.task, trained.recipe, trained.splits.train,
+                              trained.splits.test, gt_config, directory,
+                              device=trained.context.device, show_progress=show_progress,
+                              backend=backend, backend_options=backend_options)
 
 
 def prepare_setting(
@@ -52,28 +103,15 @@ def prepare_setting(
     device: str | torch.device | None = "auto", show_progress: bool = True,
     recipe_overrides: dict[str, Any] | None = None, say: Any = print,
     backend: str = "auto", backend_options: dict[str, Any] | None = None,
+    task_options: dict[str, Any] | None = None, load_options: dict[str, Any] | None = None,
 ) -> Prepared:
     """Train ``name`` into ``directory/checkpoints`` and build ``directory/groundtruth``;
     both are reused (resumed) when already there. ``backend`` picks how subset models are
     retrained (auto, sequential, batched, process, ray; see ``evaluate.runners.make_runner``)."""
-    from dataclasses import replace
-
     directory = Path(directory)
-    dev = resolve_device(device)
-    setting = get_setting(name)
-    splits, task = setting.build(seed=seed, data_dir=data_dir, sizes=sizes)
-    recipe = replace(setting.recipe, **(recipe_overrides or {}))
-    say(f"training {setting.name} on {len(splits.train)} examples ({splits.source})")
-    trained = train_model(task, splits.train, recipe, seed, device=dev,
-                          checkpoint_dir=directory / "checkpoints", show_progress=show_progress)
-    say(f"ground truth: {gt_config.n_subsets} subsets x {gt_config.seeds_per_subset} seed(s), "
-        f"alpha={gt_config.alpha}, {len(splits.test)} test examples")
-    gt = build_ground_truth(task, recipe, splits.train, splits.test, gt_config,
-                            directory / "groundtruth", device=dev, show_progress=show_progress,
-                            backend=backend, backend_options=backend_options)
-    context = AttributionContext(
-        task, splits.train, trained.checkpoints, weight_decay=recipe.weight_decay,
-        learning_rates=epoch_learning_rates(recipe, len(splits.train)), device=dev,
-        show_progress=show_progress,
-    )
-    return Prepared(setting, splits, task, recipe, trained, gt, context)
+    t = train_setting(name, directory, seed=seed, data_dir=data_dir, sizes=sizes, device=device,
+                      show_progress=show_progress, recipe_overrides=recipe_overrides, say=say,
+                      task_options=task_options, load_options=load_options)
+    gt = setting_groundtruth(t, gt_config, directory / "groundtruth", show_progress=show_progress,
+                             say=say, backend=backend, backend_options=backend_options)
+    return Prepared(t.setting, t.splits, t.task, t.recipe, t.trained, gt, t.context)

@@ -1,34 +1,20 @@
-"""Tables, figures and a Markdown report from a sweep directory's cell files."""
+"""Tables, figures and a Markdown report from a sweep directory (``tdatune report DIR``).
+
+Everything is drawn from the cells that answer the directory's current spec (see
+:mod:`tdatune.study.results`); failed, stale and missing cells are listed, never used.
+"""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tdatune.study.plots import _pyplot, save_figure
-from tdatune.utils.atomic import atomic_write_text, read_json
-
-
-def load_cells(out: str | Path) -> list[dict[str, Any]]:
-    """Every finished cell of the sweep in ``out`` (with its file name)."""
-    files = sorted((Path(out) / "cells").glob("*.json"))
-    if not files:
-        raise FileNotFoundError(f"{out}/cells holds no finished cells; run the sweep first")
-    return [{**read_json(f), "file": f"cells/{f.name}"} for f in files]
-
-
-def flatten_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (cell, score-stage value) with setting, method and all hyperparameters."""
-    rows = []
-    for cell in cells:
-        for row in cell["rows"]:
-            rows.append({"setting": cell["setting"], "method": cell["method"], **cell["fit"], **row,
-                         "file": cell["file"]})
-    return rows
+from tdatune.study.figures import all_figures, write_csv
+from tdatune.study.results import SweepResults, default_value, load_results
+from tdatune.utils.atomic import atomic_write_text
 
 
 def _fmt(value: Any) -> str:
@@ -41,118 +27,177 @@ def _hp_label(fit: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(fit.items())) or "defaults"
 
 
+def flatten_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (cell, score-stage value) with setting, method, alpha and all hyperparameters."""
+    rows = []
+    for cell in cells:
+        for row in cell["rows"]:
+            rows.append({"setting": cell["setting"], "method": cell["method"],
+                         "attributor": cell["attributor"], "alpha": cell["alpha"], **cell["fit"],
+                         **row, "file": cell["file"]})
+    return rows
+
+
+def sensitivity_rows(results: SweepResults) -> list[dict[str, Any]]:
+    """Per (setting, method, hyperparameter) of a one-factor sub-experiment: the LDS range when
+    only that hyperparameter moves, where it peaks, and the LDS at the study default."""
+    out = []
+    for sub in results.experiments:
+        finite = [r for r in sub.records if np.isfinite(r["lds"])]
+        if len(sub.keys) != 1 or not finite:
+            continue
+        key = sub.keys[0]
+        best = max(finite, key=lambda r: r["lds"])
+        worst = min(finite, key=lambda r: r["lds"])
+        default = default_value(results.spec.method(sub.method), key)
+        at_default = [r["lds"] for r in finite if default is not None and r[key] == default]
+        out.append({"setting": sub.setting, "method": sub.method, "hyperparameter": key,
+                    "values": len(finite), "lds_min": worst["lds"], "lds_max": best["lds"],
+                    "range": best["lds"] - worst["lds"], "best_at": best[key], "worst_at": worst[key],
+                    "lds_at_default": at_default[0] if at_default else float("nan"),
+                    "missing_points": sub.missing})
+    return out
+
+
+def selection_rows(results: SweepResults) -> list[dict[str, Any]]:
+    """Per eigen cell with a selection: selected lambda and LDS at each threshold, the grid best
+    (an oracle that needs the ground truth), and the spectrum-quantile baselines."""
+    out = []
+    for cell in results.cells:
+        if "selections" not in cell:
+            continue
+        finite = [r for r in cell["rows"] if np.isfinite(r["lds"])]
+        best = max(finite, key=lambda r: r["lds"]) if finite else None
+        row = {"setting": cell["setting"], "method": cell["method"], "alpha": cell["alpha"],
+               "fit": _hp_label(cell["fit"]), "best_lds": best["lds"] if best else float("nan"),
+               "best_lam": best["lam"] if best else float("nan"),
+               "status": cell["surrogate"]["status"], "n_dropped": cell["surrogate"]["n_dropped"],
+               "file": cell["file"]}
+        for s in cell["selections"]:
+            row[f"lam@{s['threshold']:g}"] = s["lambda"]
+            row[f"lds@{s['threshold']:g}"] = s["lds"]
+        for q, (_, lds_q) in cell.get("quantile_baselines", {}).items():
+            row[f"lds@q{q}"] = lds_q
+        out.append(row)
+    return out
+
+
 def write_report(out: str | Path) -> Path:
-    """Write ``results.csv``, one figure per (setting, method) and ``report.md`` into ``out``."""
-    out = Path(out)
-    cells = load_cells(out)
-    rows = flatten_rows(cells)
-    _write_csv(out / "results.csv", rows)
-    lines = [f"# Sweep report: {out.name}", ""]
-    sources = sorted({(c["setting"], c.get("data_source", "")) for c in cells})
-    lines += ["Data: " + "; ".join(f"`{s}` — {src}" for s, src in sources), ""]
-    lines += ["## Best LDS per setting and method", "",
-              "| setting | method | best LDS ± sem | at | LDS spread (max − min) | surrogate λ | "
-              "surrogate LDS | cells |", "|---|---|---|---|---|---|---|---|"]
-    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for cell in cells:
-        by_pair[(cell["setting"], cell["method"])].append(cell)
-    figures = []
-    for (setting, method), group in sorted(by_pair.items()):
-        group = [c for c in group if c["rows"]]
-        flat = [(c, r) for c in group for r in c["rows"] if r["lds"] is not None
-                and not math.isnan(r["lds"])]
-        if not flat:
-            continue
-        best_cell, best_row = max(flat, key=lambda cr: cr[1]["lds"])
-        where = _hp_label({**best_cell["fit"], **{k: v for k, v in best_row.items()
-                                                   if k not in ("lds", "sem")}})
-        spread = max(r["lds"] for _, r in flat) - min(r["lds"] for _, r in flat)
-        sur = [c["surrogate"] for c in group if "surrogate" in c]
-        sur_best = max(sur, key=lambda s: s["lds"]) if sur else None
-        sur_lam = _fmt(sur_best["lambda"]) if sur_best else "—"
-        sur_lds = f"{sur_best['lds']:.3f}" if sur_best else "—"
-        lines.append(
-            f"| {setting} | {method} | {best_row['lds']:.3f} ± {best_row['sem']:.3f} | {where} | "
-            f"{spread:.3f} | {sur_lam} | {sur_lds} | {len(group)} |")
-        figures.append(_plot_pair(out, setting, method, group))
+    """Write ``results.csv``, the tables' CSVs, ``figures/`` and ``report.md`` into ``out``."""
+    results = load_results(out)
+    out = results.out
+    spec = results.spec
+    write_csv(out / "results.csv", flatten_rows(results.cells))
+    sens = sensitivity_rows(results)
+    write_csv(out / "sensitivity.csv", sens)
+    sel = selection_rows(results)
+    write_csv(out / "selection.csv", sel)
+    figures = all_figures(results)
+
+    lines = [f"# Sweep report: {spec.name}", ""]
+    lines += _overview(results)
+    lines += ["## Sensitivity: the LDS range when only one hyperparameter moves", "",
+              "Every other hyperparameter at the study default (Appendix A.1 of the sensitivity "
+              "paper unless the spec overrides it). Source: `sensitivity.csv`.", "",
+              "| setting | method | hyperparameter | values | LDS min | LDS max | range | best at "
+              "| LDS at default |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sens:
+        lines.append(f"| {r['setting']} | {r['method']} | {r['hyperparameter']} | {r['values']} | "
+                     f"{r['lds_min']:.3f} | {r['lds_max']:.3f} | **{r['range']:.3f}** | "
+                     f"{_fmt(r['best_at'])} | {_num(r['lds_at_default'])} |")
+    if sel:
+        lines += _selection_tables(results, sel)
     lines += ["", "## Figures", ""]
-    for fig, group_files in figures:
-        lines += [f"![{fig.stem}]({fig.name})", "",
-                  f"Source files: {', '.join(f'`{f}`' for f in group_files)}", ""]
-    quantiles = sorted({q for c in cells for q in c.get("quantile_baselines", {})}, key=float)
-    lines += ["## Surrogate selection per cell", "",
-              "LDS on test at the lambda chosen without retraining (Algorithm 1 on validation), "
-              "at the grid's best lambda (an oracle that needs the ground truth), and at the "
-              "spectrum-quantile baselines.", "",
-              "| setting | method | fit-stage values | λ selected | LDS there | best LDS of cell | "
-              + " | ".join(f"q={q} LDS" for q in quantiles) + " | status |",
-              "|---|---|---|---|---|---|" + "---|" * len(quantiles) + "---|"]
-    for cell in cells:
-        if "surrogate" not in cell:
-            continue
-        s = cell["surrogate"]
-        best = max((r["lds"] for r in cell["rows"] if not math.isnan(r["lds"])), default=float("nan"))
-        base = cell.get("quantile_baselines", {})
-        qcols = "".join(f" {base[q][1]:.3f} |" if q in base else " — |" for q in quantiles)
-        lines.append(f"| {cell['setting']} | {cell['method']} | {_hp_label(cell['fit'])} | "
-                     f"{s['lambda']:.3g} | {s['lds']:.3f} | {best:.3f} |{qcols} {s['status']} |")
-    failed = [c for c in cells if "error" in c]
-    if failed:
-        lines += ["", "## Cells that could not run", "", "| setting | method | fit-stage values | why |",
-                  "|---|---|---|---|"]
-        lines += [f"| {c['setting']} | {c['method']} | {_hp_label(c['fit'])} | {c['error']} |"
-                  for c in failed]
-    undefined = [c for c in cells if "surrogate_error" in c]
-    if undefined:
-        lines += ["", "Surrogate undefined (indefinite curvature) for: "
-                  + "; ".join(f"{c['setting']}/{c['method']} {_hp_label(c['fit'])}" for c in undefined)]
-    lines += ["", "All numbers: `results.csv` (one row per hyperparameter value); raw cells: `cells/`."]
+    for fig in figures:
+        lines += [f"### {fig['png'].stem}", "", fig["caption"] + ".", "",
+                  f"![{fig['png'].stem}](figures/{fig['png'].name})", "",
+                  f"Data: `figures/{fig['csv'].name}`; cells: "
+                  + ", ".join(f"`{f}`" for f in fig["sources"][:12])
+                  + (f" and {len(fig['sources']) - 12} more" if len(fig["sources"]) > 12 else ""), ""]
+    lines += _problems(results)
+    lines += ["", "All numbers: `results.csv` (one row per hyperparameter value of every current "
+              "cell); raw cells: `cells/`."]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
-def _plot_pair(out: Path, setting: str, method: str,
-               group: list[dict[str, Any]]) -> tuple[Path, list[str]]:
-    """LDS against the swept score-stage value (lambda on a log axis when present), one line per
-    fit-stage combination, surrogate selections marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for cell in group:
-        rows = cell["rows"]
-        keys = [k for k in rows[0] if k not in ("lds", "sem")]
-        label = _hp_label(cell["fit"])
-        if not keys:
-            ax.scatter([0], [rows[0]["lds"]], label=label)
-            continue
-        xkey = "lam" if "lam" in keys else keys[0]
-        xs = np.array([r[xkey] for r in rows], dtype=float)
-        ys = np.array([r["lds"] for r in rows], dtype=float)
-        order = np.argsort(xs)
-        (line,) = ax.plot(xs[order], ys[order], marker=".", label=label)
-        if "surrogate" in cell:
-            s = cell["surrogate"]
-            ax.scatter([s["lambda"]], [s["lds"]], marker="*", s=140, color=line.get_color(),
-                       edgecolor="black", zorder=5)
-        ax.set_xlabel(xkey)
-        if xkey == "lam" or ((xs > 0).all() and xs.max() / max(xs.min(), 1e-300) > 100):
-            ax.set_xscale("log")
-    ax.set_ylabel("LDS (test)")
-    ax.set_title(f"{setting} / {method}" + ("   (★ surrogate-selected λ)" if any(
-        "surrogate" in c for c in group) else ""), fontsize=10)
-    ax.legend(fontsize=7)
-    path = save_figure(fig, out / f"fig_{setting}_{method}.png")
-    return path, [c["file"] for c in group]
+def _num(x: float) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    lines = [",".join(keys)]
-    for row in rows:
-        lines.append(",".join(_csv_value(row.get(k, "")) for k in keys))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+def _overview(results: SweepResults) -> list[str]:
+    spec = results.spec
+    gt = spec.groundtruth
+    cells = results.cells
+    sources = {c["setting"]: c.get("data_source", "") for c in cells}
+    lines = [f"Ground truth: {gt.n_subsets} subsets x {gt.seeds_per_subset} seed(s), alpha "
+             f"{gt.alpha} (unless a sub-experiment varies it); selection threshold "
+             f"{spec.threshold}; {len(cells)} current cells, {len(results.failed)} failed, "
+             f"{len(results.stale)} stale, {len(results.missing)} not run.", "",
+             "| setting | built on | data | train/val/test | recipe overrides | model options |",
+             "|---|---|---|---|---|---|"]
+    for s in spec.settings:
+        definition = s.definition(spec.seed, spec.data_dir)
+        lines.append(f"| {s.label} | {s.name} | {sources.get(s.label, '—')} | "
+                     f"{'/'.join(map(str, definition['sizes']))} | {s.recipe or '—'} | "
+                     f"{s.model or '—'} |")
+    seconds = sum(c.get("fit_seconds", 0) + c.get("score_seconds", 0) for c in cells)
+    lines += ["", f"Attribution time over all current cells: {seconds:.0f} s (fit + score; "
+              "training and ground truth not included).", ""]
+    return lines
 
 
-def _csv_value(value: Any) -> str:
-    text = repr(value) if isinstance(value, float) else str(value)
-    return f'"{text}"' if "," in text else text
+def _selection_tables(results: SweepResults, sel: list[dict[str, Any]]) -> list[str]:
+    spec = results.spec
+    quantiles = sorted({k[len("lds@q"):] for r in sel for k in r if k.startswith("lds@q")}, key=float)
+    t = f"{spec.threshold:g}"
+    lines = ["", "## Surrogate selection per cell", "",
+             "LDS on test at the lambda chosen without retraining (Algorithm 1 on validation), "
+             "at the best lambda of the cell's grid (an oracle that needs the ground truth), and at "
+             "the spectrum-quantile baselines. Source: `selection.csv`.", "",
+             "| setting | method | α | fit-stage values | λ selected | LDS there | best LDS | gap | "
+             + " | ".join(f"q={q}" for q in quantiles) + " | status |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(quantiles) + "---|"]
+    for r in sel:
+        qcols = "".join(f" {_num(r.get(f'lds@q{q}'))} |" for q in quantiles)
+        lines.append(f"| {r['setting']} | {r['method']} | {r['alpha']:g} | {r['fit']} | "
+                     f"{r[f'lam@{t}']:.3g} | {r[f'lds@{t}']:.3f} | {r['best_lds']:.3f} | "
+                     f"{r['best_lds'] - r[f'lds@{t}']:.3f} |{qcols} {r['status']} |")
+    if len(spec.thresholds) > 1 or quantiles:
+        lines += ["", "### Gap to the grid best, by rule (over every cell above)", "",
+                  "| rule | mean gap | median gap | max gap |", "|---|---|---|---|"]
+        rules = [(f"surrogate ξ ≥ {x:g}", f"lds@{x:g}") for x in spec.thresholds]
+        rules += [(f"quantile q = {q}", f"lds@q{q}") for q in quantiles]
+        for name, key in rules:
+            gaps = np.array([r["best_lds"] - r[key] for r in sel if key in r])
+            if gaps.size:
+                lines.append(f"| {name} | {gaps.mean():.3f} | {np.median(gaps):.3f} | "
+                             f"{gaps.max():.3f} |")
+    return lines
+
+
+def _problems(results: SweepResults) -> list[str]:
+    lines: list[str] = []
+    if results.failed:
+        lines += ["", "## Cells that failed (rerun the sweep to retry them)", "",
+                  "| cell | setting | method | fit-stage values | error |", "|---|---|---|---|---|"]
+        lines += [f"| `{c['file']}` | {c['setting']} | {c['method']} | {_hp_label(c['fit'])} | "
+                  f"{c['error'].splitlines()[0][:300]} |" for c in results.failed]
+    errors = [(c, r) for c in results.cells for r in c["rows"] if "error" in r]
+    if errors:
+        lines += ["", "## Hyperparameter values that could not be scored", "",
+                  "| setting | method | values | why |", "|---|---|---|---|"]
+        lines += [f"| {c['setting']} | {c['method']} | "
+                  f"{_hp_label({k: v for k, v in r.items() if k not in ('lds', 'sem', 'error')})} | "
+                  f"{r['error'][:300]} |" for c, r in errors]
+    undefined = [c for c in results.cells if "surrogate_error" in c]
+    if undefined:
+        lines += ["", "Surrogate undefined (indefinite curvature) for: "
+                  + "; ".join(f"{c['setting']}/{c['method']} {_hp_label(c['fit'])}" for c in undefined)]
+    if results.stale or results.missing:
+        lines += ["", f"Not shown: {len(results.stale)} cell(s) whose definition changed since they "
+                  f"were computed and {len(results.missing)} never run; rerun `tdatune sweep` on this "
+                  "directory to compute them."]
+    if results.orphans:
+        lines += ["", f"Ignored: {len(results.orphans)} file(s) in `cells/` that belong to no cell of "
+                  "the current spec (left from an earlier spec)."]
+    return lines

@@ -1,302 +1,386 @@
-"""Sensitivity sweeps: hyperparameter grids x attributors x benchmark settings.
+"""Sensitivity sweeps: sub-experiments x attributors x benchmark settings (spec: study/spec.py,
+guide: docs/sweeps.md).
 
-A sweep is described by a TOML file (see docs/sweeps.md)::
+Each *cell* is one fit: (setting, ground-truth alpha, method label, fit-stage values); it scores
+every score-stage value its sub-experiments ask for (a lambda sweep on an eigen-based method is
+one lambda-path pass). A cell file records the *definition* of the cell (setting with sizes,
+recipe, model and data options, seed, ground-truth configuration, attributor, fit values, the
+full score requests, thresholds) and its fingerprint, so a rerun serves a stored cell only if it
+answers exactly the same question; a changed cell is recomputed, saying what changed. A failed
+cell is stored as failed (with its error), shown in the report, retried on the next run, and
+makes ``tdatune sweep`` exit non-zero.
 
-    name = "lambda-and-projection"
-    settings = ["digits-lr", "mnist-lr"]
-    seed = 0
-    [groundtruth]
-    n_subsets = 50
-    alpha = 0.5
-    [sizes]                       # optional per-setting train/val/test sizes
-    mnist-lr = [2000, 300, 300]
-    [[methods]]
-    name = "iffim"
-    fit = { proj_dim = [64, 256] }        # fit-stage grid (cartesian product)
-    score = { lam = "spectrum" }          # score-stage grid; "spectrum": log grid over the spectrum
-
-Each (setting, method, fit-stage values) is one *cell*: fit once, then score every
-score-stage value (a lambda sweep on an eigen-based method is one lambda-path). Each finished
-cell is written atomically to ``cells/<id>.json``; a rerun skips finished cells, so a killed
-sweep resumes. Training and ground truth are done once per setting and shared by all cells.
-Cells are independent and can run in a local process pool (``backend="process"``) or on a
-Ray cluster (``backend="ray"``); each is saved as soon as it finishes.
+Training happens once per setting and ground truth once per (setting, alpha), each in a
+directory named by the fingerprint of what defines it. Cells are independent: they run in this
+process, a local process pool or on a Ray cluster, with the same results.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-import tomllib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
-from tdatune.evaluate.groundtruth import GroundTruthConfig
+from tdatune.attributors.registry import make_attributor
+from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig
 from tdatune.evaluate.lds import lds, lds_path
 from tdatune.select.quantile import quantile_lambda
-from tdatune.select.surrogate import default_lambda_grid, select_lambda
-from tdatune.study.prepare import Prepared, prepare_setting
+from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
+from tdatune.study.prepare import TrainedSetting, setting_groundtruth, train_setting
+from tdatune.study.spec import (
+    SPECTRUM,
+    MethodSpec,
+    SettingSpec,
+    SweepSpec,
+    load_spec,
+    plain,
+    point_fingerprint,
+    spec_from_dict,
+    sub_experiment_points,
+)
 from tdatune.utils.atomic import atomic_write_json, read_json
-from tdatune.utils.checks import check_open_unit
 from tdatune.utils.fingerprint import fingerprint_config
 from tdatune.utils.progress import progress
 
-SPECTRUM = "spectrum"
+__all__ = ["BASELINE_QUANTILES", "CELL_FORMAT", "Cell", "CellStore", "expand_cells", "load_spec",
+           "run_cell", "run_sweep", "spec_from_dict"]
+
 BASELINE_QUANTILES = (0.1, 0.5, 0.9)  # spectrum-quantile baselines recorded per eigen cell
-
-
-@dataclass
-class MethodSpec:
-    """One attributor and the grids of its fit-stage and score-stage hyperparameters."""
-
-    name: str
-    fit: dict[str, list[Any]] = field(default_factory=dict)
-    score: dict[str, Any] = field(default_factory=dict)
-
-    def fit_grid(self) -> list[dict[str, Any]]:
-        """Cartesian product of the fit-stage values."""
-        return _product(self.fit)
-
-
-@dataclass
-class SweepSpec:
-    """A whole sweep."""
-
-    name: str
-    settings: list[str]
-    methods: list[MethodSpec]
-    groundtruth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
-    sizes: dict[str, list[int]] = field(default_factory=dict)
-    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seed: int = 0
-    threshold: float = 0.5
-    grid_points: int = 25
-    data_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.settings:
-            raise ValueError("a sweep needs at least one setting (settings = [...])")
-        if not self.methods:
-            raise ValueError("a sweep needs at least one [[methods]] table")
-        check_open_unit("threshold", self.threshold)
-        for m in self.methods:
-            if m.name not in ATTRIBUTORS:
-                raise ValueError(f"unknown attributor {m.name!r} in sweep; choose one of: "
-                                 f"{', '.join(ATTRIBUTORS)}")
-            cls = ATTRIBUTORS[m.name]
-            spec = cls.spec()
-            for key, stage in [(k, "fit") for k in m.fit] + [(k, "score") for k in m.score]:
-                if key not in spec:
-                    raise ValueError(f"{m.name}: unknown hyperparameter {key!r}; valid: "
-                                     f"{', '.join(spec)}")
-                if spec[key].stage != stage:
-                    raise ValueError(f"{m.name}: {key} is a {spec[key].stage}-stage hyperparameter; "
-                                     f"put it under `{spec[key].stage}`")
-            for values in m.fit_grid():
-                cls(**values)  # validates every fit-stage value before any work starts
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (recorded in the sweep directory)."""
-        return asdict(self)
-
-
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep TOML file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sweep file {path} does not exist")
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    return spec_from_dict(raw)
-
-
-def spec_from_dict(raw: dict[str, Any]) -> SweepSpec:
-    """Build a SweepSpec from parsed TOML/JSON."""
-    raw = dict(raw)
-    known = {"name", "settings", "methods", "groundtruth", "sizes", "recipes", "seed", "threshold",
-             "grid_points", "data_dir"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"unknown sweep keys {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    methods = [MethodSpec(name=m["name"], fit={k: _as_list(v) for k, v in m.get("fit", {}).items()},
-                          score=dict(m.get("score", {}))) for m in raw.pop("methods", [])]
-    gt = GroundTruthConfig(**raw.pop("groundtruth", {}))
-    return SweepSpec(methods=methods, groundtruth=gt, name=raw.pop("name", "sweep"), **raw)
+XI_POINTS = 60                        # points of the stored mean-xi curve
+CELL_FORMAT = 2                       # bump when what a cell file means changes
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One fit: a setting, a method and its fit-stage values."""
+    """One fit and everything scored from it."""
 
-    setting: str
-    method: str
+    setting: str                                        # setting label
+    method: str                                         # method label
+    alpha: float
     fit: tuple[tuple[str, Any], ...]
+    score: tuple[tuple[tuple[str, Any], ...], ...] = ()  # non-eigen: score-value sets
+    lambdas: tuple[float, ...] = ()                      # eigen: explicit lambdas
+    spectrum: bool = False                               # eigen: also the spectrum grid
 
     @property
     def cell_id(self) -> str:
-        """A stable file name for the cell."""
-        return f"{self.setting}__{self.method}__{fingerprint_config(list(self.fit))[:10]}"
+        """A stable file name for the cell (its fit values and alpha, hashed)."""
+        return f"{self.setting}__{self.method}__a{self.alpha:g}__{point_fingerprint(self.fit)}"
+
+    def definition(self, spec: SweepSpec) -> dict[str, Any]:
+        """Everything that defines this cell's numbers (fingerprinted into the cell file)."""
+        method = spec.method(self.method)
+        return {
+            "format": CELL_FORMAT,
+            "setting": spec.setting(self.setting).definition(spec.seed, spec.data_dir),
+            "groundtruth": asdict(groundtruth_config(spec, self.alpha)),
+            "attributor": method.name, "fit": plain(self.fit),
+            "score": [plain(s) for s in self.score], "lambdas": list(self.lambdas),
+            "spectrum_grid": spec.grid_points if self.spectrum else None,
+            "thresholds": spec.thresholds if method.eigen else None,
+            "quantiles": list(BASELINE_QUANTILES) if method.eigen else None,
+        }
+
+
+def groundtruth_config(spec: SweepSpec, alpha: float) -> GroundTruthConfig:
+    """The sweep's ground-truth configuration at subset fraction ``alpha``."""
+    return replace(spec.groundtruth, alpha=alpha)
 
 
 def expand_cells(spec: SweepSpec) -> list[Cell]:
-    """Every (setting, method, fit-stage combination) of the sweep."""
-    return [Cell(s, m.name, tuple(sorted(values.items())))
-            for s in spec.settings for m in spec.methods for values in m.fit_grid()]
+    """Every cell of the sweep: sub-experiment points grouped by (setting, alpha, method, fit)."""
+    cells: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for setting in spec.settings:
+        for method in spec.methods:
+            for point in sub_experiment_points(method):
+                alpha = spec.groundtruth.alpha if point.alpha is None else point.alpha
+                key = (setting.label, method.label, alpha, point.fit)
+                entry = cells.setdefault(key, {"score": [], "lambdas": set(), "spectrum": False})
+                if method.eigen:
+                    lam = dict(point.score)["lam"]
+                    if lam == SPECTRUM:
+                        entry["spectrum"] = True
+                    else:
+                        entry["lambdas"].add(float(lam))
+                elif point.score not in entry["score"]:
+                    entry["score"].append(point.score)
+    return [Cell(s, m, a, fit, score=tuple(e["score"]), lambdas=tuple(sorted(e["lambdas"])),
+                 spectrum=e["spectrum"]) for (s, m, a, fit), e in cells.items()]
 
 
-def run_cell(prepared: Prepared, method: MethodSpec, fit_values: dict[str, Any],
-             threshold: float = 0.5, grid_points: int = 25) -> dict[str, Any]:
-    """Fit one attributor and score its whole score-stage grid; return the cell's rows."""
-    gt = prepared.groundtruth
-    test, val = prepared.splits.test, prepared.splits.val
+# -- one cell ----------------------------------------------------------------------------------
+
+def run_cell(trained: TrainedSetting, gt: GroundTruth, method: MethodSpec, cell: Cell,
+             spec: SweepSpec) -> dict[str, Any]:
+    """Fit one attributor and score everything the cell asks for; return the cell's record."""
+    test, val = trained.splits.test, trained.splits.val
     t0 = time.time()
-    att = make_attributor(method.name, **fit_values).fit(prepared.context)
+    att = make_attributor(method.name, **plain(cell.fit)).fit(trained.context)
     fit_seconds = time.time() - t0
-    score_spec = dict(method.score)
-    rows: list[dict[str, Any]] = []
-    extra: dict[str, Any] = {}
-    lam_spec = score_spec.pop("lam", None)
-    eigen = hasattr(att, "lambda_path") and "lam" in att.spec()
     t1 = time.time()
-    if eigen:
-        test_path = att.lambda_path(test)
-        if lam_spec is None or lam_spec == SPECTRUM:
-            lambdas = default_lambda_grid(test_path.sigma, num=grid_points, below=1e-2, above=1e2)
-        else:
-            lambdas = torch.as_tensor(_as_list(lam_spec), dtype=torch.float64)
-        if score_spec:
-            raise ValueError(f"{method.name}: with a lambda-path only `lam` is swept at score "
-                             f"stage; remove {', '.join(score_spec)} from its score grid")
-        sel = None
-        lam_q: list[float] = []
-        try:
-            sigma_val, c_val = att.surrogate_spectrum(val)
-        except ValueError as err:  # e.g. an indefinite Hessian: xi is defined for PSD matrices
-            extra["surrogate_error"] = str(err)
-        else:
-            sel = select_lambda(sigma_val, c_val, threshold=threshold)
-            lam_q = [quantile_lambda(sigma_val, q) for q in BASELINE_QUANTILES]
-        # one pass over the lambda-path: the grid, then the selected lambda and the baselines
-        extra_lams = torch.tensor(([sel.lam] if sel else []) + lam_q, dtype=torch.float64)
-        results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([lambdas, extra_lams]))
-        rows = [{"lam": lam, "lds": res.mean, "sem": res.sem}
-                for lam, res in zip(lambdas.tolist(), results[: len(lambdas)], strict=True)]
-        if sel is not None:
-            sel_lds, *q_lds = results[len(lambdas):]
-            extra["surrogate"] = {**sel.to_dict(), "lds": sel_lds.mean, "sem": sel_lds.sem}
-            extra["quantile_baselines"] = {str(q): [lam, res.mean] for q, lam, res in
-                                           zip(BASELINE_QUANTILES, lam_q, q_lds, strict=True)}
-        extra["spectrum"] = {"k": int(test_path.sigma.numel()), "max": float(test_path.sigma.max()),
-                             "min": float(test_path.sigma.min())}
+    extra = (_score_eigen(att, test, val, gt, cell, spec) if method.eigen
+             else _score_grid(att, test, gt, cell, trained.context.show_progress))
+    return {"status": "ok", "fit_seconds": fit_seconds, "score_seconds": time.time() - t1,
+            "data_source": trained.splits.source, **extra}
+
+
+def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
+                 spec: SweepSpec) -> dict[str, Any]:
+    """Every requested lambda (and the spectrum grid) in one lambda-path pass, plus the
+    surrogate selections at every threshold, the quantile baselines and the mean-xi curve."""
+    extra: dict[str, Any] = {}
+    test_path = att.lambda_path(test)
+    grid = (default_lambda_grid(test_path.sigma, num=spec.grid_points, below=1e-2, above=1e2)
+            if cell.spectrum else torch.empty(0, dtype=torch.float64))
+    explicit = torch.tensor(cell.lambdas, dtype=torch.float64)
+    selections: list[Any] = []
+    lam_q: list[float] = []
+    try:
+        sigma_val, c_val = att.surrogate_spectrum(val)
+    except ValueError as err:  # e.g. an indefinite Hessian: xi is defined for PSD matrices
+        extra["surrogate_error"] = str(err)
     else:
-        grid = {k: _as_list(v) for k, v in score_spec.items()}
-        if lam_spec is not None:
-            if lam_spec == SPECTRUM:
-                raise ValueError(f"{method.name} has no eigen spectrum; give `lam` as a list")
-            grid["lam"] = _as_list(lam_spec)
-        for values, scores in progress(att.score_grid(test, _product(grid) or [{}]),
-                                       enabled=prepared.context.show_progress, desc=method.name):
+        selections = [select_lambda(sigma_val, c_val, threshold=t) for t in spec.thresholds]
+        lam_q = [quantile_lambda(sigma_val, q) for q in BASELINE_QUANTILES]
+        xi_grid = default_lambda_grid(sigma_val, num=XI_POINTS)
+        xi_mean, dropped = mean_indicator(sigma_val, c_val, xi_grid)
+        extra["xi_curve"] = {"lambdas": xi_grid.tolist(), "xi_mean": xi_mean.tolist(),
+                             "n_dropped": dropped, "top_eigenvalue": float(sigma_val.max())}
+    extras = torch.tensor([s.lam for s in selections] + lam_q, dtype=torch.float64)
+    results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([grid, explicit, extras]))
+    rows = [{"lam": lam, "lds": r.mean, "sem": r.sem, "spectrum": True}
+            for lam, r in zip(grid.tolist(), results[: len(grid)], strict=True)]
+    rows += [{"lam": lam, "lds": r.mean, "sem": r.sem, "spectrum": False}
+             for lam, r in zip(explicit.tolist(), results[len(grid): len(grid) + len(explicit)],
+                               strict=True)]
+    tail = results[len(grid) + len(explicit):]
+    if selections:
+        extra["selections"] = [{**s.to_dict(), "lds": r.mean, "sem": r.sem}
+                               for s, r in zip(selections, tail, strict=False)]
+        extra["surrogate"] = next(s for s in extra["selections"]
+                                  if s["threshold"] == spec.threshold)
+        extra["quantile_baselines"] = {str(q): [lam, r.mean] for q, lam, r in
+                                       zip(BASELINE_QUANTILES, lam_q, tail[len(selections):],
+                                           strict=True)}
+    extra["spectrum"] = {"k": int(test_path.sigma.numel()), "max": float(test_path.sigma.max()),
+                         "min": float(test_path.sigma.min())}
+    return {"rows": rows, **extra}
+
+
+def _score_grid(att: Any, test: Any, gt: GroundTruth, cell: Cell, show: bool) -> dict[str, Any]:
+    """Score-stage values one by one (reusing the fit); a value that fails (e.g. a LiSSA scale
+    that diverges at some lambda) becomes an error row, not a failed cell."""
+    grid = [plain(s) for s in cell.score] or [{}]
+    rows: list[dict[str, Any]] = []
+    done: set[int] = set()
+    try:
+        for i, (values, scores) in enumerate(progress(att.score_grid(test, grid), enabled=show,
+                                                      desc=att.name, total=len(grid))):
             res = lds(scores, gt.masks, gt.mean_outputs)
             rows.append({**values, "lds": res.mean, "sem": res.sem})
-    return {"setting": prepared.setting.name, "method": method.name, "fit": fit_values,
-            "rows": rows, "fit_seconds": fit_seconds, "score_seconds": time.time() - t1,
-            "data_source": prepared.splits.source, **extra}
+            done.add(i)
+    except (ValueError, FloatingPointError, ArithmeticError):
+        for i, values in enumerate(grid):  # redo the rest one value at a time
+            if i in done:
+                continue
+            try:
+                res = lds(att.score(test, **values), gt.masks, gt.mean_outputs)
+            except (ValueError, FloatingPointError, ArithmeticError) as err:
+                rows.append({**values, "lds": float("nan"), "sem": float("nan"), "error": str(err)})
+            else:
+                rows.append({**values, "lds": res.mean, "sem": res.sem})
+    return {"rows": rows}  # in grid order: score_grid yields in order, the redo keeps it
 
 
-def run_cell_or_error(prepared: Prepared, method: MethodSpec, fit_values: dict[str, Any],
-                      threshold: float = 0.5, grid_points: int = 25) -> dict[str, Any]:
-    """``run_cell``, but a value that is invalid for this setting (a ValueError, e.g. a
-    projection dim above this model's parameter count) becomes a recorded error cell instead
-    of stopping the sweep. Delete the cell file to retry it."""
-    try:
-        return run_cell(prepared, method, fit_values, threshold, grid_points)
-    except ValueError as err:
-        return {"setting": prepared.setting.name, "method": method.name, "fit": fit_values,
-                "rows": [], "error": str(err), "data_source": prepared.splits.source}
+# -- the cell store ----------------------------------------------------------------------------
+
+class CellStore:
+    """The ``cells/`` directory: one JSON file per cell, written atomically, read back only when
+    its fingerprint matches the cell's current definition."""
+
+    def __init__(self, out: Path, spec: SweepSpec) -> None:
+        self.dir = out / "cells"
+        self.spec = spec
+
+    def path(self, cell: Cell) -> Path:
+        """The cell's file."""
+        return self.dir / f"{cell.cell_id}.json"
+
+    def header(self, cell: Cell) -> dict[str, Any]:
+        """What every record of ``cell`` starts with (identity, definition, fingerprint)."""
+        method = self.spec.method(cell.method)
+        setting = self.spec.setting(cell.setting)
+        definition = cell.definition(self.spec)
+        return {"cell_id": cell.cell_id, "fingerprint": fingerprint_config(definition),
+                "definition": definition, "setting": cell.setting, "setting_name": setting.name,
+                "method": cell.method, "attributor": method.name, "alpha": cell.alpha,
+                "fit": plain(cell.fit)}
+
+    def state(self, cell: Cell) -> tuple[str, str]:
+        """(``done`` | ``failed`` | ``changed`` | ``missing`` | ``unreadable``, detail)."""
+        path = self.path(cell)
+        if not path.exists():
+            return "missing", ""
+        try:
+            stored = read_json(path)
+        except (ValueError, OSError) as err:
+            return "unreadable", str(err)
+        want = self.header(cell)
+        if stored.get("fingerprint") != want["fingerprint"]:
+            old, new = stored.get("definition", {}), want["definition"]
+            diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            return "changed", ", ".join(diffs) or "format"
+        if stored.get("status") != "ok":
+            return "failed", str(stored.get("error", ""))
+        return "done", ""
+
+    def save(self, cell: Cell, result: dict[str, Any]) -> None:
+        """Write the cell's record atomically."""
+        atomic_write_json(self.path(cell), {**self.header(cell), **result})
+
+    def load(self, cell: Cell) -> dict[str, Any]:
+        """The stored record of ``cell`` (with its file name)."""
+        return {**read_json(self.path(cell)), "file": f"cells/{cell.cell_id}.json"}
+
+
+def failure_record(err: BaseException) -> dict[str, Any]:
+    """What a failed cell stores: the error and the end of its traceback."""
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return {"status": "failed", "rows": [], "error": f"{type(err).__name__}: {err}",
+            "traceback": tb[-4000:]}
+
+
+# -- the whole sweep ---------------------------------------------------------------------------
+
+@dataclass
+class SweepOutcome:
+    """Every cell's record, in spec order, and the failed ones."""
+
+    cells: list[dict[str, Any]]
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        """The cells whose status is not ``ok``."""
+        return [c for c in self.cells if c.get("status") != "ok"]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.cells)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.cells[i]
+
+
+class Workspace:
+    """Trained settings and ground truths of a sweep directory, built once each, cached."""
+
+    def __init__(self, spec: SweepSpec, out: Path, device: str, show_progress: bool,
+                 say: Callable[..., None], gt_backend: str = "auto",
+                 gt_options: dict[str, Any] | None = None) -> None:
+        self.spec, self.out, self.device = spec, out, device
+        self.show, self.say = show_progress, say
+        self.gt_backend, self.gt_options = gt_backend, gt_options
+        self._trained: dict[str, TrainedSetting] = {}
+        self._gts: dict[tuple[str, float], GroundTruth] = {}
+
+    def setting_dir(self, setting: SettingSpec) -> Path:
+        """``settings/<label>-<fingerprint of its definition>``."""
+        fp = fingerprint_config(setting.definition(self.spec.seed, self.spec.data_dir))[:8]
+        return self.out / "settings" / f"{setting.label}-{fp}"
+
+    def trained(self, label: str) -> TrainedSetting:
+        """The trained setting (trained or resumed on first use)."""
+        if label not in self._trained:
+            s = self.spec.setting(label)
+            self._trained[label] = train_setting(
+                s.name, self.setting_dir(s), seed=self.spec.seed, data_dir=self.spec.data_dir,
+                sizes=tuple(s.sizes) if s.sizes else None, device=self.device,
+                show_progress=self.show, recipe_overrides=s.recipe, say=self.say,
+                task_options=s.model, load_options=s.data)
+        return self._trained[label]
+
+    def groundtruth(self, label: str, alpha: float) -> GroundTruth:
+        """The ground truth of a setting at ``alpha`` (built or resumed on first use)."""
+        if (label, alpha) not in self._gts:
+            config = groundtruth_config(self.spec, alpha)
+            fp = fingerprint_config(asdict(config))[:8]
+            directory = self.setting_dir(self.spec.setting(label)) / f"groundtruth-a{alpha:g}-{fp}"
+            self._gts[(label, alpha)] = setting_groundtruth(
+                self.trained(label), config, directory, show_progress=self.show, say=self.say,
+                backend=self.gt_backend, backend_options=self.gt_options)
+        return self._gts[(label, alpha)]
+
+    def run(self, cell: Cell) -> dict[str, Any]:
+        """Run one cell; any exception becomes a failed record."""
+        try:
+            trained = self.trained(cell.setting)
+            gt = self.groundtruth(cell.setting, cell.alpha)
+            return run_cell(trained, gt, self.spec.method(cell.method), cell, self.spec)
+        except Exception as err:
+            return failure_record(err)
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
               address: str | None = None, device: str = "auto", show_progress: bool = True,
-              say: Callable[..., None] = print) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep into ``out``; return every cell's result."""
+              say: Callable[..., None] = print) -> SweepOutcome:
+    """Run (or resume) the sweep into ``out``; return every cell's record (failed ones too)."""
+    if backend not in ("local", "process", "ray"):
+        raise ValueError(f"unknown backend {backend!r}; choose one of: local, process, ray")
     out = Path(out)
-    cells_dir = out / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = out / "sweep.json"
-    if spec_path.exists() and read_json(spec_path)["groundtruth"] != asdict(spec.groundtruth):
-        raise ValueError(f"{out} holds a sweep with another ground-truth configuration; "
-                         "use a new directory")
-    atomic_write_json(spec_path, spec.to_dict())
+    store = CellStore(out, spec)
+    store.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "sweep.json", spec.to_dict())
     cells = expand_cells(spec)
-    pending = [c for c in cells if not (cells_dir / f"{c.cell_id}.json").exists()]
-    say(f"sweep {spec.name}: {len(cells)} cells, {len(cells) - len(pending)} already done")
-    methods = {m.name: m for m in spec.methods}
+    pending = []
+    counts: dict[str, int] = {}
+    for cell in cells:
+        state, detail = store.state(cell)
+        counts[state] = counts.get(state, 0) + 1
+        if state == "done":
+            continue
+        pending.append(cell)
+        if state == "changed":
+            say(f"  {cell.cell_id}: definition changed ({detail}); recomputing")
+        elif state == "failed":
+            say(f"  {cell.cell_id}: failed last time ({detail[:120]}); retrying")
+        elif state == "unreadable":
+            say(f"  {cell.cell_id}: stored file unreadable ({detail[:120]}); recomputing")
+    say(f"sweep {spec.name}: {len(cells)} cells, {counts.get('done', 0)} already done, "
+        f"{len(pending)} to run")
     gt_backend, gt_options = ("ray", {"address": address}) if backend == "ray" else ("auto", {})
-    for name in dict.fromkeys(c.setting for c in pending):  # train + ground truth once, here
-        _prepare(spec, out, name, device, show_progress, say, gt_backend, gt_options)
-    if backend in ("ray", "process"):
+    work = Workspace(spec, out, device, show_progress, say, gt_backend, gt_options)
+    needed = list(dict.fromkeys((c.setting, c.alpha) for c in pending))
+    for label, alpha in needed:  # train + ground truth once each, here, before any cell
+        work.groundtruth(label, alpha)
+    if backend == "local":
+        quiet = Workspace(spec, out, device, False, lambda *a: None)
+        quiet._trained, quiet._gts = work._trained, work._gts
+        for cell in progress(pending, enabled=show_progress, desc="sweep cells", unit="cell"):
+            store.save(cell, quiet.run(cell))
+    else:
         from tdatune.evaluate.runners import map_local, map_ray
 
-        payloads = [(spec.to_dict(), str(out), c, device) for c in pending]
+        payloads = [(spec.to_dict(), str(out), cell, device) for cell in pending]
 
         def save(index: int, result: dict[str, Any]) -> None:
-            atomic_write_json(cells_dir / f"{pending[index].cell_id}.json", result)
+            store.save(pending[index], result)
 
-        if backend == "ray":
-            map_ray(_run_cell_payload, payloads, address=address, show_progress=show_progress,
-                    desc="sweep cells", on_result=save)
-        else:
-            map_local(_run_cell_payload, payloads, show_progress=show_progress,
-                      desc="sweep cells", on_result=save)
-    elif backend == "local":
-        cache: dict[str, Prepared] = {}
-        for cell in progress(pending, enabled=show_progress, desc="sweep cells", unit="cell"):
-            if cell.setting not in cache:
-                cache[cell.setting] = _prepare(spec, out, cell.setting, device, False, lambda *a: None)
-            result = run_cell_or_error(cache[cell.setting], methods[cell.method], dict(cell.fit),
-                                       spec.threshold, spec.grid_points)
-            atomic_write_json(cells_dir / f"{cell.cell_id}.json", result)
-    else:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: local, process, ray")
-    return [read_json(cells_dir / f"{c.cell_id}.json") for c in cells]
-
-
-def _prepare(spec: SweepSpec, out: Path, name: str, device: str, show_progress: bool,
-             say: Callable[..., None], backend: str = "auto",
-             backend_options: dict[str, Any] | None = None) -> Prepared:
-    sizes = spec.sizes.get(name)
-    return prepare_setting(name, out / "settings" / name, spec.groundtruth, seed=spec.seed,
-                           data_dir=spec.data_dir, sizes=tuple(sizes) if sizes else None,
-                           device=device, show_progress=show_progress,
-                           recipe_overrides=spec.recipes.get(name), say=say, backend=backend,
-                           backend_options=backend_options)
+        mapper = map_ray if backend == "ray" else map_local
+        options = {"address": address} if backend == "ray" else {}
+        mapper(_run_cell_payload, payloads, show_progress=show_progress, desc="sweep cells",
+               on_result=save, **options)
+    return SweepOutcome([store.load(c) for c in cells])
 
 
 def _run_cell_payload(payload: tuple[dict[str, Any], str, Cell, str]) -> dict[str, Any]:
-    """Run one cell in another process (Ray worker): reload the prepared setting from disk."""
+    """Run one cell in another process (pool or Ray worker): reload the setting from disk."""
     raw, out, cell, device = payload
     spec = spec_from_dict(raw)
-    prepared = _prepare(spec, Path(out), cell.setting, device, False, lambda *a: None)
-    method = next(m for m in spec.methods if m.name == cell.method)
-    return run_cell_or_error(prepared, method, dict(cell.fit), spec.threshold, spec.grid_points)
-
-
-def _as_list(value: Any) -> list[Any]:
-    """A grid from TOML: a list, a scalar, or {logspace = [lo, hi, num]}; "none" means None."""
-    if isinstance(value, dict) and "logspace" in value:
-        lo, hi, num = value["logspace"]
-        return np.logspace(float(lo), float(hi), int(num)).tolist()
-    items = list(value) if isinstance(value, list | tuple) else [value]
-    return [None if isinstance(v, str) and v.lower() == "none" else v for v in items]
-
-
-def _product(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    if not grid:
-        return [{}]
-    keys = list(grid)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
+    return Workspace(spec, Path(out), device, False, lambda *a: None).run(cell)
