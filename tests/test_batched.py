@@ -230,3 +230,58 @@ def test_models_per_chunk_respects_memory(digits_small):
     assert 1 <= small < large
     lbfgs = replace(recipe, optimizer="lbfgs")
     assert models_per_chunk(task, lbfgs, digits_small.train, memory_bytes=1 << 20) <= small
+
+
+class _FakeClock:
+    """A clock that advances by a chosen number of seconds per model of the chunk in flight."""
+
+    def __init__(self, seconds_per_model: list[float]) -> None:
+        self.now, self.rates, self.chunk = 0.0, list(seconds_per_model), 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def finish(self, models: int) -> None:
+        self.now += models * self.rates[min(self.chunk, len(self.rates) - 1)]
+        self.chunk += 1
+
+
+@pytest.mark.parametrize(("fit", "rates", "expected"), [
+    # slow models (20 s each): 10 would take 200 s, so chunks shrink to 60 s = 3 models
+    (100, [20.0], [10, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]),
+    # medium models (2 s each): ten per chunk (20 s), the cap in models
+    (100, [2.0], [10] * 5),
+    # tiny models (0.01 s each): after the first ten, chunks of 5 s / 0.01 s = 500 (all 40 left)
+    (100, [0.01], [10, 40]),
+    # memory fits only 4: never more, whatever the speed
+    (4, [0.01], [4] * 13),
+    # speed changes: the second chunk (30, what memory fits) turns slow, the next are cut down
+    (30, [0.01, 0.5], [10, 30, 10, 10]),
+])
+def test_chunk_planner_bounds_what_a_kill_loses(fit, rates, expected):
+    from tdatune.models.batched import ChunkPlanner
+
+    clock = _FakeClock(rates)
+    planner = ChunkPlanner(fit, clock=clock)
+    jobs = list(range(sum(expected)))
+    seen = []
+    for chunk in planner.chunks(jobs):
+        seen += chunk
+        clock.finish(len(chunk))
+    assert seen == jobs and planner.sizes == expected
+    # What a kill may lose is one chunk: at most 10 models, or a chunk predicted (from the
+    # previous chunk's time per model) to take under 5 s, and never one predicted over 60 s.
+    per_model = [rates[min(i, len(rates) - 1)] for i in range(len(expected))]
+    for size, previous in zip(planner.sizes[1:], per_model[:-1], strict=True):
+        assert size * previous <= 60.0 and (size <= 10 or size * previous <= 5.0)
+
+
+def test_chunk_planner_shrinks_after_a_slow_chunk():
+    from tdatune.models.batched import ChunkPlanner
+
+    planner = ChunkPlanner(100)
+    assert planner.update(10, 300.0) == 2  # 30 s per model: two fit in a minute
+    assert planner.update(2, 200.0) == 1  # slower still: one at a time
+    assert planner.update(1, 0.001) == 100  # fast again: up to what memory fits
+    with pytest.raises(ValueError, match="chunk sizes"):
+        ChunkPlanner(0)

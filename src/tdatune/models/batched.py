@@ -25,13 +25,21 @@ where ``train_model(task, train.subset(mask_m), recipe, seed_m)`` ends (float to
 Models with BatchNorm or dropout (batch statistics and random masks would need per-model
 state and random streams) are refused with :class:`BatchedTrainingUnsupported`; callers fall
 back to training them one at a time.
+
+The models of a chunk finish together, so a kill loses the chunk in flight.
+:class:`ChunkPlanner` bounds that loss: chunks of at most ``MAX_MODELS_PER_CHUNK`` (10) models,
+more only while a chunk is predicted to take under ``FAST_CHUNK_SECONDS`` (tiny models, where
+bigger chunks are much faster and losing one costs seconds), and never a chunk predicted to
+take over ``MAX_CHUNK_SECONDS`` (60); predictions use the measured time per model of the
+previous chunk.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +75,9 @@ LBFGS_MAX_BACKTRACK = 30
 LBFGS_TOL_GRAD = 1e-10
 LBFGS_TOL_CHANGE = 1e-14
 DEFAULT_CPU_BUDGET = 2 << 30  # bytes of working memory a CPU chunk may use
+MAX_MODELS_PER_CHUNK = 10  # what a kill may lose, in models ...
+FAST_CHUNK_SECONDS = 5.0  # ... unless a larger chunk is predicted to finish within this
+MAX_CHUNK_SECONDS = 60.0  # and what it may lose in time, whatever the number of models
 
 
 class BatchedTrainingUnsupported(ValueError):
@@ -539,8 +550,52 @@ def models_per_chunk(task: Task, recipe: TrainRecipe, train: ArrayDataset, *,
     return max(1, int(memory_bytes // max(per_model, 1)))
 
 
+class ChunkPlanner:
+    """Consecutive chunks of ``items`` for batched training that bound what a kill loses.
+
+    ``fit`` is the most models memory allows. The first chunk has ``min(fit, max_models)``
+    models; after each, the measured seconds per model ``p`` size the next one: up to
+    ``fast_seconds / p`` models when that exceeds ``max_models`` (fast models: larger chunks
+    are faster and still lose only seconds), at most ``max_seconds / p`` (a slow chunk is cut
+    down to about a minute of work), never more than ``fit`` nor fewer than one. Iterate over
+    :meth:`chunks`; each chunk is timed from when it is handed out until the next is asked
+    for, so the caller trains and stores it in between.
+    """
+
+    def __init__(self, fit: int, *, max_models: int = MAX_MODELS_PER_CHUNK,
+                 fast_seconds: float = FAST_CHUNK_SECONDS,
+                 max_seconds: float = MAX_CHUNK_SECONDS,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if fit < 1 or max_models < 1:
+            raise ValueError(f"chunk sizes must be >= 1, got fit={fit}, max_models={max_models}")
+        self.fit, self.max_models = int(fit), int(max_models)
+        self.fast_seconds, self.max_seconds = float(fast_seconds), float(max_seconds)
+        self.clock = clock
+        self.size = min(self.fit, self.max_models)
+        self.sizes: list[int] = []
+
+    def update(self, models: int, seconds: float) -> int:
+        """Size the next chunk after one of ``models`` models took ``seconds``; return it."""
+        per_model = max(seconds, 1e-9) / max(models, 1)
+        fast = math.floor(self.fast_seconds / per_model)
+        slow = math.floor(self.max_seconds / per_model)
+        self.size = max(1, min(self.fit, max(self.max_models, fast), slow))
+        return self.size
+
+    def chunks(self, items: Sequence[object]) -> Iterator[list]:
+        """Yield consecutive chunks of ``items`` sized as described above."""
+        start = 0
+        while start < len(items):
+            chunk = list(items[start : start + self.size])
+            self.sizes.append(len(chunk))
+            began = self.clock()
+            yield chunk
+            self.update(len(chunk), self.clock() - began)
+            start += len(chunk)
+
+
 __all__ = [
-    "BatchedResult", "BatchedTrainingUnsupported", "activation_numel", "batched_lbfgs",
-    "batched_outputs", "check_batchable", "models_per_chunk", "retrain_outputs_batched",
+    "BatchedResult", "BatchedTrainingUnsupported", "ChunkPlanner", "activation_numel",
+    "batched_lbfgs", "batched_outputs", "check_batchable", "models_per_chunk", "retrain_outputs_batched",
     "subset_indices", "supports_batched", "train_batched",
 ]
