@@ -30,6 +30,7 @@ import torch
 from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.groundtruth import RetrainJob, Runner, retrain_outputs, sequential_runner
 from tdatune.models.batched import (
+    ChunkPlanner,
     check_batchable,
     models_per_chunk,
     retrain_outputs_batched,
@@ -131,8 +132,11 @@ def batched_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explain
                    masks: torch.Tensor, device: str | torch.device = "cpu",
                    show_progress: bool = True, *, chunk_size: int | None = None,
                    memory_bytes: int | None = None) -> Runner:
-    """Train chunks of models together in this process (``chunk_size`` models, default as
-    many as fit in ``memory_bytes``; see :func:`tdatune.models.batched.models_per_chunk`)."""
+    """Train chunks of models together in this process: ``chunk_size`` models each, or by
+    default chunks that fit in ``memory_bytes`` (:func:`tdatune.models.batched.models_per_chunk`)
+    and bound what a kill loses to about ten models or a minute of work
+    (:class:`tdatune.models.batched.ChunkPlanner`); each chunk's models are stored as soon as it
+    finishes."""
     check_batchable(task)
     ctx = RetrainContext(task, recipe, train, explained, masks, str(device))
     subset_size = int(masks[0].sum()) if len(masks) else None
@@ -143,7 +147,11 @@ def batched_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explain
         with progress(total=len(jobs), enabled=show_progress, desc="retraining (batched)",
                       unit="model") as bar:
             write = _chunk_writer(done, bar)
-            for chunk in chunked(jobs, min(size, max(len(jobs), 1))):
+            # Default: chunks that bound what a kill loses (ChunkPlanner); an explicit
+            # chunk_size is taken as given.
+            chunks = (chunked(jobs, min(size, max(len(jobs), 1))) if chunk_size
+                      else ChunkPlanner(size).chunks(jobs))
+            for chunk in chunks:
                 write(chunk, ctx.run_chunk(chunk, batched=True))
     return run
 
