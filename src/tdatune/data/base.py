@@ -8,6 +8,7 @@ from itertools import pairwise
 
 import torch
 
+from tdatune.utils.checks import check_finite_examples
 from tdatune.utils.fingerprint import fingerprint_tensors
 
 
@@ -23,6 +24,8 @@ class ArrayDataset:
     targets: torch.Tensor
 
     def __post_init__(self) -> None:
+        check_finite_examples("inputs", self.inputs)
+        check_finite_examples("targets", self.targets)
         if self.inputs.shape[0] != self.targets.shape[0]:
             raise ValueError(
                 f"inputs and targets disagree on the number of examples: "
@@ -35,6 +38,12 @@ class ArrayDataset:
     def subset(self, index: torch.Tensor | list[int]) -> ArrayDataset:
         """The examples at ``index`` (a long index or a boolean mask)."""
         idx = torch.as_tensor(index)
+        if idx.numel() == 0 or (idx.dtype == torch.bool and not bool(idx.any())):
+            raise ValueError("ArrayDataset.subset got an empty index (no examples selected); "
+                             "pass at least one example index or a mask with a True entry")
+        if idx.is_floating_point():
+            raise ValueError(f"ArrayDataset.subset needs integer indices or a boolean mask, got "
+                             f"{idx.dtype}; convert with index.long()")
         return ArrayDataset(self.inputs[idx], self.targets[idx])
 
     def fingerprint(self) -> str:
@@ -92,8 +101,13 @@ def make_splits(
     """Shuffle with ``seed`` and cut into disjoint train / val / test of the given sizes."""
     n = int(inputs.shape[0])
     need = n_train + n_val + n_test
-    if min(n_train, n_val, n_test) < 0 or n_train == 0:
-        raise ValueError(f"split sizes must be >= 0 with n_train > 0, got {n_train}/{n_val}/{n_test}")
+    for split, size in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        if size < 1:
+            raise ValueError(
+                f"{name}: the {split} split would have {size} examples; every split needs >= 1 "
+                f"(train to fit, validation to select lambda, test to measure LDS), got sizes "
+                f"{n_train}/{n_val}/{n_test}: pass positive sizes"
+            )
     if need > n:
         raise ValueError(
             f"{name}: asked for {n_train} train + {n_val} val + {n_test} test = {need} examples, "
