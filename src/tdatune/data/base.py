@@ -101,13 +101,8 @@ def make_splits(
     """Shuffle with ``seed`` and cut into disjoint train / val / test of the given sizes."""
     n = int(inputs.shape[0])
     need = n_train + n_val + n_test
-    for split, size in (("train", n_train), ("validation", n_val), ("test", n_test)):
-        if size < 1:
-            raise ValueError(
-                f"{name}: the {split} split would have {size} examples; every split needs >= 1 "
-                f"(train to fit, validation to select lambda, test to measure LDS), got sizes "
-                f"{n_train}/{n_val}/{n_test}: pass positive sizes"
-            )
+    if min(n_train, n_val, n_test) < 0 or n_train == 0:
+        raise ValueError(f"split sizes must be >= 0 with n_train > 0, got {n_train}/{n_val}/{n_test}")
     if need > n:
         raise ValueError(
             f"{name}: asked for {n_train} train + {n_val} val + {n_test} test = {need} examples, "
