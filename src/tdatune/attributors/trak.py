@@ -43,7 +43,7 @@ from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
 from tdatune.data.base import ArrayDataset
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
-from tdatune.models.outputs import probability
+from tdatune.models.outputs import cross_entropy
 from tdatune.models.task import Params, Task
 
 
@@ -60,15 +60,13 @@ class TRAKMember:
 
 def one_minus_p(task: Task, model: torch.nn.Module, params: Params,
                 data: ArrayDataset, batch_size: int = 1024) -> torch.Tensor:
-    """Q's diagonal: 1 - p_y (correct-class probability) for every example, float64."""
-    from torch.func import functional_call
-
+    """Q's diagonal for every example, float64: 1 - p_y (correct-class probability) for
+    cross-entropy tasks, the task's ``trak_weights`` otherwise (see ``Task.trak_q``)."""
     device = next(iter(params.values())).device
     out = []
     with torch.no_grad():
-        for s in range(0, len(data), batch_size):
-            logits = functional_call(model, params, (data.inputs[s : s + batch_size].to(device),))
-            out.append(1 - probability(logits, data.targets[s : s + batch_size].to(device)).double())
+        for _, x, y in data.batches(batch_size, device):
+            out.append(task.trak_q(task.call(model, params, x), y).double())
     return torch.cat(out).cpu()
 
 
@@ -133,7 +131,10 @@ class TRAK(Attributor):
             return self.members[(model, idx)]
         model_, params = ctx.model_at(idx)
         projector = self._projector(num_params(params))
-        margin_task = replace(ctx.task, output="margin")
+        # Features are output gradients: the correct-class margin for cross-entropy tasks (as in
+        # TRAK), the task's own output otherwise (e.g. a regression prediction).
+        margin_task = (replace(ctx.task, output="margin") if ctx.task.loss_fn is cross_entropy
+                       else ctx.task)
         phi = per_example_grads(margin_task, model_, params, ctx.train, target="output",
                                 chunk_size=ctx.chunk_size, projector=projector,
                                 show_progress=ctx.show_progress, desc=f"TRAK features ep{idx}")

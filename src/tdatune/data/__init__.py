@@ -1,5 +1,5 @@
 """Data sets: containers, deterministic splits and loaders for real files."""
 
-from tdatune.data.base import ArrayDataset, Splits, make_splits
+from tdatune.data.base import ArrayDataset, Splits, as_dataset, make_splits
 
-__all__ = ["ArrayDataset", "Splits", "make_splits"]
+__all__ = ["ArrayDataset", "Splits", "as_dataset", "make_splits"]

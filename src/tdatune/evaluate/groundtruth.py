@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from tdatune.data.base import ArrayDataset
-from tdatune.models.task import Task
-from tdatune.models.training import TrainRecipe, load_model, train_model
+from tdatune.models.task import Task, check_task
+from tdatune.models.training import TrainFunction, TrainRecipe, load_model, train_model
 from tdatune.utils.atomic import (
     atomic_save_npy,
     atomic_write_json,
@@ -116,12 +116,18 @@ def sample_subsets(n: int, config: GroundTruthConfig) -> torch.Tensor:
     return masks
 
 
-def retrain_outputs(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
-                    mask: torch.Tensor, seed: int, device: str | torch.device = "cpu") -> np.ndarray:
-    """Train on the masked subset with ``seed`` and return the outputs on ``explained``."""
-    result = train_model(task, train.subset(mask), recipe, seed, device=device)
+def retrain_outputs(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
+                    explained: ArrayDataset, mask: torch.Tensor, seed: int,
+                    device: str | torch.device = "cpu") -> np.ndarray:
+    """Train on the masked subset with ``seed`` (the recipe, or your training function) and
+    return the outputs on ``explained``."""
+    if isinstance(recipe, TrainFunction):
+        result = recipe.run(task, train, seed, index=mask)
+    else:
+        result = train_model(task, train.subset(mask), recipe, seed, device=device)
     model, params = load_model(task, result.state, device)
-    out = task.evaluate(model, params, explained.inputs.to(device), explained.targets.to(device))
+    on_device = explained.to(device)
+    out = task.evaluate(model, params, on_device.inputs, on_device.targets)
     return out.double().cpu().numpy()
 
 
@@ -131,7 +137,7 @@ def retrain_outputs(task: Task, recipe: TrainRecipe, train: ArrayDataset, explai
 Runner = Callable[[Sequence[RetrainJob], Callable[[RetrainJob, np.ndarray], None]], None]
 
 
-def sequential_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset,
+def sequential_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
                       explained: ArrayDataset, masks: torch.Tensor, device: str | torch.device,
                       show_progress: bool) -> Runner:
     """Retrain one model at a time in this process."""
@@ -141,13 +147,13 @@ def sequential_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset,
     return run
 
 
-def manifest_for(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
-                 config: GroundTruthConfig) -> dict[str, Any]:
+def manifest_for(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
+                 explained: ArrayDataset, config: GroundTruthConfig) -> dict[str, Any]:
     """What identifies a ground truth: configuration, recipe, task and data fingerprints."""
     return {
         "config": asdict(config),
         "recipe": recipe.to_dict(),
-        "task": {"name": task.name, "output": task.output},
+        "task": {"name": task.name, "output": task.output_name},
         "train_fingerprint": train.fingerprint(),
         "explained_fingerprint": explained.fingerprint(),
         "n_train": len(train),
@@ -156,7 +162,7 @@ def manifest_for(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained
 
 
 def build_ground_truth(
-    task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+    task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset, explained: ArrayDataset,
     config: GroundTruthConfig, directory: str | Path, *, device: str | torch.device = "cpu",
     runner: Runner | None = None, show_progress: bool = True, backend: str = "auto",
     backend_options: dict[str, Any] | None = None,
@@ -165,7 +171,9 @@ def build_ground_truth(
 
     ``backend`` names how models are retrained (auto, sequential, batched, process, ray; see
     :func:`tdatune.evaluate.runners.make_runner`, which takes ``backend_options``); a ready
-    ``runner`` callable overrides it.
+    ``runner`` callable overrides it. ``recipe`` may be a :class:`TrainFunction` (your own
+    training loop: ``fn(subset, seed) -> trained state``); the sequential, process and Ray
+    backends run it, with the same per-model files, resume and manifest checks.
     """
     directory = Path(directory)
     manifest = manifest_for(task, recipe, train, explained, config)
@@ -197,11 +205,15 @@ def build_ground_truth(
         atomic_save_npy(models_dir / job.filename, out)
 
     if pending:
+        # Cheap checks before any retraining: the model takes the batches, loss and output
+        # give one value per example.
+        check_task(task, train, what="training data")
+        check_task(task, explained, what="explained examples")
         run = runner
         if run is None:
             from tdatune.evaluate.runners import make_runner, resolve_backend
 
-            backend = resolve_backend(backend, task, recipe)
+            backend = resolve_backend(backend, task, recipe, train)
             run = make_runner(backend, task, recipe, train, explained, masks, device=device,
                               show_progress=show_progress, **(backend_options or {}))
             atomic_write_json(directory / "backend.json", {

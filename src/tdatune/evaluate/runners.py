@@ -37,7 +37,7 @@ from tdatune.models.batched import (
     supports_batched,
 )
 from tdatune.models.task import Task
-from tdatune.models.training import TrainRecipe
+from tdatune.models.training import TrainFunction, TrainRecipe
 from tdatune.utils.checks import check_choice
 from tdatune.utils.progress import progress
 
@@ -54,7 +54,7 @@ class RetrainContext:
     module-level class or functools.partial) and sent to each worker once."""
 
     task: Task
-    recipe: TrainRecipe
+    recipe: TrainRecipe | TrainFunction
     train: ArrayDataset
     explained: ArrayDataset
     masks: torch.Tensor
@@ -62,7 +62,7 @@ class RetrainContext:
 
     def run_chunk(self, jobs: Sequence[RetrainJob], batched: bool) -> list[np.ndarray]:
         """Outputs of each job's model, trained together when ``batched`` and more than one."""
-        if batched and len(jobs) > 1:
+        if batched and len(jobs) > 1 and isinstance(self.recipe, TrainRecipe):
             index = torch.tensor([j.subset for j in jobs])
             out = retrain_outputs_batched(self.task, self.recipe, self.train, self.explained,
                                           self.masks[index], [j.seed for j in jobs],
@@ -128,7 +128,8 @@ def _result_collector(results: list[Any], on_result: Callable[[int, Any], None] 
     return finished
 
 
-def batched_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+def batched_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
+                   explained: ArrayDataset,
                    masks: torch.Tensor, device: str | torch.device = "cpu",
                    show_progress: bool = True, *, chunk_size: int | None = None,
                    memory_bytes: int | None = None) -> Runner:
@@ -138,6 +139,12 @@ def batched_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explain
     (:class:`tdatune.models.batched.ChunkPlanner`); each chunk's models are stored as soon as it
     finishes."""
     check_batchable(task)
+    if not can_batch(task, recipe, train):
+        raise ValueError(
+            f"{task.name}: the batched backend needs a TrainRecipe, a model called as model(x) "
+            "and tensor inputs and targets; a training function, a custom forward or "
+            f"structured batches ({train.describe()}) retrain with the sequential, process or "
+            "ray backend")
     ctx = RetrainContext(task, recipe, train, explained, masks, str(device))
     subset_size = int(masks[0].sum()) if len(masks) else None
 
@@ -186,7 +193,8 @@ def _threads_per_worker(workers: int, threads: int | None) -> int:
     return threads if threads is not None else max(1, (os.cpu_count() or 1) // workers)
 
 
-def process_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+def process_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
+                   explained: ArrayDataset,
                    masks: torch.Tensor, device: str | torch.device = "cpu",
                    show_progress: bool = True, *, num_workers: int | None = None,
                    threads_per_worker: int | None = None, models_per_task: int = 1) -> Runner:
@@ -197,12 +205,13 @@ def process_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explain
     worker default to the CPU count divided by the workers, so the pool does not
     oversubscribe the cores."""
     ctx = RetrainContext(task, recipe, train, explained, masks, str(device))
-    batched = models_per_task > 1 and supports_batched(task)
+    batched = models_per_task > 1 and can_batch(task, recipe, train)
 
     def run(jobs: Sequence[RetrainJob], done: Done) -> None:
         chunks = chunked(jobs, models_per_task)
         wanted = num_workers
-        if wanted is None and torch.device(device).type == "cuda":
+        if wanted is None and torch.device(device).type == "cuda" and \
+                can_batch(task, recipe, train):
             # Several models at once on one GPU, as many as fit (at most GPU_WORKERS).
             fit = models_per_chunk(task, recipe, train, device=device) // max(models_per_task, 1)
             wanted = max(1, min(GPU_WORKERS, fit))
@@ -256,7 +265,8 @@ def _ray_chunk(ctx: RetrainContext, jobs: list[RetrainJob], batched: bool,
     return ctx.run_chunk(jobs, batched)
 
 
-def ray_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
+def ray_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
+               explained: ArrayDataset,
                masks: torch.Tensor, device: str | torch.device = "cpu",
                show_progress: bool = True, *, address: str | None = None,
                num_cpus_per_task: int = 1, num_gpus_per_task: float = 0,
@@ -266,7 +276,7 @@ def ray_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: 
     the object store once; outputs come back to this driver, which writes them with ``done``.
     Workers must be able to import tdatune (install it on every node of a cluster)."""
     ctx = RetrainContext(task, recipe, train, explained, masks, str(device))
-    batched = models_per_task > 1 and supports_batched(task)
+    batched = models_per_task > 1 and can_batch(task, recipe, train)
 
     def run(jobs: Sequence[RetrainJob], done: Done) -> None:
         with _RayConnection(address, init_options) as ray:
@@ -282,7 +292,7 @@ def ray_runner(task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: 
 
 # ---------------------------------------------------------------- factory
 
-def make_runner(name: str, task: Task, recipe: TrainRecipe, train: ArrayDataset,
+def make_runner(name: str, task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
                 explained: ArrayDataset, masks: torch.Tensor, *,
                 device: str | torch.device = "cpu", show_progress: bool = True,
                 **options: Any) -> Runner:
@@ -295,7 +305,7 @@ def make_runner(name: str, task: Task, recipe: TrainRecipe, train: ArrayDataset,
     process — num_workers, threads_per_worker, models_per_task; ray — address,
     num_cpus_per_task, num_gpus_per_task, models_per_task, init_options.
     """
-    name = resolve_backend(name, task, recipe)
+    name = resolve_backend(name, task, recipe, train)
     factories: dict[str, Callable[..., Runner]] = {
         "sequential": sequential_runner, "batched": batched_runner,
         "process": process_runner, "ray": ray_runner,
@@ -312,7 +322,19 @@ def make_runner(name: str, task: Task, recipe: TrainRecipe, train: ArrayDataset,
         raise
 
 
-def resolve_backend(name: str, task: Task, recipe: TrainRecipe | None = None) -> str:
+def can_batch(task: Task, recipe: TrainRecipe | TrainFunction | None,
+              train: ArrayDataset | None = None) -> bool:
+    """Whether batched retraining serves this task, recipe and data: a TrainRecipe (not your
+    own training function), ``model(x)`` on tensor inputs and targets, a supported model."""
+    if isinstance(recipe, TrainFunction) or not task.plain:
+        return False
+    if train is not None and not train.is_tensor_pair:
+        return False
+    return supports_batched(task)
+
+
+def resolve_backend(name: str, task: Task, recipe: TrainRecipe | TrainFunction | None = None,
+                    train: ArrayDataset | None = None) -> str:
     """The concrete backend ``auto`` stands for with this task and recipe; others unchanged.
 
     ``auto`` picks ``batched`` only where it reproduces ``train_model`` step for step: SGD or
@@ -324,7 +346,7 @@ def resolve_backend(name: str, task: Task, recipe: TrainRecipe | None = None) ->
     check_choice("ground-truth backend", name, RUNNERS)
     if name == "auto":
         minibatch = recipe is None or recipe.optimizer != "lbfgs"
-        return "batched" if minibatch and supports_batched(task) else "sequential"
+        return "batched" if minibatch and can_batch(task, recipe, train) else "sequential"
     return name
 
 
@@ -385,6 +407,6 @@ def map_ray(fn: Callable[[T], R], items: Iterable[T], *, address: str | None = N
 
 
 __all__ = [
-    "RUNNERS", "RetrainContext", "batched_runner", "chunked", "make_runner", "map_local",
+    "RUNNERS", "RetrainContext", "batched_runner", "can_batch", "chunked", "make_runner", "map_local",
     "map_ray", "process_runner", "ray_runner", "resolve_backend", "sequential_runner",
 ]

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from tdatune.data.base import ArrayDataset
+from tdatune.data.batches import Tree, batch_len, tree_map
 from tdatune.features.layerwise import LayerRanTwice, LinearTaps
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
@@ -63,33 +64,37 @@ def iter_per_example_grads(
     width = num_params(params)
     dtype = next(iter(params.values())).dtype
 
-    def single(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        o = functional_call(model, p, (x.unsqueeze(0),))
-        return fn(o, y.unsqueeze(0))[0]
+    def unsqueeze(t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(0)
+
+    def single(p: Params, x: Tree, y: Tree) -> torch.Tensor:
+        o = task.call(model, p, tree_map(unsqueeze, x))
+        return fn(o, tree_map(unsqueeze, y))[0]
 
     per_example = vmap(grad(single), in_dims=(None, 0, 0))
 
-    def generic(x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> bool:
+    def generic(x: Tree, y: Tree, dest: torch.Tensor) -> bool:
         # Gradients are data here: no graph back to parameters outside ``params`` (grad
         # transforms ignore an outer no_grad, so the per-example gradients are unaffected).
         with torch.no_grad():
-            flatten(per_example(detached, x, y), names, x.shape[0], out=dest)
+            flatten(per_example(detached, x, y), names, dest.shape[0], out=dest)
         return True
 
     compute = generic
     layers = _linear_layout(model, names)
     if layers is not None and len(data) > 0:
-        outer = _OuterProductGrads(model, detached, fn, layers)
+        outer = _OuterProductGrads(task, model, detached, fn, layers)
         probe = min(4, len(data))
-        x, y = data.inputs[:probe].to(device), data.targets[:probe].to(device)
+        _, x, y = next(data.slice(0, probe).batches(probe, device))
         fast, slow = (torch.empty(probe, width, dtype=dtype, device=device) for _ in range(2))
         if outer(x, y, fast) and generic(x, y, slow) and _same(fast, slow):
             compute = outer
 
     for start, x, y in progress(data.batches(chunk_size, device), enabled=show_progress,
                                 desc=desc, total=data.num_batches(chunk_size)):
-        g = (out[start : start + x.shape[0]] if out is not None
-             else torch.empty(x.shape[0], width, dtype=dtype, device=device))
+        b = x.shape[0] if isinstance(x, torch.Tensor) else batch_len(x)
+        g = (out[start : start + b] if out is not None
+             else torch.empty(b, width, dtype=dtype, device=device))
         if not compute(x, y, g):  # the linear path refused this chunk's shapes
             generic(x, y, g)
         check_finite_rows(f"per-example {target} gradients", g, offset=start)
@@ -138,23 +143,24 @@ class _LinearColumns:
 class _OuterProductGrads:
     """Per-example gradients of linear-layer parameters from one batched backward pass."""
 
-    def __init__(self, model: nn.Module, params: Params,
-                 fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    def __init__(self, task: Task, model: nn.Module, params: Params,
+                 fn: Callable[[object, Tree], torch.Tensor],
                  layers: list[_LinearColumns]) -> None:
-        self.model, self.fn, self.layers = model, fn, layers
+        self.task, self.model, self.fn, self.layers = task, model, fn, layers
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, dest: torch.Tensor) -> bool:
+    def __call__(self, x: Tree, y: Tree, dest: torch.Tensor) -> bool:
         """Fill ``dest`` [b, p]; False (dest untouched) when a layer's input is not
         [b, features] or a layer ran other than once."""
         with LinearTaps([(c.name, c.layer) for c in self.layers]) as taps, torch.enable_grad():
             try:
-                values = self.fn(functional_call(self.model, self.params, (x,)), y)
+                values = self.fn(self.task.call(self.model, self.params, x), y)
             except LayerRanTwice:
                 return False
+            b = dest.shape[0]
             acts = [taps.inputs.get(c.name) for c in self.layers]
-            if values.shape != (x.shape[0],) or any(
-                    a is None or a.dim() != 2 or a.shape[0] != x.shape[0] for a in acts):
+            if values.shape != (b,) or any(
+                    a is None or a.dim() != 2 or a.shape[0] != b for a in acts):
                 return False
             # Examples do not interact (eval mode), so d(sum of values)/d(output row i) is
             # example i's own output gradient.

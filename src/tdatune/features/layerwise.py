@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tdatune.data.base import ArrayDataset
+from tdatune.data.batches import batch_len
 from tdatune.models.task import Task
 from tdatune.utils.checks import check_choice, check_finite_rows
 from tdatune.utils.progress import progress
@@ -152,14 +153,15 @@ def iter_layerwise_grads(
     fn = task.loss_fn if target == "loss" else task.output_fn
     model.eval()
     device = next(model.parameters()).device
+    params = dict(model.named_parameters())
     with LinearTaps(layers) as taps:
         for start, x, y in progress(data.batches(chunk_size, device), enabled=show_progress,
                                     desc=desc, total=data.num_batches(chunk_size)):
             taps.clear()
             with torch.enable_grad():
-                deltas = taps.output_grads(fn(model(x), y).sum())
+                deltas = taps.output_grads(fn(task.call(model, params, x), y).sum())
             parts = []
-            b = x.shape[0]
+            b = batch_len(x)
             for (name, layer), f, delta in zip(layers, factors, deltas, strict=True):
                 a = taps.inputs[name].reshape(b, -1, layer.in_features)
                 d = delta.detach().reshape(b, -1, layer.out_features)

@@ -312,7 +312,7 @@ def gradient_identity(task: Task, params: Params, data: ArrayDataset, *, target:
     checkpoint, projection, and fingerprints of the data and the parameters."""
     names = sorted(params)
     return {
-        "task": task.name, "output": task.output, "target": target, "seed": int(seed),
+        "task": task.name, "output": task.output_name, "target": target, "seed": int(seed),
         "checkpoint": checkpoint,
         "projection": projector.describe() if projector is not None else None,
         "data_fingerprint": data.fingerprint(),
@@ -337,7 +337,7 @@ def build_gradient_store(
                                         dtype="float32", chunk_rows=chunk_rows)
 
     def compute(start: int, stop: int) -> torch.Tensor:
-        part = ArrayDataset(data.inputs[start:stop], data.targets[start:stop])
+        part = data.slice(start, stop)
         return per_example_grads(task, model, params, part, target=target,
                                  chunk_size=min(grad_chunk_size, stop - start), projector=projector)
 

@@ -1,5 +1,8 @@
 """Per-example losses and model output functions f(z; theta), batched over a leading axis.
 
+Every function here is called as ``fn(outputs, y)`` and returns one value per example [B]; a
+task may use any callable of that form instead (see :class:`tdatune.models.task.Task`).
+
 Classification: ``logits`` [B, C], ``targets`` [B]. Sequences: ``logits`` [B, T, V],
 ``targets`` [B, T]; the loss is the mean token cross-entropy of the block and every output
 function is the negative of that loss (as in the language-model benchmarks of the literature).
@@ -49,16 +52,50 @@ def loss_output(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return cross_entropy(logits, targets)
 
 
+def prediction(outputs: torch.Tensor, targets: object = None) -> torch.Tensor:
+    """The model's scalar prediction per example (outputs [B] or [B, 1]): regression."""
+    if outputs.dim() == 2 and outputs.shape[1] == 1:
+        return outputs[:, 0]
+    if outputs.dim() != 1:
+        raise ValueError(f"the 'prediction' output needs one number per example (outputs [B] "
+                         f"or [B, 1]), got outputs of shape {list(outputs.shape)}; pass a "
+                         "callable output such as lambda out, y: out[:, k]")
+    return outputs
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example squared error, averaged over any non-example axes (regression loss)."""
+    if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
+        outputs = outputs[..., 0]
+    if outputs.shape != targets.shape:
+        raise ValueError(f"mse: outputs {list(outputs.shape)} and targets {list(targets.shape)} "
+                         "differ in shape; the model must predict one value per target")
+    err = (outputs - targets.to(outputs.dtype)) ** 2
+    return err.reshape(err.shape[0], -1).mean(dim=1)
+
+
 OUTPUT_FUNCTIONS: dict[str, OutputFn] = {
     "margin": margin,
     "probability": probability,
     "loss": loss_output,
     "negative_loss": negative_loss,
+    "prediction": prediction,
 }
+
+LOSS_FUNCTIONS: dict[str, OutputFn] = {"cross_entropy": cross_entropy, "mse": mse}
+
+
+def get_loss_fn(name: str) -> OutputFn:
+    """Look up a per-example loss by name, listing the valid names on error."""
+    if name not in LOSS_FUNCTIONS:
+        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSS_FUNCTIONS)}, "
+                         "or pass a callable (outputs, y) -> per-example losses [B]")
+    return LOSS_FUNCTIONS[name]
 
 
 def get_output_fn(name: str) -> OutputFn:
     """Look up an output function by name, listing the valid names on error."""
     if name not in OUTPUT_FUNCTIONS:
-        raise ValueError(f"unknown output function {name!r}; choose one of: {', '.join(OUTPUT_FUNCTIONS)}")
+        raise ValueError(f"unknown output function {name!r}; choose one of: "
+                         f"{', '.join(OUTPUT_FUNCTIONS)}, or pass a callable (outputs, y) -> [B]")
     return OUTPUT_FUNCTIONS[name]

@@ -1,66 +1,301 @@
-"""A Task bundles what attribution needs to know about a model: how to build it, its
-per-example training loss and the output function being explained."""
+"""A Task bundles what attribution needs to know about a model: how to build it, how to call
+it on a batch, its per-example training loss and the output function being explained.
+
+This is the plug-in point for any model. Batches are trees of tensors (see
+:mod:`tdatune.data.batches`): ``x`` is what the model is called on and ``y`` what the loss and
+the output see next to the model's outputs (for whole-batch data ``y`` is the batch itself).
+The built-in settings are tasks like any user's: a tensor ``x``, ``model(x)``, cross-entropy.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from tdatune.models.outputs import OutputFn, cross_entropy, get_output_fn
+from tdatune.data.base import ArrayDataset
+from tdatune.data.batches import Tree, batch_len, describe, tree_map
+from tdatune.models.outputs import (
+    LOSS_FUNCTIONS,
+    OUTPUT_FUNCTIONS,
+    OutputFn,
+    cross_entropy,
+    get_loss_fn,
+    get_output_fn,
+    probability,
+)
+from tdatune.utils.checks import check_class_targets
 
 Params = dict[str, torch.Tensor]
+Forward = Callable[[nn.Module, Any], Any]
 
 
 @dataclass
 class Task:
-    """Model factory + per-example loss + output function, all batched over examples.
+    """Model factory + forward + per-example loss + output function, batched over examples.
 
-    ``make_model()`` must build the architecture deterministically up to its initialisation
-    (training seeds ``torch.manual_seed`` before calling it).
+    * ``make_model()`` builds the architecture; it must be deterministic up to its
+      initialisation (training seeds ``torch.manual_seed`` before calling it).
+    * ``forward(model, x)`` calls the model on a batch's inputs (default: ``model(x)`` for a
+      tensor, ``model(*x)`` for a tuple, ``model(**x)`` for a dict).
+    * ``loss_fn(outputs, y)`` is the per-example training loss, shape [B].
+    * ``output`` is the function explained: a name (margin, probability, loss, negative_loss,
+      prediction) or any callable ``(outputs, y) -> [B]``.
+    * ``trak_weights(outputs, y) -> [B]``: TRAK's Q (default 1 - p_y for cross-entropy tasks,
+      1 otherwise).
+
+    Everything a process or Ray worker receives must pickle: use module-level functions and
+    classes (or ``functools.partial`` of them), not lambdas or closures, when you retrain on
+    those backends.
     """
 
     make_model: Callable[[], nn.Module]
-    output: str = "margin"
+    output: str | OutputFn = "margin"
     loss_fn: OutputFn = cross_entropy
     name: str = "task"
     extra: dict[str, object] = field(default_factory=dict)
+    forward: Forward | None = None
+    trak_weights: OutputFn | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output, str):
+            get_output_fn(self.output)  # refuse unknown names now, listing the valid ones
+        elif not callable(self.output):
+            raise TypeError(f"output must be a name ({', '.join(OUTPUT_FUNCTIONS)}) or a "
+                            f"callable (outputs, y) -> [B], got {type(self.output).__name__}")
+        if not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be a callable (outputs, y) -> [B] per-example "
+                            f"losses, got {type(self.loss_fn).__name__}")
 
     @property
     def output_fn(self) -> OutputFn:
-        """The named output function."""
-        return get_output_fn(self.output)
+        """The output function (looked up when given by name; ``loss`` and ``negative_loss``
+        are this task's own loss)."""
+        if self.output == "loss":
+            return self.loss_fn
+        if self.output == "negative_loss":
+            return partial(_negated, self.loss_fn)
+        return get_output_fn(self.output) if isinstance(self.output, str) else self.output
+
+    @property
+    def output_name(self) -> str:
+        """The output's name, or ``module:qualname`` of a callable (manifests, fingerprints)."""
+        return self.output if isinstance(self.output, str) else callable_name(self.output)
+
+    @property
+    def plain(self) -> bool:
+        """True when the model is called as ``model(x)`` (no custom forward): the form the
+        batched retraining and the fast linear-layer gradient path were written for."""
+        return self.forward is None
+
+    def call(self, model: nn.Module, params: Params, x: Tree) -> Any:
+        """The model's outputs on inputs ``x`` with its parameters replaced by ``params``."""
+        if self.forward is None:
+            if isinstance(x, torch.Tensor):
+                return functional_call(model, params, (x,))
+            if isinstance(x, Mapping):
+                return functional_call(model, params, (), dict(x))
+            return functional_call(model, params, tuple(x))
+        bound = _Bound(model, self.forward)
+        return functional_call(bound, {f"model.{k}": v for k, v in params.items()}, (x,))
 
     def evaluate(
-        self, model: nn.Module, params: Params, inputs: torch.Tensor, targets: torch.Tensor,
+        self, model: nn.Module, params: Params, inputs: Tree, targets: Tree,
         *, fn: str = "output", batch_size: int = 1024,
     ) -> torch.Tensor:
         """Per-example outputs (``fn='output'``) or losses (``fn='loss'``) under ``params``."""
         func = self.output_fn if fn == "output" else self.loss_fn
+        data = ArrayDataset(inputs) if targets is inputs else ArrayDataset(inputs, targets)
+        device = next(iter(params.values())).device if params else "cpu"
         model.eval()
         values = []
         with torch.no_grad():
-            for start in range(0, inputs.shape[0], batch_size):
-                logits = functional_call(model, params, (inputs[start : start + batch_size],))
-                values.append(func(logits, targets[start : start + batch_size]))
+            for _, x, y in data.batches(batch_size, device):
+                values.append(func(self.call(model, params, x), y))
         return torch.cat(values) if values else torch.empty(0)
 
-    def accuracy(self, model: nn.Module, params: Params, inputs: torch.Tensor,
-                 targets: torch.Tensor, batch_size: int = 1024) -> float:
-        """Fraction of correct argmax predictions (token-level for sequences)."""
+    def accuracy(self, model: nn.Module, params: Params, inputs: Tree,
+                 targets: Tree, batch_size: int = 1024) -> float:
+        """Fraction of correct argmax predictions (token-level for sequences); NaN when the
+        task is not a classification of integer targets by outputs of one more dimension."""
+        data = ArrayDataset(inputs) if targets is inputs else ArrayDataset(inputs, targets)
+        device = next(iter(params.values())).device if params else "cpu"
         model.eval()
         correct = total = 0
         with torch.no_grad():
-            for start in range(0, inputs.shape[0], batch_size):
-                logits = functional_call(model, params, (inputs[start : start + batch_size],))
-                pred = logits.argmax(-1)
-                tgt = targets[start : start + batch_size]
-                correct += int((pred == tgt).sum())
-                total += tgt.numel()
+            for _, x, y in data.batches(batch_size, device):
+                logits = self.call(model, params, x)
+                if not (isinstance(y, torch.Tensor) and isinstance(logits, torch.Tensor)
+                        and not y.is_floating_point() and logits.dim() == y.dim() + 1):
+                    return math.nan
+                correct += int((logits.argmax(-1) == y).sum())
+                total += y.numel()
         return correct / max(total, 1)
+
+    def trak_q(self, outputs: Any, y: Tree) -> torch.Tensor:
+        """TRAK's per-example weights Q (1 - p_y for cross-entropy tasks, else 1)."""
+        if self.trak_weights is not None:
+            return self.trak_weights(outputs, y)
+        if self.loss_fn is cross_entropy:
+            return 1 - probability(outputs, y)
+        return torch.ones(batch_len(y, "targets"), device=_device_of(y))
+
+
+class _Bound(nn.Module):
+    """``forward(model, x)`` as a module, so ``functional_call`` can swap the parameters."""
+
+    def __init__(self, model: nn.Module, fn: Forward) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, x: Any) -> Any:
+        """Call the user's forward on the wrapped model."""
+        return self.fn(self.model, x)
+
+
+def _negated(fn: OutputFn, outputs: Any, y: Tree) -> torch.Tensor:
+    return -fn(outputs, y)
+
+
+def _device_of(tree: Tree) -> torch.device:
+    found: list[torch.device] = []
+    tree_map(lambda t: found.append(t.device), tree)
+    return found[0] if found else torch.device("cpu")
+
+
+def callable_name(fn: Any) -> str:
+    """``module:qualname`` of a function, class or partial (stable across runs)."""
+    inner = getattr(fn, "func", fn)  # functools.partial
+    name = f"{getattr(inner, '__module__', '?')}:{getattr(inner, '__qualname__', type(inner).__name__)}"
+    if inner is not fn:
+        name += f"(partial {getattr(fn, 'args', ())!r} {getattr(fn, 'keywords', {})!r})"
+    return name
+
+
+class ModuleFactory:
+    """A model factory from a module instance: a fresh deep copy each call, with every
+    submodule that has ``reset_parameters()`` re-initialised from the current torch seed (so
+    retraining seeds give different initialisations). Picklable when the module is."""
+
+    def __init__(self, module: nn.Module, reinit: bool = True) -> None:
+        self.module = module
+        self.reinit = reinit
+
+    def __call__(self) -> nn.Module:
+        """A new copy of the module."""
+        model = copy.deepcopy(self.module)
+        if self.reinit:
+            for sub in model.modules():
+                reset = getattr(sub, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        return model
+
+
+def make_task(
+    model: nn.Module | Callable[[], nn.Module], loss: str | OutputFn, output: str | OutputFn,
+    *, forward: Forward | None = None, name: str = "task", trak_weights: OutputFn | None = None,
+    reinit: bool = True,
+) -> Task:
+    """The plug-in point for your own model: a :class:`Task` from a module (or a factory),
+    the per-example loss (a callable ``(outputs, y) -> [B]`` or ``cross_entropy`` / ``mse``),
+    the output to explain (a callable or a name) and optionally how to call the model.
+
+    A module instance is copied for every model built; ``reinit`` re-initialises copies
+    (layers with ``reset_parameters``) from the training seed, as retraining needs.
+    """
+    if isinstance(model, nn.Module):
+        factory: Callable[[], nn.Module] = ModuleFactory(model, reinit)
+    elif callable(model):
+        factory = model
+    else:
+        raise TypeError(f"model must be an nn.Module or a function returning one, got "
+                        f"{type(model).__name__}")
+    loss_fn = get_loss_fn(loss) if isinstance(loss, str) else loss
+    return Task(make_model=factory, output=output, loss_fn=loss_fn, name=name, forward=forward,
+                trak_weights=trak_weights)
+
+
+def check_task(task: Task, data: ArrayDataset, *, model: nn.Module | None = None,
+               what: str = "training data", probe: int = 3) -> None:
+    """Run the task on the first few examples of ``data`` and refuse, with the fix, a batch
+    the model cannot take, or a loss or output that is not one finite value per example.
+    Cheap (one forward pass on ``probe`` examples): call it before any long work."""
+    if len(data) == 0:
+        raise ValueError(f"the {what} is empty; attribution needs at least one example")
+    b = min(probe, len(data))
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            model = task.make_model()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{task.name}: make_model() returned {type(model).__name__}, not an "
+                        "nn.Module; the model factory must return a torch module")
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    if not params:
+        raise ValueError(f"{task.name}: the model has no trainable parameters; attribution "
+                         "differentiates with respect to them")
+    _, x, y = next(data.slice(0, b).batches(b, device))
+    how = ("forward(model, x)" if task.forward is not None else
+           "model(x)" if isinstance(x, torch.Tensor) else
+           "model(**x)" if isinstance(x, Mapping) else "model(*x)")
+    try:
+        with torch.no_grad():
+            outputs = task.call(model, params, x)
+    except Exception as exc:
+        raise ValueError(
+            f"{task.name}: the model cannot take a batch of the {what}: {how} on "
+            f"{data.slice(0, b).describe()} raised {type(exc).__name__}: {exc}. Fix: give "
+            "forward=, a module-level function (model, x) -> outputs that calls your model on "
+            "the batch (e.g. model(x['input_ids'], x['attention_mask'])), or put the inputs in "
+            "the form your model's forward takes"
+        ) from exc
+    if (task.loss_fn is cross_entropy and isinstance(outputs, torch.Tensor)
+            and isinstance(data.targets, torch.Tensor) and not data.whole_batch):
+        # Every label, not only the probe's: a label 12 for 10 classes anywhere in the data.
+        check_class_targets(f"{task.name}: the {what} targets", data.targets,
+                            int(outputs.shape[-1]))
+    for label, fn, fix in (
+        ("loss", task.loss_fn, "return the per-example losses (e.g. reduction='none', and a "
+                               "mean over any other axes), not their mean or sum"),
+        ("output", task.output_fn, "return one number per example, e.g. outputs[:, 0] or "
+                                   "outputs.squeeze(-1) for a regression prediction"),
+    ):
+        name = (callable_name(fn) if label == "loss" else task.output_name)
+        try:
+            with torch.no_grad():
+                value = fn(outputs, y)
+        except Exception as exc:
+            raise ValueError(
+                f"{task.name}: the {label} function {name} failed on the model's outputs "
+                f"{_describe_any(outputs)} and targets {describe(y)}: {type(exc).__name__}: "
+                f"{exc}. It is called as fn(outputs, y) with a batch of {b} examples"
+            ) from exc
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (b,):
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"{task.name}: the {label} function {name} must return one value per example, "
+                f"shape [{b}] for a batch of {b}, but returned {got}; {fix}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{task.name}: the {label} function {name} returned non-finite "
+                             f"values on the first {b} examples of the {what}: {value.tolist()}")
+
+
+def _describe_any(value: Any) -> str:
+    try:
+        return describe(value)
+    except TypeError:
+        return type(value).__name__
 
 
 def model_params(model: nn.Module) -> Params:
@@ -73,3 +308,7 @@ def model_state(model: nn.Module) -> Params:
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
     state.update({k: v.detach().clone() for k, v in model.named_buffers()})
     return state
+
+
+__all__ = ["LOSS_FUNCTIONS", "ModuleFactory", "Params", "Task", "callable_name", "check_task",
+           "make_task", "model_params", "model_state"]

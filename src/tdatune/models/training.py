@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from tdatune.data.base import ArrayDataset
-from tdatune.models.task import Params, Task, model_params, model_state
+from tdatune.data.batches import Tree, batch_len, tree_index
+from tdatune.models.checkpoints import check_state, state_of
+from tdatune.models.task import Params, Task, callable_name, model_params, model_state
 from tdatune.utils.atomic import atomic_torch_save, atomic_write_json, torch_load_verified
 from tdatune.utils.checks import check_choice
 from tdatune.utils.fingerprint import fingerprint_config
@@ -60,6 +61,14 @@ class TrainRecipe:
         """Plain-dict form for manifests."""
         return asdict(self)
 
+    def epoch_learning_rates(self, n_train: int) -> list[float]:
+        """The learning rate in force at the start of each epoch (TracIn's weights); 1 for
+        L-BFGS."""
+        if self.optimizer == "lbfgs":
+            return [1.0] * self.epochs
+        steps = max(1, -(-n_train // self.batch_size))
+        return [self.lr_at(e * steps, self.epochs * steps) for e in range(self.epochs)]
+
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate at ``step`` of ``total_steps`` under the schedule."""
         frac = step / max(total_steps, 1)
@@ -77,6 +86,93 @@ class TrainResult:
     state: Params
     checkpoints: list[Params]
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainFunction:
+    """Your own training loop, used wherever a :class:`TrainRecipe` is (training, ground truth
+    on every backend, settings, sweeps).
+
+    ``fn(data, seed, **options)`` trains a fresh model on ``data`` (an :class:`ArrayDataset`,
+    also a map-style Dataset for a DataLoader) and returns the trained state: a module, a state
+    dict, a list of per-epoch ones (last = final; they become the checkpoints) or a
+    :class:`TrainResult`. With ``pass_indices=True`` it gets ``indices`` (a long tensor of
+    positions in the training set you gave) instead of ``data``. The torch, numpy and random
+    seeds are set to ``seed`` just before the call. For the process and Ray backends ``fn``
+    must pickle: a module-level function (or a functools.partial of one), not a lambda.
+
+    ``weight_decay`` is the L2 coefficient of your objective (for the curvature attributors;
+    put only ``wd / 2 * ||theta||^2`` in your loss or optimizer's ``weight_decay`` for SGD),
+    ``learning_rates`` one per returned checkpoint for TracIn. ``name`` identifies the function
+    in manifests (default ``module:qualname``), so results of another function are refused.
+    """
+
+    fn: Callable[..., Any]
+    weight_decay: float = 0.0
+    learning_rates: tuple[float, ...] | None = None
+    pass_indices: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    optimizer = "user"  # not a field: what backends and reports read to tell recipes apart
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"TrainFunction needs a callable (data, seed) -> trained state, got "
+                            f"{type(self.fn).__name__}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.learning_rates is not None:
+            object.__setattr__(self, "learning_rates", tuple(float(v) for v in self.learning_rates))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form for manifests."""
+        return {"train_function": self.name or callable_name(self.fn),
+                "weight_decay": self.weight_decay, "learning_rates": self.learning_rates,
+                "pass_indices": self.pass_indices, "options": self.options}
+
+    def epoch_learning_rates(self, n_train: int) -> list[float] | None:
+        """The learning rates given for TracIn (None: every checkpoint weighs 1)."""
+        return None if self.learning_rates is None else list(self.learning_rates)
+
+    def run(self, task: Task, data: ArrayDataset, seed: int,
+            index: torch.Tensor | None = None) -> TrainResult:
+        """Call the function on ``data`` (or its rows ``index``) and check what it returns."""
+        import random
+
+        import numpy as np
+
+        subset = data if index is None else data.subset(index)
+        torch.manual_seed(int(seed))
+        np.random.seed(int(seed) % 2**32)  # noqa: NPY002 (seeds the user's legacy np.random calls)
+        random.seed(int(seed))
+        if self.pass_indices:
+            positions = (torch.arange(len(data)) if index is None else
+                         torch.as_tensor(index).nonzero()[:, 0]
+                         if torch.as_tensor(index).dtype == torch.bool else torch.as_tensor(index))
+            out = self.fn(positions, int(seed), **self.options)
+        else:
+            out = self.fn(subset, int(seed), **self.options)
+        where = f"the state returned by training function {self.name or callable_name(self.fn)}"
+        if isinstance(out, TrainResult):
+            states = out.checkpoints or [out.state]
+        elif isinstance(out, (list, tuple)):
+            states = [state_of(o, where) for o in out]
+        else:
+            states = [state_of(out, where)]
+        if not states:
+            raise ValueError(f"{where} is an empty list; return the trained model's state dict")
+        states = [{k: v.detach().cpu().clone() for k, v in st.items()} for st in states]
+        with torch.random.fork_rng(devices=[]):
+            model = task.make_model()
+        for i, st in enumerate(states):
+            check_state(task, st, model, where=f"{where} (checkpoint {i})")
+        if self.learning_rates is not None and len(self.learning_rates) != len(states):
+            raise ValueError(f"{where}: {len(states)} checkpoint(s) but {len(self.learning_rates)}"
+                             " learning_rates; give one learning rate per returned checkpoint")
+        history = out.history if isinstance(out, TrainResult) else [
+            {"epoch": i} for i in range(len(states))]
+        return TrainResult(state=states[-1], checkpoints=states, history=history)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -99,6 +195,7 @@ def load_model(task: Task, state: Params,
     parameters. The global RNG is left as it was: loading is not initialising."""
     with torch.random.fork_rng(devices=[]):
         model = init_model(task, 0, device)
+    check_state(task, state, model)
     state = {k: v.to(device) for k, v in state.items()}
     model.load_state_dict(state)
     model.eval()
@@ -119,17 +216,17 @@ def l2_penalty(params: Params, weight_decay: float) -> torch.Tensor | float:
     return 0.5 * weight_decay * sum((p * p).sum() for p in params.values())
 
 
-def objective(task: Task, model: nn.Module, params: Params, inputs: torch.Tensor,
-              targets: torch.Tensor, weight_decay: float) -> torch.Tensor:
+def objective(task: Task, model: nn.Module, params: Params, inputs: Tree,
+              targets: Tree, weight_decay: float) -> torch.Tensor:
     """Mean per-example loss plus the L2 term: the function training minimises."""
-    logits = functional_call(model, params, (inputs,))
-    return task.loss_fn(logits, targets).mean() + l2_penalty(params, weight_decay)
+    outputs = task.call(model, params, inputs)
+    return task.loss_fn(outputs, targets).mean() + l2_penalty(params, weight_decay)
 
 
 def train_model(
     task: Task,
     data: ArrayDataset,
-    recipe: TrainRecipe,
+    recipe: TrainRecipe | TrainFunction,
     seed: int = 0,
     *,
     device: torch.device | str = "cpu",
@@ -141,10 +238,14 @@ def train_model(
 
     With ``checkpoint_dir`` set, each epoch's state is written atomically as
     ``epoch_XXX.pt`` next to ``recipe.json``; a rerun with the same recipe and seed resumes
-    after the last saved epoch instead of starting over.
+    after the last saved epoch instead of starting over. A :class:`TrainFunction` recipe runs
+    your own loop instead (its checkpoints are saved the same way; a rerun reuses them).
     """
+    if isinstance(recipe, TrainFunction):
+        return _train_with_function(task, data, recipe, seed, checkpoint_dir, on_epoch)
     model = init_model(task, seed, device)
-    x, y = data.inputs.to(device), data.targets.to(device)
+    on_device = data.to(device)
+    x, y = on_device.inputs, on_device.targets
     params = {k: p for k, p in model.named_parameters()}
     opt = make_optimizer(recipe, list(params.values()))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -193,6 +294,41 @@ def train_model(
     return TrainResult(state=model_state(model), checkpoints=checkpoints, history=history)
 
 
+def _train_with_function(task: Task, data: ArrayDataset, recipe: TrainFunction, seed: int,
+                         checkpoint_dir: str | Path | None,
+                         on_epoch: Callable[[int, Params], dict[str, float]] | None
+                         ) -> TrainResult:
+    """Run the user's training function (or reuse its saved result) and save its states."""
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    meta = {"recipe": recipe.to_dict(), "seed": seed, "task": task.name, "n": len(data),
+            "data": data.fingerprint()}
+    if ckpt_dir is not None:
+        checkpoints: list[Params] = []
+        history: list[dict[str, float]] = []
+        with torch.random.fork_rng(devices=[]):
+            probe = task.make_model()
+        opt = torch.optim.SGD(probe.parameters(), lr=1.0)  # _resume's signature; unused here
+        if _resume(ckpt_dir, meta, probe, opt, checkpoints, history) and \
+                (ckpt_dir / "complete.json").exists():
+            return TrainResult(state=checkpoints[-1], checkpoints=checkpoints, history=history)
+    result = recipe.run(task, data, seed)
+    for epoch, state in enumerate(result.checkpoints):
+        record: dict[str, float] = {"epoch": epoch, **{k: v for k, v in (
+            result.history[epoch] if epoch < len(result.history) else {}).items()
+            if k != "epoch"}}
+        if on_epoch is not None:
+            record.update(on_epoch(epoch, state))
+        if epoch < len(result.history):
+            result.history[epoch] = record
+        if ckpt_dir is not None:
+            atomic_torch_save(ckpt_dir / f"epoch_{epoch:03d}.pt",
+                              {"state": state, "optimizer": None, "record": record})
+    if ckpt_dir is not None:
+        atomic_write_json(ckpt_dir / "history.json", result.history)
+        atomic_write_json(ckpt_dir / "complete.json", {"checkpoints": len(result.checkpoints)})
+    return result
+
+
 def make_optimizer(recipe: TrainRecipe, params: list[torch.Tensor], *,
                    fused: bool = False) -> torch.optim.Optimizer:
     """The recipe's optimizer over ``params`` (shared with batched retraining).
@@ -211,7 +347,7 @@ def make_optimizer(recipe: TrainRecipe, params: list[torch.Tensor], *,
 
 
 def _lbfgs_epoch(task: Task, model: nn.Module, params: Params, opt: torch.optim.Optimizer,
-                 x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe) -> float:
+                 x: Tree, y: Tree, recipe: TrainRecipe) -> float:
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = objective(task, model, params, x, y, recipe.weight_decay)
@@ -224,17 +360,22 @@ def _lbfgs_epoch(task: Task, model: nn.Module, params: Params, opt: torch.optim.
 
 
 def _minibatch_epoch(task: Task, model: nn.Module, params: Params, opt: torch.optim.Optimizer,
-                     x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, seed: int,
+                     x: Tree, y: Tree, recipe: TrainRecipe, seed: int,
                      epoch: int, step0: int, total: int,
                      on_step: Callable[[int], object] | None = None) -> float:
-    order = epoch_permutation(x.shape[0], seed, epoch).to(x.device)
+    n = batch_len(x, "inputs")
+    order = epoch_permutation(n, seed, epoch)
+    if isinstance(x, torch.Tensor):
+        order = order.to(x.device)
     running, count = 0.0, 0
-    for i, start in enumerate(range(0, x.shape[0], recipe.batch_size)):
+    for i, start in enumerate(range(0, n, recipe.batch_size)):
         for group in opt.param_groups:
             group["lr"] = recipe.lr_at(step0 + i, total)
         idx = order[start : start + recipe.batch_size]
         opt.zero_grad()
-        loss = objective(task, model, params, x[idx], y[idx], recipe.weight_decay)
+        xb = x[idx] if isinstance(x, torch.Tensor) else tree_index(x, idx)
+        yb = (xb if y is x else y[idx] if isinstance(y, torch.Tensor) else tree_index(y, idx))
+        loss = objective(task, model, params, xb, yb, recipe.weight_decay)
         loss.backward()
         if recipe.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), recipe.grad_clip)
@@ -291,7 +432,7 @@ def trainable(model: nn.Module, state: Params) -> Params:
 
 
 __all__ = [
-    "TrainRecipe", "TrainResult", "epoch_permutation", "init_model", "l2_penalty",
+    "TrainFunction", "TrainRecipe", "TrainResult", "epoch_permutation", "init_model", "l2_penalty",
     "load_checkpoints", "load_model", "make_optimizer", "model_params", "objective",
     "train_model", "trainable",
 ]

@@ -1,0 +1,140 @@
+"""The common job in one call: your task, your training data, a validation set and the examples
+to explain -> fit an attributor, pick lambda without retraining (the surrogate indicator,
+Algorithm 1, on the validation set), and return the scores with the selection's diagnostics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tdatune.attributors.base import AttributionContext, Attributor
+from tdatune.attributors.registry import make_attributor
+from tdatune.data.base import as_dataset
+from tdatune.models.checkpoints import as_checkpoints
+from tdatune.models.task import Params, Task, check_task
+from tdatune.models.training import TrainFunction, TrainRecipe, train_model
+from tdatune.select.surrogate import Selection, default_lambda_grid, select_lambda
+
+
+@dataclass
+class AttributionResult:
+    """Scores at the selected lambda and how it was selected.
+
+    ``scores[j, i]``: how much training example i raises the output of explained example j
+    (positive: including it raises the output). ``selection`` holds the selected ``lam``, its
+    ``status`` ("crossed"; "below-grid": xi already above the threshold at the smallest lambda;
+    "above-grid": never reached), ``n_used`` / ``n_dropped`` validation examples (dropped: zero
+    output gradient, xi undefined), and the curve ``grid`` / ``xi_mean``.
+    """
+
+    scores: torch.Tensor
+    lam: float
+    selection: Selection | None
+    attributor: Attributor
+    context: AttributionContext
+    plot: Path | None = None
+
+    @property
+    def xi_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda grid, mean xi over validation) of the selection."""
+        if self.selection is None:
+            raise ValueError("lambda was given, not selected: there is no xi curve")
+        return self.selection.grid, self.selection.xi_mean
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly diagnostics."""
+        return {"attributor": self.attributor.name, "lambda": self.lam,
+                "selection": None if self.selection is None else self.selection.to_dict(),
+                "scores_shape": list(self.scores.shape), "plot": str(self.plot) if self.plot else None}
+
+
+def attribute(
+    task: Task, train: Any, explained: Any, *, val: Any, checkpoints: Any = None,
+    training: TrainRecipe | TrainFunction | None = None, attributor: str = "iffim",
+    params: dict[str, Any] | None = None, lam: float | None = None, threshold: float = 0.5,
+    weight_decay: float | None = None, learning_rates: list[float] | None = None,
+    seed: int = 0, device: str | torch.device | None = None, plot: str | Path | None = None,
+    show_progress: bool = False,
+) -> AttributionResult:
+    """Fit ``attributor`` on ``train``, select lambda on ``val`` without retraining, and score
+    ``explained``.
+
+    Data may be tensors ``(x, y)``, dicts, Datasets or DataLoaders (see
+    :func:`tdatune.data.as_dataset`). Give ``checkpoints`` from your own loop (a module, a
+    state dict, a path, or a list of them, last = trained model) or ``training`` (a
+    :class:`TrainRecipe` or your :class:`TrainFunction`) to train here. ``weight_decay`` is
+    the L2 coefficient of your training objective (default: the training recipe's, else 0).
+    ``lam`` skips the selection (TracIn has no lambda). ``plot`` writes a PNG of mean xi
+    against lambda.
+    The attributor must be eigen-based for the selection: iffim, if_explicit, trak or logra.
+    """
+    train_d, val_d, explained_d = (as_dataset(d) for d in (train, val, explained))
+    for what, data in (("training data", train_d), ("validation set", val_d),
+                       ("explained examples", explained_d)):
+        check_task(task, data, what=what)
+    if checkpoints is not None:
+        states: list[Params] = as_checkpoints(task, checkpoints)
+    elif training is not None:
+        states = train_model(task, train_d, training, seed, device=device or "cpu").checkpoints
+    else:
+        raise ValueError("give checkpoints= (the trained model's state dict(s) from your loop) "
+                         "or training= (a TrainRecipe or TrainFunction to train here)")
+    if weight_decay is None:
+        weight_decay = training.weight_decay if training is not None else 0.0
+    if learning_rates is None and training is not None:
+        learning_rates = training.epoch_learning_rates(len(train_d))
+    context = AttributionContext(task, train_d, states, weight_decay=weight_decay,
+                                 learning_rates=learning_rates, device=device,
+                                 show_progress=show_progress)
+    att = make_attributor(attributor, **(params or {})).fit(context)
+    selection = None
+    damped = "lam" in att.spec()
+    if lam is None and damped:
+        if not hasattr(att, "lambda_path"):
+            raise ValueError(f"{attributor} is not eigen-based, so lambda cannot be selected "
+                             "without retraining; use iffim, if_explicit, trak or logra, or "
+                             "pass lam=")
+        sigma, c_val = att.surrogate_spectrum(val_d)
+        grid = default_lambda_grid(sigma, num=81, below=1e-2, above=1e2)
+        selection = select_lambda(sigma, c_val, threshold=threshold, grid=grid)
+        lam = selection.lam
+    scores = att.score(explained_d, **({"lam": lam} if damped else {}))
+    figure = None
+    if plot is not None and selection is not None:
+        figure = plot_xi_curve(selection, plot, title=f"{task.name} / {attributor}")
+    return AttributionResult(scores=scores, lam=float(lam) if damped else float("nan"),
+                             selection=selection, attributor=att,
+                             context=context, plot=figure)
+
+
+def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "") -> Path:
+    """A PNG of mean xi (validation) against lambda, the threshold and the selected lambda."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tdatune.utils.atomic import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.semilogx(selection.grid.numpy(), selection.xi_mean.numpy(), color="C0", label="mean xi")
+    ax.axhline(selection.threshold, color="grey", ls=":", label=f"threshold {selection.threshold}")
+    ax.axvline(selection.lam, color="C3", ls="--",
+               label=f"selected lambda {selection.lam:.3g} ({selection.status})")
+    ax.set_xlabel("lambda")
+    ax.set_ylabel("mean surrogate xi (validation)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "surrogate indicator")
+    ax.legend(fontsize=8, loc="lower right")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+__all__ = ["AttributionResult", "attribute", "plot_xi_curve"]
