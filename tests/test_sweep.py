@@ -1,32 +1,57 @@
-"""Sweeps: spec validation, cells against direct attribution + LDS, resume, report."""
+"""Sweeps: spec validation, cells against direct attribution + LDS + Algorithm 1, labels,
+stale and failed cells, backends, report and figures."""
 
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import numpy as np
 import pytest
 
 from tdatune.attributors.iffim import IFFIM
+from tdatune.cli import main
 from tdatune.evaluate.lds import lds
+from tdatune.select.quantile import quantile_lambda
+from tdatune.select.surrogate import select_lambda
 from tdatune.study.report import write_report
-from tdatune.study.sweep import expand_cells, load_spec, run_sweep, spec_from_dict
+from tdatune.study.sweep import Workspace, expand_cells, load_spec, run_sweep, spec_from_dict
 
-SPEC = """
-name = "tiny"
-settings = ["digits-lr"]
-grid_points = 6
-[sizes]
-digits-lr = [150, 40, 30]
-[recipes]
-digits-lr = { epochs = 2 }
+SETTING = '''
+[[settings]]
+name = "digits-lr"
+sizes = [150, 40, 30]
+recipe = { epochs = 2 }
 [groundtruth]
 n_subsets = 8
+'''
+
+SPEC = '''
+name = "tiny"
+grid_points = 6
+thresholds = [0.4, 0.6]
+''' + SETTING + '''
 [[methods]]
 name = "iffim"
-fit = { proj_dim = ["none", 32] }
+vary = [{ lam = "spectrum" }, { proj_dim = [16, 32] },
+        { alpha = [0.25, 0.5], lam = [1e-3, 1e-2] }]
+
+[[methods]]
+name = "iffim"
+label = "iffim-proj"
+fit = { proj_dim = [32] }
 score = { lam = [1e-4, 1e-2] }
-"""
+
+[[methods]]
+name = "if_lissa"
+defaults = { depth = 20 }
+vary = [{ lam = [1e-3, 1e3] }]
+'''
+
+
+def quiet(*_a):
+    """A silent ``say``."""
 
 
 @pytest.fixture(scope="module")
@@ -34,105 +59,223 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     (root / "spec.toml").write_text(SPEC)
     spec = load_spec(root / "spec.toml")
-    cells = run_sweep(spec, root / "out", show_progress=False, say=lambda *a: None)
-    return spec, root / "out", cells
+    outcome = run_sweep(spec, root / "out", show_progress=False, say=quiet)
+    return spec, root / "out", outcome
 
 
-def test_cells_equal_direct_attribution_and_lds(swept):
-    spec, out, cells = swept
-    assert len(cells) == 2 and {c["fit"]["proj_dim"] for c in cells} == {None, 32}
-    from tdatune.study.prepare import prepare_setting
+def _trained(spec, out):
+    work = Workspace(spec, out, "cpu", False, quiet)
+    return work.trained("digits-lr"), work
 
-    prepared = prepare_setting("digits-lr", out / "settings" / "digits-lr", spec.groundtruth,
-                               sizes=(150, 40, 30), recipe_overrides={"epochs": 2},
-                               show_progress=False, say=lambda *a: None)
-    gt = prepared.groundtruth
-    for cell in cells:
-        att = IFFIM(proj_dim=cell["fit"]["proj_dim"]).fit(prepared.context)
+
+def test_cells_equal_direct_attribution_lds_and_algorithm_1(swept):
+    spec, out, outcome = swept
+    assert not outcome.failed
+    trained, work = _trained(spec, out)
+    val, test = trained.splits.val, trained.splits.test
+    iffim_cells = [c for c in outcome if c["attributor"] == "iffim"]
+    assert len(iffim_cells) == 5  # defaults (a=0.5 and 0.25), proj 16, proj 32, iffim-proj 32
+    for cell in iffim_cells:
+        gt = work.groundtruth("digits-lr", cell["alpha"])
+        att = IFFIM(**cell["fit"]).fit(trained.context)
         for row in cell["rows"]:
-            direct = lds(att.score(prepared.splits.test, lam=row["lam"]), gt.masks, gt.mean_outputs)
+            direct = lds(att.score(test, lam=row["lam"]), gt.masks, gt.mean_outputs)
             assert row["lds"] == pytest.approx(direct.mean, abs=1e-9)
-        assert "surrogate" in cell and cell["surrogate"]["lambda"] > 0
-        sigma, _ = att.surrogate_spectrum(prepared.splits.val)
-        nonzero = sigma[sigma > 1e-10 * sigma.max()].numpy()
+        sigma, c_val = att.surrogate_spectrum(val)
+        assert [s["threshold"] for s in cell["selections"]] == [0.4, 0.5, 0.6]
+        for s in cell["selections"]:
+            assert s["lambda"] == pytest.approx(select_lambda(sigma, c_val, s["threshold"]).lam,
+                                                rel=1e-9)
+            direct = lds(att.score(test, lam=s["lambda"]), gt.masks, gt.mean_outputs)
+            assert s["lds"] == pytest.approx(direct.mean, abs=1e-9)
+        assert cell["surrogate"] == cell["selections"][1]
         for q, (lam_q, lds_q) in cell["quantile_baselines"].items():
-            assert lam_q == pytest.approx(float(np.quantile(nonzero, float(q))))
-            direct = lds(att.score(prepared.splits.test, lam=lam_q), gt.masks, gt.mean_outputs)
+            assert lam_q == pytest.approx(quantile_lambda(sigma, float(q)))
+            direct = lds(att.score(test, lam=lam_q), gt.masks, gt.mean_outputs)
             assert lds_q == pytest.approx(direct.mean, abs=1e-9)
+        # the stored mean-xi curve against the formula S2 / sqrt(S1 S3), written out here
+        xi = cell["xi_curve"]
+        sig, c = sigma.numpy(), c_val.numpy()
+        w = sig * c**2
+        keep = w.sum(axis=1) > 0
+        for lam, got in zip(xi["lambdas"][::7], xi["xi_mean"][::7], strict=True):
+            s1, s2, s3 = ((w[keep] / (sig + lam) ** j).sum(axis=1) for j in (1, 2, 3))
+            assert got == pytest.approx(float(np.mean(s2 / np.sqrt(s1 * s3))), rel=1e-9)
 
 
-def test_resume_recomputes_only_missing_cells(swept):
-    spec, out, _ = swept
-    files = sorted((out / "cells").glob("*.json"))
-    stamps = {f: f.stat().st_mtime_ns for f in files}
-    files[0].unlink()
-    run_sweep(spec, out, show_progress=False, say=lambda *a: None)
-    assert files[0].exists()
-    assert files[1].stat().st_mtime_ns == stamps[files[1]]
+def test_method_labels_keep_entries_of_one_attributor_apart(swept):
+    _, _, outcome = swept
+    by_label = {}
+    for cell in outcome:
+        by_label.setdefault(cell["method"], []).append(cell)
+    assert set(by_label) == {"iffim", "iffim-proj", "if_lissa"}
+    (proj,) = by_label["iffim-proj"]
+    assert [r["lam"] for r in proj["rows"]] == [1e-4, 1e-2]
+    same_fit = [c for c in by_label["iffim"] if c["fit"]["proj_dim"] == 32]
+    assert len(same_fit) == 1 and [r["lam"] for r in same_fit[0]["rows"]] == [1e-3]
 
 
-def test_report_tables_and_figures(swept):
-    _, out, cells = swept
-    path = write_report(out)
-    text = path.read_text()
-    assert "digits-lr | iffim" in text and "proj_dim=32" in text
-    with open(out / "results.csv") as handle:
+def test_a_diverging_lissa_value_is_an_error_row_not_a_failed_cell(swept):
+    _, _, outcome = swept
+    (cell,) = [c for c in outcome if c["method"] == "if_lissa"]
+    assert cell["status"] == "ok"
+    ok, bad = cell["rows"]
+    assert ok["lam"] == 1e-3 and np.isfinite(ok["lds"]) and "error" not in ok
+    assert bad["lam"] == 1e3 and np.isnan(bad["lds"]) and "scale" in bad["error"]
+
+
+def test_report_draws_every_figure_kind_with_its_csv(swept):
+    _, out, outcome = swept
+    text = write_report(out).read_text()
+    figures = out / "figures"
+    for name in ["hp_iffim_lam", "hp_iffim_proj_dim", "hp_if_lissa_lam",
+                 "pair_digits-lr_iffim_alpha_x_lam", "pair_digits-lr_iffim-proj_proj_dim_x_lam",
+                 "selection_iffim", "xi_iffim"]:
+        assert (figures / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+        assert f"figures/{name}.png" in text and f"figures/{name}.csv" in text
+    with open(figures / "hp_iffim_proj_dim.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == sum(len(c["rows"]) for c in cells) == 4
-    best = max(r["lds"] for c in cells for r in c["rows"])
-    assert f"{best:.3f}" in text
-    assert (out / "fig_digits-lr_iffim.png").read_bytes()[:4] == b"\x89PNG"
+    cells = {c["fit"]["proj_dim"]: c for c in outcome if c["method"] == "iffim" and c["alpha"] == 0.5}
+    assert sorted(int(r["proj_dim"]) for r in rows) == [16, 32]
+    for r in rows:  # the plotted LDS is the cell's LDS at the study-default lambda (1e-3)
+        (want,) = [x["lds"] for x in cells[int(r["proj_dim"])]["rows"] if x["lam"] == 1e-3]
+        assert float(r["lds"]) == pytest.approx(want)
+    with open(out / "sensitivity.csv") as handle:
+        sens = {(r["method"], r["hyperparameter"]): r for r in csv.DictReader(handle)}
+    lam_rows = [r["lds"] for r in cells[None]["rows"] if r.get("spectrum")]
+    assert float(sens[("iffim", "lam")]["range"]) == pytest.approx(max(lam_rows) - min(lam_rows))
+    assert "Gap to the grid best" in text and "surrogate ξ ≥ 0.4" in text
+    with open(out / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == sum(len(c["rows"]) for c in outcome)
 
 
-def test_ray_backend_gives_the_same_cells_as_local(swept, tmp_path):
-    pytest.importorskip("ray")
-    spec, _, cells = swept
-    ray_cells = run_sweep(spec, tmp_path / "ray", backend="ray", show_progress=False,
-                          say=lambda *a: None)
-    local = {str(c["fit"]): c["rows"] for c in cells}
-    for cell in ray_cells:
-        for got, want in zip(cell["rows"], local[str(cell["fit"])], strict=True):
-            assert got["lds"] == pytest.approx(want["lds"], abs=1e-9)
-    assert len(list((tmp_path / "ray" / "cells").glob("*.json"))) == 2
+def test_a_changed_grid_is_recomputed_never_served_stale(tmp_path):
+    base = SETTING + '[[methods]]\nname = "iffim"\nscore = { lam = [1e-3] }\n'
+    spec = load_spec(_write(tmp_path / "a.toml", base))
+    (first,) = run_sweep(spec, tmp_path / "out", show_progress=False, say=quiet)
+    said = []
+    spec2 = load_spec(_write(tmp_path / "b.toml", base.replace("[1e-3]", "[1e-3, 1e-1]")))
+    (second,) = run_sweep(spec2, tmp_path / "out", show_progress=False, say=said.append)
+    assert [r["lam"] for r in second["rows"]] == [1e-3, 1e-1]
+    assert second["rows"][0]["lds"] == pytest.approx(first["rows"][0]["lds"], abs=1e-12)
+    assert any("definition changed (lambdas)" in s for s in said)
+    assert any("0 already done, 1 to run" in s for s in said)
+    # a changed recipe moves the setting to a new directory: trained anew, never reused
+    spec3 = load_spec(_write(tmp_path / "c.toml", base.replace("epochs = 2", "epochs = 3")))
+    said.clear()
+    run_sweep(spec3, tmp_path / "out", show_progress=False, say=said.append)
+    assert any("definition changed (lambdas, setting)" in s for s in said)
+    assert len(list((tmp_path / "out" / "settings").iterdir())) == 2
+    # the report serves only the current spec's cells
+    text = write_report(tmp_path / "out").read_text()
+    assert "1 current cells" in text
 
 
-def test_spec_errors_name_the_problem():
-    base = {"settings": ["digits-lr"], "methods": [{"name": "iffim"}]}
-    with pytest.raises(ValueError, match="unknown attributor"):
-        spec_from_dict({**base, "methods": [{"name": "nope"}]})
-    with pytest.raises(ValueError, match="unknown hyperparameter 'damping'"):
-        spec_from_dict({**base, "methods": [{"name": "iffim", "score": {"damping": [1]}}]})
-    with pytest.raises(ValueError, match="fit-stage"):
-        spec_from_dict({**base, "methods": [{"name": "iffim", "score": {"proj_dim": [8]}}]})
-    with pytest.raises(ValueError, match="proj_dim"):
-        spec_from_dict({**base, "methods": [{"name": "iffim", "fit": {"proj_dim": [0]}}]})
-    with pytest.raises(ValueError, match="unknown sweep keys"):
-        spec_from_dict({**base, "setings": []})
-    with pytest.raises(ValueError, match="threshold"):
-        spec_from_dict({**base, "threshold": 2})
+def test_failed_cell_is_stored_reported_retried_and_exits_non_zero(tmp_path, capsys):
+    spec_text = SETTING + '''
+[[methods]]
+name = "iffim"
+label = "too-big"
+fit = { proj_dim = [5000] }
+score = { lam = [1e-3] }
+[[methods]]
+name = "iffim"
+score = { lam = [1e-3] }
+'''
+    path = _write(tmp_path / "spec.toml", spec_text)
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 cells failed" in err and "FAILED cells/digits-lr__too-big" in err
+    assert "p=650" in err
+    (failed,) = list((out / "cells").glob("digits-lr__too-big*.json"))
+    record = json.loads(failed.read_text())
+    assert record["status"] == "failed" and "ValueError" in record["error"]
+    assert "Cells that failed" in (out / "report.md").read_text()
+    said = []
+    outcome = run_sweep(load_spec(path), out, show_progress=False, say=said.append)
+    assert any("failed last time" in s and "retrying" in s for s in said)
+    assert any("1 already done, 1 to run" in s for s in said)
+    assert len(outcome.failed) == 1
 
 
-def test_expand_cells_is_the_cartesian_product():
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_process_and_ray_backends_give_the_local_cells(swept, tmp_path, backend):
+    if backend == "ray":
+        pytest.importorskip("ray")
+    spec, out, outcome = swept
+    spec = spec_from_dict({**spec.to_dict(), "methods": [m for m in spec.to_dict()["methods"]
+                                                         if m["name"] == "iffim"]})
+    shutil.copytree(out / "settings", tmp_path / backend / "settings")  # trained once, not again
+    other = run_sweep(spec, tmp_path / backend, backend=backend, show_progress=False, say=quiet)
+    local = {c["cell_id"]: c for c in outcome}
+    assert len(other) == 5 and not other.failed
+    for cell in other:
+        want = local[cell["cell_id"]]
+        assert cell["fingerprint"] == want["fingerprint"]
+        for got, ref in zip(cell["rows"], want["rows"], strict=True):
+            # the eigendecomposition runs in another process (other thread count): the spectrum
+            # grid agrees to float rounding, not bit for bit
+            assert got["lam"] == pytest.approx(ref["lam"], rel=1e-9)
+            assert got["lds"] == pytest.approx(ref["lds"], abs=1e-9)
+        assert cell["surrogate"]["lambda"] == pytest.approx(want["surrogate"]["lambda"], rel=1e-9)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+BASE = {"settings": ["digits-lr"], "methods": [{"name": "iffim"}]}
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"methods": [{"name": "nope"}]}, "unknown attributor 'nope'"),
+    ({"methods": [{"name": "iffim", "score": {"damping": [1]}}]}, "unknown hyperparameter 'damping'"),
+    ({"methods": [{"name": "iffim", "score": {"proj_dim": [8]}}]}, "fit-stage"),
+    ({"methods": [{"name": "iffim", "fit": {"proj_dim": [0]}}]}, "proj_dim"),
+    ({"methods": [{"name": "iffim", "score": {"lam": [1e-3, -1.0]}}]}, "invalid lam=-1.0"),
+    ({"methods": [{"name": "if_cg", "vary": [{"lam": "spectrum"}]}]}, "no eigen spectrum"),
+    ({"methods": [{"name": "iffim", "vary": [{"lamda": [1]}]}]}, "unknown hyperparameter 'lamda'"),
+    ({"methods": [{"name": "iffim", "vary": [{"alpha": [1.5]}]}]}, "alpha"),
+    ({"methods": [{"name": "iffim"}, {"name": "iffim"}]}, "distinct `label`"),
+    ({"methods": [{"name": "iffim", "defaults": {"lam": 1}, "colour": 1}]}, "unknown key.*colour"),
+    ({"groundtruth": {"n_subset": 5}}, r"unknown key\(s\) n_subset in \[groundtruth\]; valid:.*n_subsets"),
+    ({"groundtruth": {"alpha": 0}}, "alpha"),
+    ({"setings": []}, "unknown key"),
+    ({"threshold": 2}, "threshold"),
+    ({"thresholds": [0.5, 1.0]}, "threshold"),
+    ({"grid_points": 1}, "grid_points"),
+    ({"settings": ["nowhere"]}, "unknown setting 'nowhere'"),
+    ({"settings": [{"name": "digits-lr", "sizes": [10, 0, 5]}]}, "val >= 1"),
+    ({"settings": [{"name": "digits-lr", "recipe": {"epoch": 3}}]}, "unknown key.*epoch.*epochs"),
+    ({"settings": [{"name": "digits-lr", "recipe": {"optimizer": "rmsprop"}}]}, "optimizer"),
+    ({"settings": [{"name": "cifar2-resnet9", "model": {"widht": 8}}]}, "unknown option.*widht.*width"),
+    ({"settings": [{"name": "digits-lr"}, {"name": "digits-lr"}]}, "distinct `label`"),
+    ({"sizes": {"mnist-lr": [10, 5, 5]}}, "not a setting of this sweep"),
+])
+def test_spec_errors_name_the_problem(change, match):
+    with pytest.raises(ValueError, match=match):
+        spec_from_dict({**BASE, **change})
+
+
+def test_sub_experiments_vary_one_factor_around_the_study_defaults():
     spec = spec_from_dict({"settings": ["digits-lr", "digits-mlp"], "methods": [
-        {"name": "iffim", "fit": {"proj_dim": [8, 16], "proj_seed": [0, 1, 2]}}]})
+        {"name": "trak", "vary": [{"lam": "spectrum"}, {"proj_dim": [64, 128]}, {"epoch": [0, 1]}]},
+        {"name": "tracin", "vary": [{"normalize": [True, False]}, {"epoch": [[0, 1], [1]]}]},
+    ]})
     cells = expand_cells(spec)
-    assert len(cells) == 12 and len({c.cell_id for c in cells}) == 12
-    assert np.all([c.method == "iffim" for c in cells])
-
-
-def test_cells_that_cannot_run_or_select_are_recorded_not_fatal(tmp_path):
-    spec = spec_from_dict({
-        "settings": ["digits-mlp"], "grid_points": 5, "sizes": {"digits-mlp": [120, 30, 30]},
-        "recipes": {"digits-mlp": {"epochs": 2}}, "groundtruth": {"n_subsets": 4},
-        # digits-mlp has p = 2410 parameters: a 5000-dim projection is invalid for it
-        "methods": [{"name": "if_explicit"}, {"name": "iffim", "fit": {"proj_dim": [5000]}}],
-    })
-    explicit, too_big = run_sweep(spec, tmp_path, show_progress=False, say=lambda *a: None)
-    assert len(explicit["rows"]) == 5 and all(np.isfinite(r["lds"]) for r in explicit["rows"])
-    assert ("surrogate" in explicit) != ("surrogate_error" in explicit)
-    if "surrogate_error" in explicit:
-        assert "negative eigenvalue" in explicit["surrogate_error"]
-    assert too_big["rows"] == [] and "number of parameters p=2410" in too_big["error"]
-    text = write_report(tmp_path).read_text()
-    assert "digits-mlp | if_explicit" in text
-    assert "Cells that could not run" in text and "proj_dim=5000" in text
+    trak = [c for c in cells if c.method == "trak" and c.setting == "digits-lr"]
+    fits = sorted((dict(c.fit)["proj_dim"], str(dict(c.fit)["checkpoints"])) for c in trak)
+    # defaults: proj_dim 512, checkpoints None (the last); each sub-experiment moves one of them
+    assert fits == [(64, "None"), (128, "None"), (512, "(0,)"), (512, "(1,)"), (512, "None")]
+    default = next(c for c in trak if dict(c.fit)["proj_dim"] == 512 and dict(c.fit)["checkpoints"]
+                   is None)
+    assert default.spectrum and default.lambdas == ()
+    moved = next(c for c in trak if dict(c.fit)["proj_dim"] == 64)
+    assert not moved.spectrum and moved.lambdas == (0.0,)  # at TRAK's study-default lambda
+    tracin = [c for c in cells if c.method == "tracin" and c.setting == "digits-lr"]
+    assert len(tracin) == 3  # default checkpoints (both normalize values), [0, 1], [1]
+    default = next(c for c in tracin if dict(c.fit)["checkpoints"] is None)
+    assert sorted(dict(s)["normalize"] for s in default.score) == [False, True]
+    assert len({c.cell_id for c in cells}) == len(cells) == 16
