@@ -22,6 +22,30 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_setting_arguments(p: argparse.ArgumentParser) -> None:
+    """A built-in setting name, or ``--task package.module:function`` (your own task)."""
+    p.add_argument("setting", nargs="?", default=None,
+                   help="setting name (see `tdatune settings`) or package.module:function")
+    p.add_argument("--task", default=None, metavar="PACKAGE.MODULE:FUNCTION",
+                   help="your own task: a function returning a tdatune Setting (see "
+                        "docs/your_model.md); importable from the current directory")
+
+
+def resolve_setting_argument(args: argparse.Namespace) -> str:
+    """The setting name or task reference given on the command line (exactly one)."""
+    task, setting = getattr(args, "task", None), getattr(args, "setting", None)
+    if task and setting and task != setting:
+        raise ValueError(f"give a setting name or --task, not both (got {setting!r} and "
+                         f"--task {task!r})")
+    ref = task or setting
+    if not ref:
+        raise ValueError("name a setting (see `tdatune settings`) or give --task "
+                         "package.module:function")
+    if task and ":" not in task:
+        raise ValueError(f"--task {task!r} must look like package.module:function")
+    return ref
+
+
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     """--device, --backend, --address, --workers: where training and retraining run."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -49,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run, setting="digits-lr", attributor="iffim", params="{}", data_dir=None)
 
     s = sub.add_parser("lambda", help="lambda study of any setting and eigen-based attributor")
-    s.add_argument("setting", help="setting name (see `tdatune settings`)")
+    add_setting_arguments(s)
     s.add_argument("--attributor", default="iffim", help="eigen-based attributor (default iffim)")
     s.add_argument("--params", default="{}",
                    help='fit-stage hyperparameters as JSON, e.g. \'{"proj_dim": 256}\'')
@@ -61,7 +85,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the lambda study and print its table."""
     config = LambdaStudyConfig(
-        setting=args.setting, attributor=args.attributor, attributor_params=json.loads(args.params),
+        setting=resolve_setting_argument(args), attributor=args.attributor,
+        attributor_params=json.loads(args.params),
         n_subsets=args.subsets, alpha=args.alpha, seeds_per_subset=args.seeds,
         threshold=args.threshold, grid_points=args.grid_points, seed=args.seed,
         data_dir=args.data_dir, device=args.device, show_progress=not args.quiet,

@@ -6,7 +6,12 @@ import argparse
 import time
 from pathlib import Path
 
-from tdatune.cli.demo import add_backend_arguments, backend_options
+from tdatune.cli.demo import (
+    add_backend_arguments,
+    add_setting_arguments,
+    backend_options,
+    resolve_setting_argument,
+)
 from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.study.prepare import prepare_setting
 
@@ -14,7 +19,7 @@ from tdatune.study.prepare import prepare_setting
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``groundtruth``."""
     g = sub.add_parser("groundtruth", help="retrain on random subsets and store LDS ground truth")
-    g.add_argument("setting", help="setting name (see `tdatune settings`)")
+    add_setting_arguments(g)
     g.add_argument("--out", type=Path, required=True,
                    help="run directory: checkpoints/ and groundtruth/ go here (resumed on rerun)")
     g.add_argument("--subsets", type=int, default=50, help="subsets M (default 50)")
@@ -28,9 +33,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=run)
 
 
+def _accuracy_note(accuracy: float) -> str:
+    return "" if accuracy != accuracy else f"; test accuracy of the full model {accuracy:.3f}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the ground truth and print where it is."""
     start = time.time()
+    args.setting = resolve_setting_argument(args)
     config = GroundTruthConfig(n_subsets=args.subsets, alpha=args.alpha,
                                seeds_per_subset=args.seeds, subset_seed=args.seed,
                                train_seed=args.seed)

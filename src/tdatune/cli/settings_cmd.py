@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from tdatune.models.training import init_model, train_model, trainable
+from tdatune.cli.demo import add_setting_arguments, resolve_setting_argument
+from tdatune.models.training import TrainFunction, init_model, train_model, trainable
 from tdatune.settings.registry import Setting, all_settings, get_setting
 from tdatune.utils.atomic import atomic_write_json
 from tdatune.utils.device import resolve_device
@@ -26,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=list_settings)
 
     t = sub.add_parser("train", help="train a setting's model, saving a checkpoint per epoch")
-    t.add_argument("setting", help="setting name (see `tdatune settings`)")
+    add_setting_arguments(t)
     t.add_argument("--out", type=Path, default=None, help="run directory (default runs/train-SETTING)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data-dir", type=Path, default=None,
@@ -113,7 +114,7 @@ def train_setting(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    setting = get_setting(args.setting)
+    setting = get_setting(resolve_setting_argument(args))
     device = resolve_device(args.device)
     task_opts = parse_options(args.model_opt, "--model-opt")
     load_opts = parse_options(args.data_opt, "--data-opt")
@@ -122,6 +123,9 @@ def train_setting(args: argparse.Namespace) -> int:
                                  load_options=load_opts)
     recipe = setting.tiny_recipe() if args.tiny else setting.recipe
     if args.epochs is not None:
+        if isinstance(recipe, TrainFunction):
+            raise ValueError(f"{setting.name} trains with your own function; --epochs applies "
+                             "only to a TrainRecipe (set the epochs in your function)")
         recipe = replace(recipe, epochs=args.epochs)
     out = args.out or Path("runs") / f"train-{setting.name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -141,13 +145,14 @@ def train_setting(args: argparse.Namespace) -> int:
 
     def on_epoch(epoch: int, state: dict) -> dict[str, float]:
         model.load_state_dict(state)
-        params = trainable(model, state)
+        params = {k: v.to(device) for k, v in trainable(model, state).items()}
         record: dict[str, float] = {}
         for label, data in (("val", val), ("test", test)):
             if len(data) == 0:
                 continue
-            record[f"{label}_accuracy"] = task.accuracy(model, params, data.inputs, data.targets,
-                                                        batch_size=batch)
+            accuracy = task.accuracy(model, params, data.inputs, data.targets, batch_size=batch)
+            if accuracy == accuracy:  # NaN: not a classification task (e.g. regression)
+                record[f"{label}_accuracy"] = accuracy
             record[f"{label}_loss"] = float(task.evaluate(model, params, data.inputs, data.targets,
                                                           fn="loss", batch_size=batch).mean())
         line = f"epoch {epoch:3d}  " + "  ".join(
@@ -166,13 +171,14 @@ def train_setting(args: argparse.Namespace) -> int:
         "sizes": splits.sizes(), "recipe": recipe.to_dict(), "seed": args.seed,
         "device": str(device), "tiny": args.tiny, "model_options": task_used,
         "data_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in load_used.items()},
-        "task": {"name": task.name, "output": task.output, "extra": task.extra,
+        "task": {"name": task.name, "output": task.output_name, "extra": task.extra,
                  "parameters": n_params},
         "test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss"),
         "val_loss": final.get("val_loss"), **baselines,
         "history": result.history, "seconds": time.time() - start, "versions": versions(),
     })
-    summary = f"final test accuracy {final.get('test_accuracy', float('nan')):.4f}"
+    summary = (f"final test accuracy {final['test_accuracy']:.4f}" if "test_accuracy" in final
+               else f"final test loss {final.get('test_loss', float('nan')):.4f}")
     if baselines:
         summary += (f", val loss {final.get('val_loss', float('nan')):.4f} vs unigram "
                     f"{baselines.get('unigram_loss_val', float('nan')):.4f}")
