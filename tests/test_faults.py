@@ -159,7 +159,8 @@ def test_lds_path_refuses_nan_outputs_naming_the_example():
 def test_non_finite_gradients_are_refused_naming_the_example(digits_small):
     task = _lr_task()
     model = init_model(task, 0)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # Positive weights and a huge (finite) input: only example 5's logits overflow.
+    params = {k: v.detach().abs() + 0.1 for k, v in model.named_parameters()}
     inputs = digits_small.train.inputs[:8].clone()
     inputs[5] = 3e38  # finite, but its logits overflow: the loss and gradient of example 5 are not
     data = ArrayDataset(inputs, digits_small.train.targets[:8])

@@ -51,11 +51,64 @@ def test_margin_is_log_odds_of_correct_class():
 def test_nan_gradient_names_the_example(digits_small):
     task = Task(make_model=partial(LogisticRegression, 64, 10))
     model = init_model(task, seed=0)
+    params = {k: v.detach().abs() + 0.1 for k, v in model.named_parameters()}
     x = digits_small.train.inputs[:10].clone()
-    x[6, 3] = float("nan")
+    x[6] = 3e38  # finite (NaN inputs are refused by ArrayDataset), but its logits overflow
     data = ArrayDataset(x, digits_small.train.targets[:10])
     with pytest.raises(ValueError, match="example 6"):
-        per_example_grads(task, model, dict(model.named_parameters()), data, chunk_size=4)
+        per_example_grads(task, model, params, data, chunk_size=4)
+
+
+def test_nan_inputs_are_refused_naming_the_example(digits_small):
+    x = digits_small.train.inputs[:10].clone()
+    x[6, 3] = float("nan")
+    with pytest.raises(ValueError, match="example 6"):
+        ArrayDataset(x, digits_small.train.targets[:10])
+
+
+LINEAR_MODELS = [partial(LogisticRegression, 64, 10), partial(MLP, 64, (16, 8), 10)]
+
+
+@pytest.mark.parametrize("factory", LINEAR_MODELS)
+@pytest.mark.parametrize("target", ["loss", "output"])
+def test_outer_product_path_alone_matches_autograd_loop(digits_small, factory, target):
+    """The linear-layer path on its own, with no vmap fallback behind it."""
+    from tdatune.features.gradients import _linear_layout, _OuterProductGrads, num_params
+
+    task = Task(make_model=factory, output="margin")
+    model = init_model(task, seed=5)
+    model.eval()
+    params = dict(model.named_parameters())
+    data = digits_small.train.subset(torch.arange(13))
+    fn = task.loss_fn if target == "loss" else task.output_fn
+    layers = _linear_layout(model, list(params))
+    assert layers is not None
+    outer = _OuterProductGrads(task, model, {k: v.detach() for k, v in params.items()}, fn,
+                               layers)
+    dest = torch.full((len(data), num_params(params)), float("nan"))
+    assert outer(data.inputs, data.targets, dest) is True
+    torch.testing.assert_close(dest, _loop_grads(model, data, fn), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory", LINEAR_MODELS)
+def test_linear_models_take_the_outer_product_path(digits_small, factory, monkeypatch):
+    """LR and MLPs must not silently fall back to vmap: every chunk goes through the
+    outer-product path (the probe too), and none is refused."""
+    import tdatune.features.gradients as gradients
+
+    real = gradients._OuterProductGrads.__call__
+    answers: list[bool] = []
+
+    def spy(self, x, y, dest):
+        answers.append(real(self, x, y, dest))
+        return answers[-1]
+
+    monkeypatch.setattr(gradients._OuterProductGrads, "__call__", spy)
+    task = Task(make_model=factory)
+    model = init_model(task, seed=3)
+    data = digits_small.train.subset(torch.arange(25))
+    per_example_grads(task, model, dict(model.named_parameters()), data, chunk_size=7)
+    assert answers == [True] * (1 + 4)  # the probe, then chunks of 7, 7, 7, 4
 
 
 def test_unknown_output_function_lists_choices():
