@@ -8,6 +8,13 @@ lambda afterwards is a small matrix product on the stored lambda-path. A lambda 
 H + lambda I singular or nearly so (|sigma_k + lambda| <= 1e-12 max |sigma|) is refused;
 a lambda below -min(sigma) gives an indefinite H + lambda I, which is allowed but noted in
 ``self.indefinite(lam)``. Limited to models with at most 12,000 parameters (a dense p x p).
+
+A model that is one linear layer (logistic regression) takes the Kronecker path of
+``curvature.hessian``: H formed from the logits' Hessians and the inputs by GEMMs, and only
+its non-trivial block eigendecomposed (mnist-lr, p = 7,850: fit 127 s -> see
+docs/performance.md). ``precision`` is the dtype of the eigendecomposition and of the basis
+products; the Hessian and the gradients are always float64. float32 was measured against
+float64 on the LDS curve of mnist-lr (docs/performance.md, bench/sweep.py --precision).
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from tdatune.attributors.base import (
     Attributor,
     HyperParameter,
     any_int,
+    one_of,
     positive_float,
 )
+from tdatune.attributors.common import DTYPES
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
@@ -37,6 +46,8 @@ class IFExplicit(Attributor):
         HyperParameter("lam", 1e-5, "score", positive_float,
                        "damping added to the mean-objective Hessian"),
         HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
+        HyperParameter("precision", "float64", "fit", one_of(*DTYPES),
+                       "dtype of the eigendecomposition (the Hessian is formed in float64)"),
     )
 
     def _fit(self, context: AttributionContext) -> None:
@@ -44,14 +55,19 @@ class IFExplicit(Attributor):
         self._model, self._params, train = cast_problem(model, params, context.train, torch.float64)
         objective = TrainingObjective(context.task, self._model, self._params, train,
                                       context.weight_decay, context.chunk_size)
-        hess = objective.exact()
-        sigma, basis = torch.linalg.eigh(hess.cpu())
-        self.sigma, self.basis = sigma.flip(0), basis.flip(1)
+        self.eigensystem = objective.eigensystem(DTYPES[self.params["precision"]])
+        self.sigma = self.eigensystem.sigma.cpu().to(torch.float64)
         grads = per_example_grads(context.task, self._model, self._params, train, target="loss",
                                   chunk_size=context.chunk_size,
                                   show_progress=context.show_progress, desc="train gradients")
-        self.train_coords = grads @ self.basis
+        self.train_coords = self.eigensystem.coords(grads).cpu()
         self._paths: dict[str, LambdaPath] = {}
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The eigenvector matrix U [p, p] (formed on demand for the Kronecker path)."""
+        self._require_fit()
+        return self.eigensystem.basis
 
     def indefinite(self, lam: float) -> bool:
         """Whether H + lam I has a negative eigenvalue (possible for non-convex models)."""
@@ -70,7 +86,7 @@ class IFExplicit(Attributor):
         self._require_fit()
         key = explained.fingerprint()
         if key not in self._paths:
-            coords = self.explained_grads(explained) @ self.basis
+            coords = self.eigensystem.coords(self.explained_grads(explained)).cpu()
             self._paths[key] = LambdaPath(self.sigma, coords, self.train_coords, sign=-1.0)
         return self._paths[key]
 
