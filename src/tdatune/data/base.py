@@ -238,5 +238,6 @@ def make_splits(
     perm = torch.randperm(n, generator=gen)
     full = ArrayDataset(inputs, targets)
     cuts = [0, n_train, n_train + n_val, need]
-    parts = [full.subset(perm[a:b]) for a, b in pairwise(cuts)]
+    # _new, not subset: a validation or test split may be empty here (refused where used).
+    parts = [full._new(lambda t, i=perm[a:b]: tree_index(t, i)) for a, b in pairwise(cuts)]
     return Splits(*parts, name=name, source=source, num_classes=num_classes)
