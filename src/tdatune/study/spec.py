@@ -346,8 +346,10 @@ def _method_entry(entry: Any) -> MethodSpec:
         raise ValueError(f"unknown attributor {name!r} in [[methods]]; choose one of: "
                          f"{', '.join(ATTRIBUTORS)}")
     label = str(entry.get("label") or name)
-    method = MethodSpec(name=name, label=label, defaults=_table(entry.get("defaults", {}),
-                                                                f"defaults of {label}"))
+    defaults = _table(entry.get("defaults", {}), f"defaults of {label}")
+    method = MethodSpec(name=name, label=label,
+                        defaults={k: grid_values(v)[0] if not isinstance(v, list) else v
+                                  for k, v in defaults.items()})
     spec = method.cls.spec()
     valid = [*spec, EPOCH, ALPHA] if ("checkpoint" in spec or "checkpoints" in spec) else [*spec, ALPHA]
     for key in method.defaults:
