@@ -157,15 +157,85 @@ def test_logra_projected_features_are_kronecker_products():
         offset += f.width
 
 
-@pytest.mark.parametrize("name,params", [("iffim", {}), ("trak", {"proj_dim": 24}),
-                                         ("logra", {"proj_dim": 4})])
-def test_surrogate_selection_works_for_eigen_methods(name, params):
+def logra_dense_features(prob, data, fn: str, attr) -> torch.Tensor:
+    """LoGra's projected features by the dense formula: per layer, P_out^T [dW | db] P_in of
+    loop-autograd gradients (``fn``: 'loss' for training, 'output' for explained examples)."""
+    blocks = []
+    for (name, layer), f in zip(attr.layers, attr.factors, strict=True):
+        g = loop_grads(prob, data, fn, attr.params["checkpoint"],
+                       names=[f"{name}.weight", f"{name}.bias"])
+        w = g[:, : layer.weight.numel()].reshape(-1, layer.out_features, layer.in_features)
+        b = g[:, layer.weight.numel() :].reshape(-1, layer.out_features, 1)
+        full = torch.cat([w, b], dim=2)
+        p_out = (f.p_out.double() if f.p_out is not None
+                 else torch.eye(f.d_out, dtype=torch.float64))
+        p_in = f.p_in.double() if f.p_in is not None else torch.eye(f.d_in, dtype=torch.float64)
+        blocks.append((p_out.T @ full @ p_in).reshape(len(data), -1))
+    return torch.cat(blocks, dim=1)
+
+
+@pytest.mark.parametrize("blocks", ["joint", "layer"])
+def test_projected_logra_scores_and_output_features_equal_dense(blocks):
+    prob = problem("mlp")
+    attr = make_attributor("logra", proj_dim=4, blocks=blocks).fit(prob.context)
+    phi = logra_dense_features(prob, prob.train, "loss", attr)
+    phi_x = logra_dense_features(prob, prob.explained, "output", attr)
+    assert rel_err(attr.explained_grads(prob.explained).double(), phi_x) < 1e-4
+    widths = [f.width for f in attr.factors]
+    cuts = [slice(sum(widths[:i]), sum(widths[: i + 1])) for i in range(len(widths))]
+    for lam in (1e-3, 1e-1):
+        if blocks == "joint":
+            ref = dense_fisher_if(phi_x, phi, lam)
+        else:  # block-diagonal Fisher: the sum of per-layer solves
+            ref = sum(dense_fisher_if(phi_x[:, c], phi[:, c], lam) for c in cuts)
+        assert rel_err(attr.score(prob.explained, lam=lam).double(), ref) < 1e-3
+
+
+def independent_spectrum(name: str, attr, prob):
+    """(sigma, explained coordinates, signed training coordinates) rebuilt from the fitted
+    eigensystems and loop-autograd (or dense projected) explained gradients, not through
+    ``lambda_path``: scores = (c / (sigma + lam)) @ train.T."""
+    if name == "iffim":
+        v = loop_grads(prob, prob.explained, "output")
+        return attr.eigen.sigma, attr.eigen.coords(v), -attr.eigen.train_coords
+    if name == "logra":
+        v = logra_dense_features(prob, prob.explained, "output", attr)
+        parts = [(e.sigma, e.coords(v[:, s]), -e.train_coords)
+                 for e, s in zip(attr.eigens, attr.slices, strict=True)]
+    else:  # TRAK: the mean over members of phi_x' U / (sigma + lam) (Q-weighted train) / n
+        keys = sorted(attr.members)
+        parts = []
+        for key in keys:
+            member = attr.members[key]
+            v = loop_grads(prob, prob.explained, "output", member.checkpoint)
+            v = v @ member.projector.matrix().double()
+            train = member.eigen.train_coords * (member.q[:, None] / member.eigen.n) / len(keys)
+            parts.append((member.eigen.sigma, member.eigen.coords(v), train))
+    sigma, coords, train = zip(*parts, strict=True)
+    f64 = torch.float64
+    return (torch.cat([t.to(f64) for t in sigma]), torch.cat([t.to(f64) for t in coords], 1),
+            torch.cat([t.to(f64) for t in train], 1))
+
+
+@pytest.mark.parametrize("name,params", [
+    ("iffim", {}), ("trak", {"proj_dim": 24}), ("trak", {"proj_dim": 24, "checkpoints": [2, -1]}),
+    ("logra", {"proj_dim": 4}), ("logra", {"proj_dim": 4, "blocks": "layer"})])
+def test_surrogate_spectrum_is_the_spectrum_scores_use(name, params):
     prob = problem("mlp")
     attr = make_attributor(name, **params).fit(prob.context)
     sigma, coords = attr.surrogate_spectrum(prob.explained)
-    sel = select_lambda(sigma, coords)
-    assert sel.lam > 0 and sel.status in ("crossed", "below-grid", "above-grid")
-    assert torch.isfinite(attr.score(prob.explained, lam=sel.lam)).all()
+    sigma_ref, coords_ref, train_ref = independent_spectrum(name, attr, prob)
+    torch.testing.assert_close(sigma.double(), sigma_ref, rtol=1e-10, atol=0)
+    assert rel_err(coords.double(), coords_ref) < 1e-4
+    for lam in (1e-3, 1e-1):
+        # scores rebuilt from the spectrum handed to the surrogate equal score()
+        rebuilt = (coords.double() / (sigma.double() + lam)) @ train_ref.T
+        assert rel_err(attr.score(prob.explained, lam=lam).double(), rebuilt) < 1e-4
+    selected = select_lambda(sigma, coords)
+    reference = select_lambda(sigma_ref, coords_ref)
+    assert selected.status == reference.status == "crossed"
+    assert selected.lam == pytest.approx(reference.lam, rel=1e-3)
+    assert torch.isfinite(attr.score(prob.explained, lam=selected.lam)).all()
 
 
 def test_surrogate_spectrum_refused_for_non_eigen_methods():
