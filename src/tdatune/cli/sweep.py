@@ -19,7 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where cells run: this process, a local process pool, or Ray tasks")
     s.add_argument("--address", default=None,
                    help="Ray cluster address (e.g. ray://head:10001); default: a local Ray instance")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--retrain-backend", default="auto",
+                   choices=["auto", "sequential", "batched", "process", "ray"],
+                   help="how ground-truth subset models are retrained (auto: batched where it "
+                        "reproduces one-at-a-time training, on Ray with --backend ray)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=sweep)
 
@@ -33,7 +37,8 @@ def sweep(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     say = (lambda *a: None) if args.quiet else print
     outcome = run_sweep(spec, args.out, backend=args.backend, address=args.address,
-                        device=args.device, show_progress=not args.quiet, say=say)
+                        device=args.device, show_progress=not args.quiet, say=say,
+                        retrain_backend=args.retrain_backend)
     path = write_report(args.out)
     print(f"wrote {path}")
     if outcome.failed:

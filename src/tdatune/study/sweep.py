@@ -329,10 +329,19 @@ class Workspace:
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
               address: str | None = None, device: str = "auto", show_progress: bool = True,
-              say: Callable[..., None] = print) -> SweepOutcome:
-    """Run (or resume) the sweep into ``out``; return every cell's record (failed ones too)."""
+              say: Callable[..., None] = print, retrain_backend: str = "auto") -> SweepOutcome:
+    """Run (or resume) the sweep into ``out``; return every cell's record (failed ones too).
+
+    ``backend`` runs the cells (local, process, ray); ``retrain_backend`` retrains the ground
+    truths' subset models (auto, sequential, batched, process, ray; auto follows a Ray
+    ``backend`` onto the cluster)."""
     if backend not in ("local", "process", "ray"):
         raise ValueError(f"unknown backend {backend!r}; choose one of: local, process, ray")
+    from tdatune.evaluate.runners import RUNNERS
+
+    if retrain_backend not in RUNNERS:
+        raise ValueError(f"unknown retrain backend {retrain_backend!r}; choose one of: "
+                         f"{', '.join(RUNNERS)}")
     out = Path(out)
     store = CellStore(out, spec)
     store.dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +363,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
             say(f"  {cell.cell_id}: stored file unreadable ({detail[:120]}); recomputing")
     say(f"sweep {spec.name}: {len(cells)} cells, {counts.get('done', 0)} already done, "
         f"{len(pending)} to run")
-    gt_backend, gt_options = ("ray", {"address": address}) if backend == "ray" else ("auto", {})
+    gt_backend = "ray" if backend == "ray" and retrain_backend == "auto" else retrain_backend
+    gt_options = {"address": address} if gt_backend == "ray" else {}
     work = Workspace(spec, out, device, show_progress, say, gt_backend, gt_options)
     needed = list(dict.fromkeys((c.setting, c.alpha) for c in pending))
     for label, alpha in needed:  # train + ground truth once each, here, before any cell
