@@ -84,10 +84,21 @@ def test_resume_after_kill_retrains_only_unfinished_models(setup, tmp_path):
                             show_progress=False)
     assert trained == [4, 5]
     assert gt.outputs.shape == (6, 1, len(test))
+    # The resumed ground truth equals an uninterrupted build, model for model.
     trained.clear()
-    build_ground_truth(task, RECIPE, train, test, cfg, tmp_path, runner=runner(None),
-                       show_progress=False)
+    whole = build_ground_truth(task, RECIPE, train, test, cfg, tmp_path / "whole",
+                               runner=runner(None), show_progress=False)
+    assert trained == [0, 1, 2, 3, 4, 5]
+    assert torch.equal(gt.masks, whole.masks)
+    np.testing.assert_array_equal(gt.outputs, whole.outputs)
+    # ... and each model's row is that subset's own retraining (not a neighbour's).
+    want = retrain_outputs(task, RECIPE, train, test, masks[5], cfg.model_seed(5, 0))
+    np.testing.assert_array_equal(gt.outputs[5, 0], want)
+    trained.clear()
+    again = build_ground_truth(task, RECIPE, train, test, cfg, tmp_path, runner=runner(None),
+                               show_progress=False)
     assert trained == []  # a finished ground truth is reused as stored
+    np.testing.assert_array_equal(again.outputs, whole.outputs)
 
 
 def test_mismatched_configuration_is_refused(setup, tmp_path):
