@@ -247,16 +247,16 @@ class _FakeClock:
 
 
 @pytest.mark.parametrize(("fit", "rates", "expected"), [
-    # slow models (20 s each): 10 would take 200 s, so chunks shrink to 60 s = 3 models
+    # slow models (20 s each): after the first ten, 60 s / 20 s = 3 per chunk
     (100, [20.0], [10, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]),
-    # medium models (2 s each): ten per chunk (20 s), the cap in models
-    (100, [2.0], [10] * 5),
-    # tiny models (0.01 s each): after the first ten, chunks of 5 s / 0.01 s = 500 (all 40 left)
-    (100, [0.01], [10, 40]),
+    # 2 s each: a minute is 30 models
+    (100, [2.0], [10, 30, 30, 30]),
+    # tiny models (0.01 s each): after the first ten, all the rest up to what memory fits
+    (100, [0.01], [10, 100, 40]),
     # memory fits only 4: never more, whatever the speed
     (4, [0.01], [4] * 13),
-    # speed changes: the second chunk (30, what memory fits) turns slow, the next are cut down
-    (30, [0.01, 0.5], [10, 30, 10, 10]),
+    # speed changes: the second chunk turns slow (6 s each), the next ones are cut down
+    (100, [0.5, 6.0], [10, 100, 10, 10]),
 ])
 def test_chunk_planner_bounds_what_a_kill_loses(fit, rates, expected):
     from tdatune.models.batched import ChunkPlanner
@@ -269,19 +269,22 @@ def test_chunk_planner_bounds_what_a_kill_loses(fit, rates, expected):
         seen += chunk
         clock.finish(len(chunk))
     assert seen == jobs and planner.sizes == expected
-    # What a kill may lose is one chunk: at most 10 models, or a chunk predicted (from the
-    # previous chunk's time per model) to take under 5 s, and never one predicted over 60 s.
+    # What a kill may lose is one chunk: ten models before anything is measured, then a
+    # chunk predicted (from the previous chunk's time per model) to take at most 60 s.
     per_model = [rates[min(i, len(rates) - 1)] for i in range(len(expected))]
+    assert planner.sizes[0] <= 10
     for size, previous in zip(planner.sizes[1:], per_model[:-1], strict=True):
-        assert size * previous <= 60.0 and (size <= 10 or size * previous <= 5.0)
+        assert size * previous <= 60.0 and size <= fit
 
 
 def test_chunk_planner_shrinks_after_a_slow_chunk():
     from tdatune.models.batched import ChunkPlanner
 
     planner = ChunkPlanner(100)
+    assert planner.size == 10
     assert planner.update(10, 300.0) == 2  # 30 s per model: two fit in a minute
     assert planner.update(2, 200.0) == 1  # slower still: one at a time
     assert planner.update(1, 0.001) == 100  # fast again: up to what memory fits
+    assert ChunkPlanner(3).size == 3
     with pytest.raises(ValueError, match="chunk sizes"):
         ChunkPlanner(0)

@@ -135,8 +135,8 @@ def batched_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: Array
                    memory_bytes: int | None = None) -> Runner:
     """Train chunks of models together in this process: ``chunk_size`` models each, or by
     default chunks that fit in ``memory_bytes`` (:func:`tdatune.models.batched.models_per_chunk`)
-    and bound what a kill loses to about ten models or a minute of work
-    (:class:`tdatune.models.batched.ChunkPlanner`); each chunk's models are stored as soon as it
+    and bound what a kill loses to about a minute of work (ten models for the first chunk,
+    :class:`tdatune.models.batched.ChunkPlanner`); each chunk's models are stored as soon as it
     finishes."""
     check_batchable(task)
     if not can_batch(task, recipe, train):

@@ -27,11 +27,10 @@ state and random streams) are refused with :class:`BatchedTrainingUnsupported`; 
 back to training them one at a time.
 
 The models of a chunk finish together, so a kill loses the chunk in flight.
-:class:`ChunkPlanner` bounds that loss: chunks of at most ``MAX_MODELS_PER_CHUNK`` (10) models,
-more only while a chunk is predicted to take under ``FAST_CHUNK_SECONDS`` (tiny models, where
-bigger chunks are much faster and losing one costs seconds), and never a chunk predicted to
-take over ``MAX_CHUNK_SECONDS`` (60); predictions use the measured time per model of the
-previous chunk.
+:class:`ChunkPlanner` bounds that loss to about a minute of work: a first chunk of
+``FIRST_CHUNK_MODELS`` (10), then chunks predicted, from the measured time per model, to take
+at most ``MAX_CHUNK_SECONDS`` (60). A fixed count of ten models per chunk would cost up to
+~40% of the speed on MLPs (each chunk pays the per-step overhead of the lock-step loop).
 """
 
 from __future__ import annotations
@@ -75,9 +74,8 @@ LBFGS_MAX_BACKTRACK = 30
 LBFGS_TOL_GRAD = 1e-10
 LBFGS_TOL_CHANGE = 1e-14
 DEFAULT_CPU_BUDGET = 2 << 30  # bytes of working memory a CPU chunk may use
-MAX_MODELS_PER_CHUNK = 10  # what a kill may lose, in models ...
-FAST_CHUNK_SECONDS = 5.0  # ... unless a larger chunk is predicted to finish within this
-MAX_CHUNK_SECONDS = 60.0  # and what it may lose in time, whatever the number of models
+FIRST_CHUNK_MODELS = 10  # the first batched chunk, before any time is measured
+MAX_CHUNK_SECONDS = 60.0  # later chunks: about this much work, what a kill may lose
 
 
 class BatchedTrainingUnsupported(ValueError):
@@ -553,33 +551,31 @@ def models_per_chunk(task: Task, recipe: TrainRecipe, train: ArrayDataset, *,
 class ChunkPlanner:
     """Consecutive chunks of ``items`` for batched training that bound what a kill loses.
 
-    ``fit`` is the most models memory allows. The first chunk has ``min(fit, max_models)``
-    models; after each, the measured seconds per model ``p`` size the next one: up to
-    ``fast_seconds / p`` models when that exceeds ``max_models`` (fast models: larger chunks
-    are faster and still lose only seconds), at most ``max_seconds / p`` (a slow chunk is cut
-    down to about a minute of work), never more than ``fit`` nor fewer than one. Iterate over
-    :meth:`chunks`; each chunk is timed from when it is handed out until the next is asked
-    for, so the caller trains and stores it in between.
+    The models of a chunk finish together, so a kill loses the chunk in flight. ``fit`` is the
+    most models memory allows. The first chunk has ``min(fit, first)`` models (ten: what a
+    kill may lose before anything is measured); after each chunk, its seconds per model ``p``
+    size the next one to about ``max_seconds`` of work (a minute), ``floor(max_seconds / p)``
+    models, never more than ``fit`` nor fewer than one. ``p`` includes the chunk's fixed
+    per-step cost, so it overestimates larger chunks' cost per model: chunks grow towards the
+    bound from below and stay under it. Iterate over :meth:`chunks`; each chunk is timed from
+    when it is handed out until the next is asked for (the caller trains and stores it in
+    between).
     """
 
-    def __init__(self, fit: int, *, max_models: int = MAX_MODELS_PER_CHUNK,
-                 fast_seconds: float = FAST_CHUNK_SECONDS,
+    def __init__(self, fit: int, *, first: int = FIRST_CHUNK_MODELS,
                  max_seconds: float = MAX_CHUNK_SECONDS,
                  clock: Callable[[], float] = time.perf_counter) -> None:
-        if fit < 1 or max_models < 1:
-            raise ValueError(f"chunk sizes must be >= 1, got fit={fit}, max_models={max_models}")
-        self.fit, self.max_models = int(fit), int(max_models)
-        self.fast_seconds, self.max_seconds = float(fast_seconds), float(max_seconds)
-        self.clock = clock
-        self.size = min(self.fit, self.max_models)
+        if fit < 1 or first < 1 or not max_seconds > 0:
+            raise ValueError(f"chunk sizes must be >= 1 and the time bound > 0, got fit={fit}, "
+                             f"first={first}, max_seconds={max_seconds}")
+        self.fit, self.max_seconds, self.clock = int(fit), float(max_seconds), clock
+        self.size = min(self.fit, int(first))
         self.sizes: list[int] = []
 
     def update(self, models: int, seconds: float) -> int:
         """Size the next chunk after one of ``models`` models took ``seconds``; return it."""
         per_model = max(seconds, 1e-9) / max(models, 1)
-        fast = math.floor(self.fast_seconds / per_model)
-        slow = math.floor(self.max_seconds / per_model)
-        self.size = max(1, min(self.fit, max(self.max_models, fast), slow))
+        self.size = max(1, min(self.fit, math.floor(self.max_seconds / per_model)))
         return self.size
 
     def chunks(self, items: Sequence[object]) -> Iterator[list]:
