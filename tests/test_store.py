@@ -148,3 +148,31 @@ def test_store_refuses_bad_chunks(tmp_path):
     reopened = FeatureStore.open_or_create(tmp_path, shape=(10, 3), identity={"x": 1},
                                            chunk_rows=4)
     assert reopened.complete and reopened.fill(lambda a, b: 1 / 0) == []
+
+
+def test_store_chunks_carry_sha256_and_old_sum_only_records_still_verify(tmp_path):
+    import hashlib
+
+    from tdatune.utils.atomic import DamagedFileError, atomic_write_json, read_json
+
+    store = FeatureStore.open_or_create(tmp_path, shape=(10, 3), identity={"x": 1}, chunk_rows=4)
+    rows = np.arange(30, dtype=np.float32).reshape(10, 3)
+    for c in range(store.num_chunks):
+        start, stop = store.chunk_bounds(c)
+        store.write_chunk(c, rows[start:stop])
+    record = read_json(tmp_path / "chunks" / "c000001.json")
+    assert record["sha256"] == hashlib.sha256(rows[4:8].tobytes()).hexdigest()
+    np.testing.assert_array_equal(FeatureStore(tmp_path)[:], rows)
+    # A store written before chunk checksums: records with a sum only, verified by the sum.
+    for c in range(store.num_chunks):
+        path = tmp_path / "chunks" / f"c{c:06d}.json"
+        old = read_json(path)
+        del old["sha256"]
+        atomic_write_json(path, old)
+    np.testing.assert_array_equal(FeatureStore(tmp_path)[:], rows)
+    array = np.load(tmp_path / "features.npy", mmap_mode="r+")
+    array[9, 0] = 1e6
+    array.flush()
+    del array
+    with pytest.raises(DamagedFileError, match=r"chunk 2 .*sum"):
+        FeatureStore(tmp_path)[:]
