@@ -203,7 +203,7 @@ class ModuleFactory:
 def make_task(
     model: nn.Module | Callable[[], nn.Module], loss: str | OutputFn, output: str | OutputFn,
     *, forward: Forward | None = None, name: str = "task", trak_weights: OutputFn | None = None,
-    reinit: bool = True,
+    reinit: bool = True, extra: dict[str, object] | None = None,
 ) -> Task:
     """The plug-in point for your own model: a :class:`Task` from a module (or a factory),
     the per-example loss (a callable ``(outputs, y) -> [B]`` or ``cross_entropy`` / ``mse``),
@@ -221,7 +221,7 @@ def make_task(
                         f"{type(model).__name__}")
     loss_fn = get_loss_fn(loss) if isinstance(loss, str) else loss
     return Task(make_model=factory, output=output, loss_fn=loss_fn, name=name, forward=forward,
-                trak_weights=trak_weights)
+                trak_weights=trak_weights, extra=dict(extra or {}))
 
 
 def check_task(task: Task, data: ArrayDataset, *, model: nn.Module | None = None,

@@ -1,8 +1,10 @@
 """The built-in settings of the study. Importing this module registers them.
 
-Model factories are ``functools.partial`` of classes so tasks pickle (ground-truth retraining
-ships them to worker processes or Ray). See docs/settings.md for sources, sizes, recipes and
-measured sanity numbers.
+Each is a :class:`~tdatune.settings.registry.Setting` whose task comes from
+:func:`tdatune.models.task.make_task`, the same plug-in point a user's own model goes through
+(docs/your_model.md). Model factories are ``functools.partial`` of classes so tasks pickle
+(ground-truth retraining ships them to worker processes or Ray). See docs/settings.md for
+sources, sizes, recipes and measured sanity numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tdatune.data.text import load_text_splits
 from tdatune.models.gpt import GPT
 from tdatune.models.resnet9 import ResNet9
 from tdatune.models.small import MLP, LogisticRegression
-from tdatune.models.task import Task
+from tdatune.models.task import Task, make_task
 from tdatune.models.training import TrainRecipe
 from tdatune.settings.registry import Setting, register
 
@@ -31,20 +33,22 @@ def _digits(n_train: int, n_val: int, n_test: int, seed: int, data_dir: str | Pa
 def lr_task(splits: Splits, *, name: str) -> Task:
     """Multinomial logistic regression on flattened inputs."""
     d = splits.train.inputs[0].numel()
-    return Task(make_model=partial(LogisticRegression, d, splits.num_classes), name=name)
+    return make_task(partial(LogisticRegression, d, splits.num_classes), "cross_entropy", "margin",
+                     name=name)
 
 
 def mlp_task(splits: Splits, *, name: str, hidden: tuple[int, ...]) -> Task:
     """ReLU MLP with the given hidden widths on flattened inputs."""
     d = splits.train.inputs[0].numel()
-    return Task(make_model=partial(MLP, d, tuple(hidden), splits.num_classes), name=name)
+    return make_task(partial(MLP, d, tuple(hidden), splits.num_classes), "cross_entropy",
+                     "margin", name=name)
 
 
 def resnet9_task(splits: Splits, *, name: str, width: int = 64) -> Task:
     """ResNet-9 of base ``width`` on [n, 3, 32, 32] images; output = correct-class margin."""
     channels = int(splits.train.inputs.shape[1])
-    return Task(make_model=partial(ResNet9, splits.num_classes, int(width), channels),
-                name=name, extra={"width": int(width)})
+    return make_task(partial(ResNet9, splits.num_classes, int(width), channels), "cross_entropy",
+                     "margin", name=name, extra={"width": int(width)})
 
 
 def gpt_task(splits: Splits, *, name: str, d_model: int = 128, n_layer: int = 4, n_head: int = 4,
@@ -53,9 +57,9 @@ def gpt_task(splits: Splits, *, name: str, d_model: int = 128, n_layer: int = 4,
     block, output = its negative."""
     vocab, block_len = int(splits.info["vocab_size"]), int(splits.info["block_len"])
     make = partial(GPT, vocab, block_len, int(d_model), int(n_layer), int(n_head), bool(tie_head))
-    return Task(make_model=make, output="negative_loss", name=name,
-                extra={"d_model": d_model, "n_layer": n_layer, "n_head": n_head,
-                       "tie_head": tie_head, "vocab_size": vocab, "block_len": block_len})
+    return make_task(make, "cross_entropy", "negative_loss", name=name,
+                     extra={"d_model": d_model, "n_layer": n_layer, "n_head": n_head,
+                            "tie_head": tie_head, "vocab_size": vocab, "block_len": block_len})
 
 
 LR_RECIPE = TrainRecipe(optimizer="lbfgs", epochs=5, lbfgs_iters=100, weight_decay=1e-3, lr=1.0)
