@@ -3,6 +3,8 @@ function, checked against by-hand computations; bad input stopped with the fix."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -173,14 +175,19 @@ def _by_hand_outputs(masks: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     return out
 
 
-@pytest.mark.parametrize("backend", ["sequential", "process"])
+@pytest.mark.parametrize("backend", ["sequential", "process", "ray"])
 def test_ground_truth_from_a_training_function_equals_by_hand(tmp_path, backend):
     x, y = regression_data(24, 0)
     xt, yt = regression_data(6, 1)
     task = make_task(make_linear, squared_error, "prediction", name="linreg")
     config = GroundTruthConfig(n_subsets=4, alpha=0.5, seeds_per_subset=2)
     recipe = TrainFunction(train_linear)
-    options = {"num_workers": 2} if backend == "process" else {}
+    options: dict = {"num_workers": 2} if backend == "process" else {}
+    if backend == "ray":
+        pytest.importorskip("ray")
+        # Ray workers import this test module by name: give them its directory.
+        options = {"models_per_task": 3, "init_options": {
+            "num_cpus": 2, "runtime_env": {"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}}}}
     gt = build_ground_truth(task, recipe, as_dataset(x, y), as_dataset(xt, yt), config,
                             tmp_path, backend=backend, backend_options=options,
                             show_progress=False)

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from tdatune.data.base import ArrayDataset
-from tdatune.models.task import Task, check_task
+from tdatune.models.outputs import cross_entropy
+from tdatune.models.task import Task, callable_name, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, load_model, train_model
 from tdatune.utils.atomic import (
     atomic_save_npy,
@@ -147,13 +148,25 @@ def sequential_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: Ar
     return run
 
 
+def task_identity(task: Task) -> dict[str, Any]:
+    """Name and output of the task, plus its loss and forward when they are not the defaults
+    (so a built-in task's manifest is what it always was, and a user's changed loss or forward
+    is not served results computed with another)."""
+    identity: dict[str, Any] = {"name": task.name, "output": task.output_name}
+    if task.loss_fn is not cross_entropy:
+        identity["loss"] = callable_name(task.loss_fn)
+    if task.forward is not None:
+        identity["forward"] = callable_name(task.forward)
+    return identity
+
+
 def manifest_for(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
                  explained: ArrayDataset, config: GroundTruthConfig) -> dict[str, Any]:
     """What identifies a ground truth: configuration, recipe, task and data fingerprints."""
     return {
         "config": asdict(config),
         "recipe": recipe.to_dict(),
-        "task": {"name": task.name, "output": task.output_name},
+        "task": task_identity(task),
         "train_fingerprint": train.fingerprint(),
         "explained_fingerprint": explained.fingerprint(),
         "n_train": len(train),

@@ -71,7 +71,9 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
                                backend=config.backend, backend_options=config.backend_options)
     splits, gt, context = prepared.splits, prepared.groundtruth, prepared.context
     setting, recipe, device = prepared.setting, prepared.recipe, context.device
-    test_accuracy = prepared.test_accuracy()
+    test_accuracy: float | None = prepared.test_accuracy()
+    if test_accuracy != test_accuracy:  # NaN: not a classifier (e.g. a regression task)
+        test_accuracy = None
     say(f"{config.attributor}: gradients, eigendecomposition, lambda-path")
     attributor = make_attributor(config.attributor, **config.attributor_params).fit(context)
     if not hasattr(attributor, "lambda_path"):
@@ -142,8 +144,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable table of the study's result."""
     lines = [
         f"{summary['setting']} ({summary['data_source']}), {summary['attributor']}, "
-        f"n_train={summary['n_train']}, {summary['n_subsets']} retrained subsets, "
-        f"test accuracy {summary['test_accuracy']:.3f}",
+        f"n_train={summary['n_train']}, {summary['n_subsets']} retrained subsets"
+        + ("" if summary["test_accuracy"] is None
+           else f", test accuracy {summary['test_accuracy']:.3f}"),
         "",
         f"{'method':<26} {'lambda':>11} {'LDS (test)':>11}",
         f"{'surrogate xi >= ' + str(summary['selection']['threshold']):<26} "
