@@ -155,3 +155,11 @@ def test_krylov_cg_path_equals_cg_at_every_lambda(x0):
     full = krylov_cg_path(lambda z: z @ h, v[:2], probes, iters=p, x0="zero")
     exact = probes @ torch.linalg.solve(h + 0.3 * eye, v[:2].T)
     torch.testing.assert_close(full.probe_products([0.3])[0], exact.T, atol=1e-6, rtol=1e-6)
+
+
+def test_hvp_matches_the_dense_hessian():
+    task, model, params, data = setup(MLP(12, (5,), 4), n=30)
+    obj = TrainingObjective(task, model, params, data, 1e-3, chunk_size=7)
+    ref = dense_reference(task, model, params, data, 1e-3)
+    v = torch.randn(3, ref.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(obj.hvp(v), v @ ref, atol=1e-12, rtol=1e-10)

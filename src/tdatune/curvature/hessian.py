@@ -7,8 +7,9 @@ The training objective is the one ``models.training`` minimises,
 so its Hessian is H = (1/n) sum_i grad^2 l(z_i; theta) + weight_decay * I. Everything here
 works on one flat parameter vector (the trainable parameters concatenated in ``params``
 order, the same order as ``features.gradients.flatten``) and runs over the data in chunks,
-so memory stays bounded in n. HVPs are forward-over-reverse (``jvp`` of ``grad``) and are
-batched over several vectors with ``vmap``.
+so memory stays bounded in n. HVPs are reverse-over-reverse (``grad`` of v . ``grad``),
+batched over several vectors with ``vmap``: on this project's CPU that measured 1.2-1.7x
+faster than forward-over-reverse (``jvp`` of ``grad``) for the MNIST MLP and digits LR.
 
 Eigensystems (``TrainingObjective.eigensystem``). For a model that is one ``nn.Linear`` of the
 flattened input (logistic regression), the logits are linear in theta, so the Hessian is
@@ -30,6 +31,7 @@ faster than torch.linalg.eigh (MKL) on this project's AMD machine (``symmetric_e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import grad, hessian, jvp, vmap
+from torch.func import grad, hessian, vmap
 
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import Tree, batch_len, tree_map
@@ -128,7 +130,7 @@ class TrainingObjective:
         count = 0
         for x, y in self._batches(index):
             def one(v: torch.Tensor, x: Tree = x, y: Tree = y) -> torch.Tensor:
-                return jvp(lambda t: g(t, x, y), (theta,), (v,))[1]
+                return grad(lambda t: (g(t, x, y) * v).sum())(theta)
             out += vmap(one)(vecs)
             count += batch_len(x)
         out = out / count + self.weight_decay * vecs
@@ -293,7 +295,14 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.linalg.eigh(matrix)
     import scipy.linalg
 
-    vals, vecs = scipy.linalg.eigh(matrix.detach().numpy(), driver="evd", check_finite=False)
+    try:  # SciPy's BLAS gets as many threads as torch (a scikit-learn dependency)
+        from threadpoolctl import threadpool_limits
+        limits: contextlib.AbstractContextManager = threadpool_limits(torch.get_num_threads(),
+                                                                      user_api="blas")
+    except ImportError:
+        limits = contextlib.nullcontext()
+    with limits:
+        vals, vecs = scipy.linalg.eigh(matrix.detach().numpy(), driver="evd", check_finite=False)
     return torch.from_numpy(np.ascontiguousarray(vals)), torch.from_numpy(np.ascontiguousarray(vecs))
 
 
