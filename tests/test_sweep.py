@@ -279,3 +279,11 @@ def test_sub_experiments_vary_one_factor_around_the_study_defaults():
     default = next(c for c in tracin if dict(c.fit)["checkpoints"] is None)
     assert sorted(dict(s)["normalize"] for s in default.score) == [False, True]
     assert len({c.cell_id for c in cells}) == len(cells) == 16
+
+
+def test_line_styles_stay_distinct_beyond_ten_lines():
+    from tdatune.study.figures import styles
+
+    looks = [(s["color"], s["linestyle"], s["marker"]) for s in styles(40)]
+    assert len(set(looks)) == 40
+    assert len({s["color"] for s in styles(10)}) == 10
