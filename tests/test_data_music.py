@@ -98,10 +98,54 @@ def test_maestro_missing_and_empty(tmp_path):
         midi_files(tmp_path)
 
 
-def test_chorale_standin_is_cached(tmp_path):
-    splits = load_music_splits(8, 2, 2, seed=0, block_len=16, max_pieces=2, cache=tmp_path)
-    assert splits.source.startswith("stand-in: music21 Bach chorales (2 pieces)")
-    assert len(list(tmp_path.glob("chorales-2-*.json.gz"))) == 1
-    again = load_music_splits(8, 2, 2, seed=0, block_len=16, max_pieces=2, cache=tmp_path)
-    assert torch.equal(again.train.inputs, splits.train.inputs)
+def test_chorale_standin_converts_only_what_it_needs_and_caches_each_piece(tmp_path,
+                                                                           monkeypatch):
+    from tdatune.data import music
+
+    converted: list[str] = []
+    real = music.chorale_notes
+
+    def counting(name):
+        converted.append(name)
+        return real(name)
+
+    monkeypatch.setattr(music, "chorale_notes", counting)
+    # 12 blocks of 17 events: one chorale (~500 events) is enough, not all 371
+    splits = load_music_splits(8, 2, 2, seed=0, block_len=16, cache=tmp_path)
+    assert len(converted) == 1
+    assert splits.source.startswith("stand-in: music21 Bach chorales (1 of 371 pieces)")
     assert int(splits.train.inputs.max()) < VOCAB_SIZE
+    folder = music.chorale_cache(tmp_path)
+    assert folder.parent == tmp_path and (folder / "names.json").exists()
+    piece = folder / (converted[0].replace("/", "_") + ".json")
+    assert piece.exists() and not list(folder.glob("*.tmp"))
+    # the blocks are those of the converted piece, computed here independently
+    blocks = make_blocks(music.encode_notes(real(converted[0])), 16)
+    assert all(any(torch.equal(x, b[:-1]) for b in blocks) for x in splits.train.inputs)
+
+    def refuse(name):
+        raise AssertionError(f"{name} converted again instead of read from the cache")
+
+    monkeypatch.setattr(music, "chorale_notes", refuse)
+    again = load_music_splits(8, 2, 2, seed=0, block_len=16, cache=tmp_path)
+    assert torch.equal(again.train.inputs, splits.train.inputs)
+    assert torch.equal(again.test.targets, splits.test.targets)
+
+    # a damaged cache file is converted again, to the same events
+    monkeypatch.setattr(music, "chorale_notes", counting)
+    piece.write_text('{"name": "cut')
+    converted.clear()
+    fixed = load_music_splits(8, 2, 2, seed=0, block_len=16, cache=tmp_path)
+    assert len(converted) == 1 and torch.equal(fixed.train.inputs, splits.train.inputs)
+
+    # the cache is keyed by what defines the conversion: another tempo, another folder
+    monkeypatch.setattr(music, "CHORALE_BPM", 100.0)
+    assert music.chorale_cache(tmp_path) != folder
+
+
+def test_chorale_sequences_limits_pieces(tmp_path):
+    from tdatune.data import music
+
+    seqs = music.chorale_sequences(max_pieces=2, cache=tmp_path)
+    names = music.chorale_names(tmp_path)[:2]
+    assert seqs == [music.encode_notes(music.chorale_notes(n)) for n in names]

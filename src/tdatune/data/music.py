@@ -11,17 +11,24 @@ events (next-event prediction), exactly as the text setting cuts token streams.
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tdatune.data.base import Splits
 from tdatune.data.midi import Note, read_midi
 from tdatune.data.text import blocks_dataset, cut_blocks, make_blocks, unigram_loss
+from tdatune.utils.atomic import (
+    DamagedFileError,
+    atomic_write_json,
+    read_json,
+    remove_with_record,
+)
 
 NOTE_ON, NOTE_OFF, TIME_SHIFT, VELOCITY = 0, 128, 256, 356
 MAX_SHIFT_STEPS = 100
@@ -30,7 +37,7 @@ VELOCITY_BINS = 32
 VOCAB_SIZE = VELOCITY + VELOCITY_BINS  # 388
 CHORALE_BPM = 125.0  # a quarter note = 0.48 s = 48 steps: sixteenths and triplets land on steps
 CACHE_ENV = "TDATUNE_CACHE_DIR"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one file per piece, converted on demand
 
 
 def encode_notes(notes: list[Note]) -> list[int]:
@@ -98,27 +105,87 @@ def cache_dir(default: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "tdatune"
 
 
+def conversion_spec() -> dict[str, object]:
+    """Everything that defines a chorale's event sequence: the encoder's version and
+    constants, the tempo and velocity used, and the music21 release (its corpus files)."""
+    import music21
+
+    return {"cache_version": CACHE_VERSION, "bpm": CHORALE_BPM, "velocity": 64,
+            "step_seconds": STEP_SECONDS, "max_shift_steps": MAX_SHIFT_STEPS,
+            "velocity_bins": VELOCITY_BINS, "music21": str(music21.__version__)}
+
+
+def chorale_cache(cache: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder of this conversion: ``chorales-<16 hex of the spec's SHA-256>``, so a
+    changed encoder, tempo or music21 release never reads an old conversion."""
+    spec = json.dumps(conversion_spec(), sort_keys=True)
+    return cache_dir(cache) / f"chorales-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
+
+
+def _cached(path: Path, check: Callable[[Any], bool]) -> Any | None:
+    """The JSON content of ``path`` when it exists, is intact and passes ``check``; else None
+    (a damaged file is removed and recomputed by the caller)."""
+    if not path.exists():
+        return None
+    try:
+        obj = read_json(path)
+    except (DamagedFileError, OSError):
+        remove_with_record(path)
+        return None
+    return obj if check(obj) else None
+
+
+def chorale_names(cache: str | os.PathLike[str] | None = None) -> list[str]:
+    """Corpus names of music21's 371 Bach chorales, sorted (listed once, then cached)."""
+    path = chorale_cache(cache) / "names.json"
+    names = _cached(path, lambda o: isinstance(o, list) and bool(o))
+    if names is None:
+        from music21 import corpus
+
+        names = sorted(str(n) for n in corpus.chorales.Iterator(returnType="filename"))
+        atomic_write_json(path, names)
+    return names
+
+
+def chorale_events(name: str, cache: str | os.PathLike[str] | None = None) -> list[int]:
+    """Event tokens of one chorale, converted on first use and cached as one atomic JSON file
+    per piece (named by the piece, keyed by ``chorale_cache``)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    path = chorale_cache(cache) / f"{safe}.json"
+    hit = _cached(path, lambda o: isinstance(o, dict) and o.get("name") == name)
+    if hit is not None:
+        return hit["events"]
+    events = encode_notes(chorale_notes(name))
+    atomic_write_json(path, {"name": name, "events": events})
+    return events
+
+
 def chorale_sequences(max_pieces: int | None = None,
                       cache: str | os.PathLike[str] | None = None) -> list[list[int]]:
-    """Event sequences of the first ``max_pieces`` Bach chorales of music21's corpus (all 371 by
-    default), converted once and cached as gzipped JSON."""
-    from music21 import corpus
+    """Event sequences of the first ``max_pieces`` Bach chorales (all 371 by default); each
+    piece is converted once and cached (``chorale_events``)."""
+    names = chorale_names(cache)
+    return [chorale_events(n, cache) for n in names[:max_pieces]]
 
-    names = sorted(str(n) for n in corpus.chorales.Iterator(returnType="filename"))
-    if max_pieces is not None:
-        names = names[:max_pieces]
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, CHORALE_BPM, names]).encode()).hexdigest()[:16]
-    path = cache_dir(cache) / f"chorales-{len(names)}-{key}.json.gz"
-    if path.exists():
-        with gzip.open(path, "rt") as handle:
-            return json.load(handle)
-    seqs = [encode_notes(chorale_notes(n)) for n in names]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with gzip.open(tmp, "wt") as handle:
-        json.dump(seqs, handle)
-    os.replace(tmp, path)
-    return seqs
+
+def chorale_blocks(need: int, block_len: int, gen: torch.Generator,
+                   max_pieces: int | None = None,
+                   cache: str | os.PathLike[str] | None = None) -> tuple[torch.Tensor, int]:
+    """Blocks of the chorales in the seeded order of ``gen``, converting (or reading from the
+    cache) only until ``need`` blocks exist: (blocks, pieces used). A run that needs 12
+    blocks converts one or two pieces, not 371."""
+    names = chorale_names(cache)[:max_pieces]
+    out: list[torch.Tensor] = []
+    have = used = 0
+    for i in torch.randperm(len(names), generator=gen).tolist():
+        blocks = make_blocks(chorale_events(names[i], cache), block_len)
+        out.append(blocks)
+        have += blocks.shape[0]
+        used += 1
+        if have >= need:
+            break
+    pool = torch.cat(out) if out else torch.empty(0, block_len + 1, dtype=torch.long)
+    return pool, used
 
 
 def midi_files(directory: str | os.PathLike[str]) -> dict[str, list[Path]]:
@@ -176,7 +243,9 @@ def load_music_splits(
 
     With ``data_dir`` (MAESTRO): the csv's train / validation / test pieces give the three
     splits (without a csv, blocks of all files are pooled and split with ``seed``). Without it:
-    the Bach chorales' blocks are pooled, shuffled with ``seed`` and cut into train / val / test.
+    the Bach chorales are converted in an order drawn with ``seed`` until they give enough
+    blocks (each piece cached on disk, see ``chorale_blocks``), and those blocks are shuffled
+    with ``seed`` and cut into train / val / test.
     """
     gen = torch.Generator().manual_seed(seed)
     if data_dir is not None:
@@ -195,11 +264,11 @@ def load_music_splits(
             train, val, test = parts
         source = f"real: MAESTRO MIDI from {Path(data_dir)}"
     else:
-        seqs = chorale_sequences(max_pieces, cache)
-        pool = torch.cat([make_blocks(s, block_len) for s in seqs])
+        pool, used = chorale_blocks(n_train + n_val + n_test, block_len, gen, max_pieces, cache)
         train, val, test = cut_blocks(pool, (n_train, n_val, n_test), gen,
-                                f"the Bach chorales ({len(seqs)} pieces)")
-        source = f"stand-in: music21 Bach chorales ({len(seqs)} pieces) for MAESTRO"
+                                      f"the Bach chorales ({used} pieces)")
+        source = (f"stand-in: music21 Bach chorales ({used} of {len(chorale_names(cache))} "
+                  "pieces) for MAESTRO")
     info: dict[str, object] = {
         "vocab_size": VOCAB_SIZE, "block_len": block_len,
         "unigram_loss_val": unigram_loss(train[:, 1:], val[:, 1:], VOCAB_SIZE),
