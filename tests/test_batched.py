@@ -288,3 +288,39 @@ def test_chunk_planner_shrinks_after_a_slow_chunk():
     assert ChunkPlanner(3).size == 3
     with pytest.raises(ValueError, match="chunk sizes"):
         ChunkPlanner(0)
+
+
+def test_batched_chunk_resumes_bitwise_from_its_saved_state(digits_small, tmp_path, monkeypatch,
+                                                             capsys):
+    import tdatune.models.batched as batched_module
+    from tdatune.utils.atomic import torch_load_verified
+
+    task, train = _mlp_task(digits_small), digits_small.train
+    recipe = TrainRecipe(optimizer="sgd", epochs=5, lr=0.05, batch_size=16, momentum=0.9,
+                         weight_decay=1e-3)
+    masks = sample_subsets(len(train), GroundTruthConfig(n_subsets=4, alpha=0.5))
+    seeds = [3, 4, 5, 6]
+    whole = train_batched(task, train, masks, recipe, seeds)
+    real = batched_module.epoch_permutation
+
+    def killed_in_epoch_3(n, seed, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt("killed")
+        return real(n, seed, epoch)
+
+    state = tmp_path / ".chunk.pt"
+    monkeypatch.setattr(batched_module, "epoch_permutation", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_batched(task, train, masks, recipe, seeds, state_path=state, save_seconds=0)
+    monkeypatch.undo()
+    assert torch_load_verified(state)["epoch"] == 2  # epochs 0, 1, 2 finished and saved
+    resumed = train_batched(task, train, masks, recipe, seeds, state_path=state, save_seconds=0)
+    assert "resuming a batched chunk of 4 models" in capsys.readouterr().err
+    for k in whole.params:
+        assert torch.equal(resumed.params[k], whole.params[k]), k
+    assert torch.equal(resumed.objectives, whole.objectives)
+    # A state saved for other models (other seeds) is not used.
+    other = train_batched(task, train, masks, recipe, [7, 8, 9, 10], state_path=state)
+    fresh = train_batched(task, train, masks, recipe, [7, 8, 9, 10])
+    assert "resuming" not in capsys.readouterr().err
+    assert all(torch.equal(other.params[k], fresh.params[k]) for k in fresh.params)

@@ -4,12 +4,14 @@ corrupted, then read back (an error naming the file, or a recomputation that say
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -192,7 +194,12 @@ _GT_BUILD = textwrap.dedent("""
     from tdatune.models.training import TrainRecipe
 
     def build(out, backend, subsets):
+        import os
+        import tdatune.models.batched as batched
+
         torch.set_num_threads(1)
+        if os.environ.get("TDATUNE_TEST_SAVE_EVERY_EPOCH"):
+            batched.MAX_CHUNK_SECONDS = 0.0  # the chunk in flight saves after every epoch
         splits = load_digits_splits(n_train=160, n_val=10, n_test=30, seed=2)
         if backend == "sequential":
             task = Task(make_model=partial(LogisticRegression, 64, 10), name="kill-lr")
@@ -217,10 +224,22 @@ def _build_here(out: Path, backend: str, subsets: int):
     return namespace["build"](out, backend, subsets)
 
 
-def _run_and_kill(out: Path, backend: str, subsets: int, kill_after: int) -> int:
-    """Run the build in a subprocess and SIGKILL it once ``kill_after`` model files exist;
-    return how many model files existed after the kill."""
+def _chunk_state_saved(models: Path) -> bool:
+    """Whether a batched chunk still to finish has saved its in-flight state."""
+    jobs, state = models / ".batched_chunk.json", models / ".batched_chunk.pt"
+    try:
+        subset, replicate, _ = json.loads(jobs.read_text())["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+    return state.exists() and not (models / f"m{subset:04d}_s{replicate}.npy").exists()
+
+
+def _run_and_kill(out: Path, backend: str, subsets: int, kill_after: int,
+                  wait_for: Callable[[Path], bool] | None = None) -> int:
+    """Run the build in a subprocess and SIGKILL it once ``kill_after`` model files exist
+    (and ``wait_for(models_dir)`` holds); return how many model files existed then."""
     env = {**os.environ, "TDATUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
+           "TDATUNE_TEST_SAVE_EVERY_EPOCH": "1",
            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = _GT_BUILD + "\nimport sys\nbuild(*sys.argv[1:])\n"
     proc = subprocess.Popen([sys.executable, "-c", code, str(out), backend, str(subsets)],
@@ -228,7 +247,8 @@ def _run_and_kill(out: Path, backend: str, subsets: int, kill_after: int) -> int
     models = out / "models"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if models.exists() and len(list(models.glob("m*.npy"))) >= kill_after:
+        if (models.exists() and len(list(models.glob("m*.npy"))) >= kill_after
+                and (wait_for is None or wait_for(models))):
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run ended before it could be killed: " + \
@@ -250,16 +270,23 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_exactly(tmp_path):
     np.testing.assert_array_equal(resumed.outputs, whole.outputs)
 
 
-def test_kill_9_during_batched_retraining_keeps_finished_chunks(tmp_path):
-    # Chunks of 3 models finish together; a kill loses at most the chunk in flight. Resumed
-    # chunks may group models differently, which batched arithmetic reproduces to float32
-    # rounding, not bitwise, so this one compares with a tolerance.
+def test_kill_9_during_batched_retraining_resumes_the_chunk_in_flight(tmp_path, capsys):
+    # Chunks of 3 models train together; the chunk in flight is recorded (and its state saved
+    # every epoch here), so the rerun finishes that same chunk from its saved state and the
+    # result equals an uninterrupted run bitwise.
     subsets = 12
-    killed = _run_and_kill(tmp_path / "killed", "batched", subsets, kill_after=3)
+    killed = _run_and_kill(tmp_path / "killed", "batched", subsets, kill_after=3,
+                           wait_for=_chunk_state_saved)
     assert 3 <= killed < subsets
+    models = tmp_path / "killed" / "models"
+    assert (models / ".batched_chunk.json").exists()
+    capsys.readouterr()
     resumed = _build_here(tmp_path / "killed", "batched", subsets)
+    assert "resuming a batched chunk of 3 models" in capsys.readouterr().err
     whole = _build_here(tmp_path / "whole", "batched", subsets)
-    np.testing.assert_allclose(resumed.outputs, whole.outputs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(resumed.outputs, whole.outputs)
+    assert not (models / ".batched_chunk.json").exists()
+    assert not (models / ".batched_chunk.pt").exists()
 
 
 # ---------------------------------------------------------------- damaged artefacts

@@ -36,10 +36,12 @@ at most ``MAX_CHUNK_SECONDS`` (60). A fixed count of ten models per chunk would 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +60,17 @@ from tdatune.models.training import (
     objective,
     train_model,
 )
+from tdatune.utils.atomic import (
+    DamagedFileError,
+    atomic_torch_save,
+    atomic_write_json,
+    is_intact,
+    notice,
+    read_json,
+    remove_with_record,
+    torch_load_verified,
+)
+from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
 from tdatune.utils.progress import progress
 
 # Modules whose behaviour in training mode couples examples or draws random numbers.
@@ -146,8 +159,17 @@ def subset_indices(masks: torch.Tensor) -> torch.Tensor:
 def train_batched(
     task: Task, train: ArrayDataset, masks: torch.Tensor, recipe: TrainRecipe,
     seeds: Sequence[int], *, device: torch.device | str = "cpu", show_progress: bool = False,
+    state_path: str | Path | None = None, save_seconds: float | None = None,
 ) -> BatchedResult:
-    """Train M models at once, model m on ``train.subset(masks[m])`` with seed ``seeds[m]``."""
+    """Train M models at once, model m on ``train.subset(masks[m])`` with seed ``seeds[m]``.
+
+    With ``state_path`` (SGD / Adam recipes), the stacked parameters and optimizer state are
+    saved there (atomically, verified on read) after an epoch once ``save_seconds`` (default
+    ``MAX_CHUNK_SECONDS``) have passed since the last save, and a run that finds a state of the
+    same models, recipe and subsets there resumes after its epoch: a kill loses at most about
+    ``save_seconds`` of work, and the resumed models equal uninterrupted ones bitwise. The caller deletes the
+    file once the models are stored.
+    """
     check_batchable(task)
     masks = torch.as_tensor(masks)
     if len(seeds) != masks.shape[0]:
@@ -164,13 +186,64 @@ def train_batched(
         return _train_lbfgs(task, base, params, train, masks, recipe, device, show_progress,
                             models[0])
     del models
+    every = MAX_CHUNK_SECONDS if save_seconds is None else save_seconds
+    state = None if state_path is None else _ChunkState(Path(state_path), every,
+                                                        _chunk_key(task, recipe, masks, seeds))
     return _train_minibatch(task, base, params, train, masks, recipe, seeds, device,
-                            show_progress)
+                            show_progress, state)
+
+
+def _chunk_key(task: Task, recipe: TrainRecipe, masks: torch.Tensor,
+               seeds: Sequence[int]) -> str:
+    """What identifies a chunk's training: task, recipe, subsets and seeds."""
+    return fingerprint_config({"task": task.name, "recipe": recipe.to_dict(),
+                               "seeds": [int(x) for x in seeds],
+                               "masks": fingerprint_tensors(masks.cpu())})
+
+
+@dataclass
+class _ChunkState:
+    """Where a chunk's in-flight training state is saved, how often, and for what."""
+
+    path: Path
+    save_seconds: float
+    key: str
+    last_save: float = 0.0
+
+    def load(self, device: torch.device) -> dict | None:
+        """The saved state when it belongs to this chunk, else None (a damaged one is said)."""
+        if not self.path.exists():
+            return None
+        try:
+            saved = torch_load_verified(self.path, map_location=device)
+        except DamagedFileError as err:
+            notice(f"{self.path} (an in-flight batched chunk) is damaged ({err.reason}); "
+                   "training the chunk from the start")
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return None
+        notice(f"resuming a batched chunk of {len(saved['objectives'])} models after epoch "
+               f"{saved['epoch'] + 1} from {self.path}")
+        return saved
+
+    def maybe_save(self, epoch: int, stored: Params, opt: torch.optim.Optimizer,
+                   objectives: torch.Tensor) -> None:
+        """Save after ``epoch`` when ``save_seconds`` have passed since the last save."""
+        now = time.perf_counter()
+        if now - self.last_save < self.save_seconds:
+            return
+        atomic_torch_save(self.path, {
+            "key": self.key, "epoch": epoch, "objectives": objectives,
+            "stored": {k: v.detach() for k, v in stored.items()},
+            "optimizer": opt.state_dict(),
+        })
+        self.last_save = time.perf_counter()
 
 
 def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDataset,
                      masks: torch.Tensor, recipe: TrainRecipe, seeds: Sequence[int],
-                     device: torch.device, show_progress: bool) -> BatchedResult:
+                     device: torch.device, show_progress: bool,
+                     state: _ChunkState | None = None) -> BatchedResult:
     index = subset_indices(masks)
     num_models, size = index.shape
     x, y = train.inputs.to(device), train.targets.to(device)
@@ -205,7 +278,17 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
     steps_per_epoch = max(1, math.ceil(size / recipe.batch_size))
     total = recipe.epochs * steps_per_epoch
     objectives = torch.zeros(num_models, dtype=torch.float64)
-    bar = progress(range(recipe.epochs), enabled=show_progress,
+    first_epoch = 0
+    saved = state.load(device) if state is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            for k, v in stored.items():
+                v.copy_(saved["stored"][k])
+        opt.load_state_dict(saved["optimizer"])
+        objectives, first_epoch = saved["objectives"], int(saved["epoch"]) + 1
+    if state is not None:
+        state.last_save = time.perf_counter()
+    bar = progress(range(first_epoch, recipe.epochs), enabled=show_progress,
                    desc=f"batched train {task.name} x{num_models}")
     for epoch in bar:
         order = torch.stack([index[m, epoch_permutation(size, int(seeds[m]), epoch)]
@@ -231,6 +314,8 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
             running += losses.double() * idx.shape[1]
         objectives = (running / size).cpu()
         _check_finite(task, objectives, epoch, recipe)
+        if state is not None and epoch + 1 < recipe.epochs:
+            state.maybe_save(epoch, stored, opt, objectives)
     return BatchedResult(params={k: v.detach().contiguous() for k, v in model_view().items()},
                          objectives=objectives)
 
@@ -479,16 +564,17 @@ def batched_outputs(task: Task, base: nn.Module, params: Params, explained: Arra
 def retrain_outputs_batched(
     task: Task, recipe: TrainRecipe, train: ArrayDataset, explained: ArrayDataset,
     masks: torch.Tensor, seeds: Sequence[int], *, device: torch.device | str = "cpu",
-    show_progress: bool = False,
+    show_progress: bool = False, state_path: str | Path | None = None,
 ) -> np.ndarray:
-    """Train one model per (mask, seed) at once; return their outputs on ``explained`` [M, m].
+    """Train one model per (mask, seed) at once; return their outputs on ``explained`` [M, m]
+    (``state_path``: in-flight state saved about once a minute, see :func:`train_batched`).
 
     With an L-BFGS recipe, a model whose iteration budget ran out before it converged is
     retrained alone with ``train_model``: its result is then defined by the budget, not by
     the minimiser, and only the one-at-a-time run reproduces it.
     """
     result = train_batched(task, train, masks, recipe, seeds, device=device,
-                           show_progress=show_progress)
+                           show_progress=show_progress, state_path=state_path)
     if result.converged is not None:
         for m in (~result.converged).nonzero()[:, 0].tolist():
             state = train_model(task, train.subset(masks[m].cpu()), recipe, int(seeds[m]),
@@ -590,8 +676,58 @@ class ChunkPlanner:
             start += len(chunk)
 
 
+class ChunkCheckpoints:
+    """Chunks of retraining jobs whose in-flight training state is kept in ``directory``.
+
+    Before a chunk is trained its job keys go to ``.batched_chunk.json``; while it trains,
+    :func:`train_batched` saves its state to ``.batched_chunk.pt`` (:attr:`state_path`) about
+    once a minute; once the caller has stored the chunk's models (when it asks for the next
+    chunk) both files are removed. A rerun first finishes a chunk found in flight, with the
+    same jobs (so it resumes from the saved state, bitwise as if uninterrupted), then the rest
+    of the jobs in chunks of ``size``.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.jobs_path = self.directory / ".batched_chunk.json"
+        self.state_path = self.directory / ".batched_chunk.pt"
+
+    def clear(self) -> None:
+        """Remove the in-flight chunk's files."""
+        for path in (self.state_path, self.jobs_path):  # the state first: never a state
+            remove_with_record(path)                    # without its chunk's job list
+
+    def _in_flight(self, jobs: Sequence[object], key: Callable[[object], list]) -> list:
+        """The jobs of the chunk found in flight, when all of them are still to do."""
+        if not is_intact(self.jobs_path):
+            return []
+        by_key = {json.dumps(key(j)): j for j in jobs}
+        saved = [json.dumps(k) for k in read_json(self.jobs_path).get("jobs", [])]
+        if saved and all(k in by_key for k in saved):
+            return [by_key[k] for k in saved]
+        return []
+
+    def chunks(self, jobs: Sequence[object], size: int,
+               key: Callable[[object], list]) -> Iterator[list]:
+        """Yield the chunk in flight (if any), then the other ``jobs`` in chunks of ``size``;
+        ``key(job)`` is a JSON-able identity of a job."""
+        first = self._in_flight(jobs, key)
+        if not first:
+            self.clear()
+        taken = {id(j) for j in first}
+        rest = [j for j in jobs if id(j) not in taken]
+        pieces = ([first] if first else []) + [list(rest[i : i + size])
+                                              for i in range(0, len(rest), max(size, 1))]
+        for chunk in pieces:
+            if chunk is not first:
+                atomic_write_json(self.jobs_path, {"jobs": [key(j) for j in chunk]})
+            yield chunk
+            self.clear()
+
+
 __all__ = [
-    "BatchedResult", "BatchedTrainingUnsupported", "ChunkPlanner", "activation_numel",
-    "batched_lbfgs", "batched_outputs", "check_batchable", "models_per_chunk", "retrain_outputs_batched",
-    "subset_indices", "supports_batched", "train_batched",
+    "BatchedResult", "BatchedTrainingUnsupported", "ChunkCheckpoints", "ChunkPlanner",
+    "activation_numel", "batched_lbfgs", "batched_outputs", "check_batchable",
+    "models_per_chunk", "retrain_outputs_batched", "subset_indices", "supports_batched",
+    "train_batched",
 ]
