@@ -227,8 +227,11 @@ def build_ground_truth(
             from tdatune.evaluate.runners import make_runner, resolve_backend
 
             backend = resolve_backend(backend, task, recipe, train)
+            options = dict(backend_options or {})
+            if backend == "batched":  # the chunk in flight saves its state beside the models
+                options.setdefault("state_dir", models_dir)
             run = make_runner(backend, task, recipe, train, explained, masks, device=device,
-                              show_progress=show_progress, **(backend_options or {}))
+                              show_progress=show_progress, **options)
             atomic_write_json(directory / "backend.json", {
                 "backend": backend, "options": {k: repr(v) for k, v in
                                                 (backend_options or {}).items()},

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.groundtruth import RetrainJob, Runner, retrain_outputs, sequential_runner
 from tdatune.models.batched import (
+    ChunkCheckpoints,
     ChunkPlanner,
     check_batchable,
     models_per_chunk,
@@ -60,13 +62,15 @@ class RetrainContext:
     masks: torch.Tensor
     device: str = "cpu"
 
-    def run_chunk(self, jobs: Sequence[RetrainJob], batched: bool) -> list[np.ndarray]:
-        """Outputs of each job's model, trained together when ``batched`` and more than one."""
+    def run_chunk(self, jobs: Sequence[RetrainJob], batched: bool,
+                  state_path: Path | None = None) -> list[np.ndarray]:
+        """Outputs of each job's model, trained together when ``batched`` and more than one
+        (saving the chunk's in-flight state to ``state_path`` about once a minute)."""
         if batched and len(jobs) > 1 and isinstance(self.recipe, TrainRecipe):
             index = torch.tensor([j.subset for j in jobs])
             out = retrain_outputs_batched(self.task, self.recipe, self.train, self.explained,
                                           self.masks[index], [j.seed for j in jobs],
-                                          device=self.device)
+                                          device=self.device, state_path=state_path)
             return list(out)
         return [retrain_outputs(self.task, self.recipe, self.train, self.explained,
                                 self.masks[j.subset], j.seed, self.device) for j in jobs]
@@ -132,12 +136,15 @@ def batched_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: Array
                    explained: ArrayDataset,
                    masks: torch.Tensor, device: str | torch.device = "cpu",
                    show_progress: bool = True, *, chunk_size: int | None = None,
-                   memory_bytes: int | None = None) -> Runner:
+                   memory_bytes: int | None = None, state_dir: str | Path | None = None
+                   ) -> Runner:
     """Train chunks of models together in this process: ``chunk_size`` models each, or by
-    default chunks that fit in ``memory_bytes`` (:func:`tdatune.models.batched.models_per_chunk`)
-    and bound what a kill loses to about a minute of work (ten models for the first chunk,
-    :class:`tdatune.models.batched.ChunkPlanner`); each chunk's models are stored as soon as it
-    finishes."""
+    default as many as fit in ``memory_bytes`` (:func:`tdatune.models.batched.models_per_chunk`);
+    each chunk's models are stored as soon as it finishes. A kill loses at most about a minute
+    of work: with ``state_dir`` (SGD / Adam recipes; the ground truth passes its ``models/``)
+    the chunk in flight saves its state there about once a minute and a rerun resumes it
+    (:class:`tdatune.models.batched.ChunkCheckpoints`); otherwise chunks are kept to about a
+    minute of work (:class:`tdatune.models.batched.ChunkPlanner`)."""
     check_batchable(task)
     if not can_batch(task, recipe, train):
         raise ValueError(
@@ -154,8 +161,13 @@ def batched_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: Array
         with progress(total=len(jobs), enabled=show_progress, desc="retraining (batched)",
                       unit="model") as bar:
             write = _chunk_writer(done, bar)
-            # Default: chunks that bound what a kill loses (ChunkPlanner); an explicit
-            # chunk_size is taken as given.
+            if state_dir is not None and getattr(recipe, "optimizer", None) != "lbfgs":
+                saved = ChunkCheckpoints(state_dir)
+                for chunk in saved.chunks(jobs, size, lambda j: [j.subset, j.replicate, j.seed]):
+                    write(chunk, ctx.run_chunk(chunk, batched=True, state_path=saved.state_path))
+                return
+            # Without saved state: chunks that bound what a kill loses (ChunkPlanner); an
+            # explicit chunk_size is taken as given.
             chunks = (chunked(jobs, min(size, max(len(jobs), 1))) if chunk_size
                       else ChunkPlanner(size).chunks(jobs))
             for chunk in chunks:
@@ -301,7 +313,7 @@ def make_runner(name: str, task: Task, recipe: TrainRecipe | TrainFunction, trai
     ``auto`` is ``batched`` when batched training reproduces ``train_model`` step for step
     (a minibatch SGD/Adam recipe and a model without BatchNorm, dropout or buffers) and
     ``sequential`` otherwise (see :func:`resolve_backend`); ``batched`` refuses unsupported
-    models with a message naming the module. Options: batched — chunk_size, memory_bytes;
+    models with a message naming the module. Options: batched — chunk_size, memory_bytes, state_dir;
     process — num_workers, threads_per_worker, models_per_task; ray — address,
     num_cpus_per_task, num_gpus_per_task, models_per_task, init_options.
     """
