@@ -29,6 +29,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 FASHION_DIR_DEFAULT = "/usr/share/datasets/fashion-mnist"
 FASHION_DIR_ENV = "TDATUNE_FASHION_MNIST_DIR"
+FASHION_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
 
 
 def cifar10_dir(directory: str | os.PathLike[str]) -> Path | None:
@@ -157,8 +158,9 @@ def fashion_mnist_dir(data_dir: str | os.PathLike[str] | None) -> Path:
         return candidate
     raise FileNotFoundError(
         f"no data for cifar2: the offline stand-in needs the Fashion-MNIST IDX files in "
-        f"{candidate} (Debian: apt-get install dataset-fashion-mnist; or set "
-        f"${FASHION_DIR_ENV}), or pass --data-dir with the CIFAR-10 python pickles"
+        f"{candidate}. Install them with: {FASHION_INSTALL} (Debian/Ubuntu, as root), or "
+        f"set ${FASHION_DIR_ENV} to a folder holding the four IDX files, or pass --data-dir "
+        "with the CIFAR-10 python pickles"
     )
 
 

