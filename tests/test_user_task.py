@@ -265,3 +265,14 @@ def test_ground_truth_checks_before_retraining(tmp_path):
                            as_dataset(x, y), GroundTruthConfig(n_subsets=2), tmp_path,
                            show_progress=False)
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_attribution_context_refuses_bad_input_before_any_gradient():
+    x, y = regression_data(8, 0)
+    good = make_task(make_linear, squared_error, "prediction", name="linreg")
+    state = make_linear().state_dict()
+    with pytest.raises(ValueError, match=r"checkpoint 1 does not match .* missing keys \['bias'\]"):
+        AttributionContext(good, as_dataset(x, y), [state, {"weight": state["weight"]}])
+    summed = make_task(make_linear, lambda out, y: squared_error(out, y).sum(), "prediction")
+    with pytest.raises(ValueError, match=r"loss function .* one value per example"):
+        AttributionContext(summed, as_dataset(x, y), [state])

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from tdatune.data.base import ArrayDataset
-from tdatune.models.task import Params, Task
+from tdatune.models.checkpoints import check_state
+from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import load_model
 from tdatune.utils.device import resolve_device
 
@@ -43,6 +44,13 @@ class AttributionContext:
         if not self.checkpoints:
             raise ValueError("AttributionContext needs at least one checkpoint (the trained model)")
         self.device = resolve_device(self.device)
+        # Cheap (one forward pass on three examples, key comparisons): bad input is refused
+        # here, with the fix, before any gradients are computed.
+        check_task(self.task, self.train, what="training data")
+        with torch.random.fork_rng(devices=[]):
+            model = self.task.make_model()
+        for i, state in enumerate(self.checkpoints):
+            check_state(self.task, state, model, where=f"checkpoint {i}")
 
     def checkpoint_index(self, checkpoint: int) -> int:
         """Normalise a checkpoint index (negative counts from the last epoch)."""
