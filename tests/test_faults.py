@@ -110,10 +110,34 @@ BAD_INPUTS = [
                                        _lds_outputs("nan"), invalid="ignore"),
      ValueError, ["ignore", "raise", "mask"]),
     ("one subset", lambda: GroundTruthConfig(n_subsets=1), ValueError, ["n_subsets"]),
+    ("wrong feature dimension", lambda: _ground_truth_with(features=65), ValueError,
+     ["training data", "[3, 65]", "64x10"]),
+    ("label 12 of 10 classes (ground truth)", lambda: _ground_truth_with(label=12), ValueError,
+     ["label 12", "example 7", "10 classes"]),
+    ("float labels (ground truth)", lambda: _ground_truth_with(float_labels=True), ValueError,
+     ["integer class indices", "float32"]),
     ("NaN feature rows", lambda: FeatureStore.open_or_create(
         _fresh_dir(), shape=(6, 4), identity={}, chunk_rows=6).write_chunk(0, _nan_row()),
      ValueError, ["example 3"]),
 ]
+
+
+def _ground_truth_with(features: int = 64, label: int | None = None,
+                       float_labels: bool = False) -> None:
+    """build_ground_truth on bad data; must refuse it before any retraining."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(20, features, generator=gen)
+    y = torch.arange(20) % 10
+    if label is not None:
+        y[7] = label
+    data = ArrayDataset(x, y.float() if float_labels else y)
+    task = Task(make_model=partial(LogisticRegression, 64, 10), name="bad-data")
+
+    def must_not_run(jobs, done):
+        raise AssertionError("retraining started on data that should have been refused")
+
+    build_ground_truth(task, LR_RECIPE, data, data, GroundTruthConfig(n_subsets=2),
+                       _fresh_dir(), runner=must_not_run, show_progress=False)
 
 
 def _fresh_dir() -> Path:
