@@ -276,3 +276,23 @@ def test_attribution_context_refuses_bad_input_before_any_gradient():
     summed = make_task(make_linear, lambda out, y: squared_error(out, y).sum(), "prediction")
     with pytest.raises(ValueError, match=r"loss function .* one value per example"):
         AttributionContext(summed, as_dataset(x, y), [state])
+
+
+def test_training_function_run_is_saved_and_reused(tmp_path):
+    from tdatune.models.training import train_model
+
+    x, y = regression_data(12, 0)
+    task = make_task(make_linear, squared_error, "prediction", name="linreg")
+    recipe = TrainFunction(train_linear)
+    CALLS.update(n=0, fail_after=None)
+    first = train_model(task, as_dataset(x, y), recipe, seed=3, checkpoint_dir=tmp_path)
+    again = train_model(task, as_dataset(x, y), recipe, seed=3, checkpoint_dir=tmp_path)
+    assert CALLS["n"] == 1  # the second call read the saved states
+    for k, v in first.state.items():
+        assert torch.equal(v, again.state[k])
+    by_hand = train_linear(ArrayDataset(x, y), 3)
+    for k, v in by_hand.items():
+        torch.testing.assert_close(first.state[k], v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="different training run"):
+        train_model(task, as_dataset(x, y), recipe, seed=4, checkpoint_dir=tmp_path)
+    CALLS.update(n=0)

@@ -82,6 +82,10 @@ def test_cli_groundtruth_and_train_on_a_user_task(example, tmp_path, monkeypatch
     assert manifest["task"]["output"] == "prediction"
     assert len(list((out / "groundtruth" / "models").glob("m*.npy"))) == 3
     assert len(list((out / "checkpoints").glob("epoch_*.pt"))) == 3  # the loop's 3 states
+    # a rerun reuses the saved training and ground truth
+    assert main(["groundtruth", "--task", "examples.your_model:regression_setting",
+                 "--out", str(out), "--subsets", "3", "--sizes", "40", "10", "10",
+                 "--backend", "sequential", "--quiet"]) == 0
     train_out = tmp_path / "train"
     assert main(["train", "--task", "examples.your_model:regression_setting",
                  "--out", str(train_out), "--sizes", "40,10,10"]) == 0

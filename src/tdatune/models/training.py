@@ -23,7 +23,7 @@ from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import Tree, batch_len, tree_index
 from tdatune.models.checkpoints import check_state, state_of
 from tdatune.models.task import Params, Task, callable_name, model_params, model_state
-from tdatune.utils.atomic import atomic_torch_save, atomic_write_json, torch_load_verified
+from tdatune.utils.atomic import atomic_torch_save, atomic_write_json, read_json, torch_load_verified
 from tdatune.utils.checks import check_choice
 from tdatune.utils.fingerprint import fingerprint_config
 from tdatune.utils.progress import progress
@@ -308,8 +308,11 @@ def _train_with_function(task: Task, data: ArrayDataset, recipe: TrainFunction, 
         with torch.random.fork_rng(devices=[]):
             probe = task.make_model()
         opt = torch.optim.SGD(probe.parameters(), lr=1.0)  # _resume's signature; unused here
-        if _resume(ckpt_dir, meta, probe, opt, checkpoints, history) and \
-                (ckpt_dir / "complete.json").exists():
+        saved = _resume(ckpt_dir, meta, probe, opt, checkpoints, history)
+        complete = ckpt_dir / "complete.json"
+        # Reuse only a finished run whose every checkpoint is intact (a damaged one is dropped
+        # by _resume, and the function then runs again: it cannot resume mid-way).
+        if saved and complete.exists() and read_json(complete).get("checkpoints") == saved:
             return TrainResult(state=checkpoints[-1], checkpoints=checkpoints, history=history)
     result = recipe.run(task, data, seed)
     for epoch, state in enumerate(result.checkpoints):
@@ -390,7 +393,7 @@ def _minibatch_epoch(task: Task, model: nn.Module, params: Params, opt: torch.op
 def _resume(ckpt_dir: Path, meta: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
             checkpoints: list[Params], history: list[dict[str, float]]) -> int:
     """Load saved epochs of a matching run into ``checkpoints``; return the next epoch."""
-    from tdatune.utils.atomic import read_json, truncate_damaged_epochs
+    from tdatune.utils.atomic import truncate_damaged_epochs
 
     meta_path = ckpt_dir / "recipe.json"
     fp = fingerprint_config(meta)
@@ -411,7 +414,8 @@ def _resume(ckpt_dir: Path, meta: dict[str, Any], model: nn.Module, opt: torch.o
     if files:
         last = torch_load_verified(files[-1], map_location=next(model.parameters()).device)
         model.load_state_dict(last["state"])
-        opt.load_state_dict(last["optimizer"])
+        if last["optimizer"] is not None:  # None: saved from a user's TrainFunction
+            opt.load_state_dict(last["optimizer"])
     return len(files)
 
 
