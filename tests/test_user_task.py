@@ -296,3 +296,18 @@ def test_training_function_run_is_saved_and_reused(tmp_path):
     with pytest.raises(ValueError, match="different training run"):
         train_model(task, as_dataset(x, y), recipe, seed=4, checkpoint_dir=tmp_path)
     CALLS.update(n=0)
+
+
+def test_checkpoints_from_files_modules_and_nested_dicts(tmp_path):
+    task = make_task(make_linear, squared_error, "prediction", name="linreg")
+    models = [make_linear() for _ in range(3)]
+    torch.save(models[0].state_dict(), tmp_path / "a.pt")
+    torch.save({"epoch": 7, "model_state_dict": models[1].state_dict()}, tmp_path / "b.pt")
+    states = as_checkpoints(task, [tmp_path / "a.pt", str(tmp_path / "b.pt"), models[2]])
+    for state, model in zip(states, models, strict=True):
+        for k, v in model.state_dict().items():
+            assert torch.equal(state[k], v)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        as_checkpoints(task, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="not a model state"):
+        as_checkpoints(task, [{"epoch": 3}])
