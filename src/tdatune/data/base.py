@@ -154,6 +154,9 @@ def as_dataset(data: Any, targets: Any = None, *, pairs: bool = True) -> ArrayDa
     """
     if isinstance(data, ArrayDataset):
         return data
+    if (isinstance(data, DataLoader) and isinstance(data.dataset, ArrayDataset)
+            and data.collate_fn is default_collate):
+        return data.dataset  # already tensors: no per-example round trip
     if targets is not None:
         return ArrayDataset(data, targets)
     if isinstance(data, DataLoader):
