@@ -53,6 +53,5 @@ def run(args: argparse.Namespace) -> int:
     gt = prepared.groundtruth
     print(f"ground truth for {args.setting}: {gt.outputs.shape[0]} subsets x {gt.outputs.shape[1]} "
           f"seed(s) x {gt.outputs.shape[2]} test examples in {gt.directory} "
-          f"({time.time() - start:.1f} s); test accuracy of the full model "
-          f"{prepared.test_accuracy():.3f}")
+          f"({time.time() - start:.1f} s)" + _accuracy_note(prepared.test_accuracy()))
     return 0
