@@ -311,3 +311,31 @@ def test_checkpoints_from_files_modules_and_nested_dicts(tmp_path):
         as_checkpoints(task, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="not a model state"):
         as_checkpoints(task, [{"epoch": 3}])
+
+
+def test_attribute_selects_on_validation_like_a_by_hand_pipeline(tmp_path):
+    """attribute(): lambda from the validation set's xi on the dense Fisher's spectrum, test
+    scores at that lambda equal the dense solve, and the xi plot is written."""
+    from tdatune.select import select_lambda
+    from tdatune.study.attribute import attribute
+
+    x, y = regression_data(30, 0)
+    xv, yv = regression_data(8, 2)
+    xt, yt = regression_data(5, 1)
+    task = make_task(make_linear, squared_error, "prediction", name="linreg")
+    torch.manual_seed(0)
+    model = make_linear()
+    result = attribute(task, (x, y), (xt, yt), val=(xv, yv), checkpoints=[model.state_dict()],
+                       plot=tmp_path / "xi.png")
+    w, b = model.weight.detach()[0], model.bias.detach()[0]
+    g = 2 * (x @ w + b - y)[:, None] * torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    fisher = g.T @ g / len(x)
+    sigma, u = torch.linalg.eigh(fisher)
+    v_val = torch.cat([xv, torch.ones(len(xv), 1, dtype=x.dtype)], 1)
+    by_hand = select_lambda(sigma, v_val @ u, grid=result.selection.grid)
+    assert result.lam == pytest.approx(by_hand.lam, rel=1e-6)
+    assert result.selection.status == by_hand.status and result.selection.n_dropped == 0
+    v = torch.cat([xt, torch.ones(len(xt), 1, dtype=x.dtype)], 1)
+    dense = -(torch.linalg.solve(fisher + result.lam * torch.eye(5, dtype=x.dtype), v.T).T @ g.T)
+    torch.testing.assert_close(result.scores.double(), dense, rtol=1e-5, atol=1e-8)
+    assert (tmp_path / "xi.png").stat().st_size > 1000
