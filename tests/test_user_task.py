@@ -339,3 +339,12 @@ def test_attribute_selects_on_validation_like_a_by_hand_pipeline(tmp_path):
     dense = -(torch.linalg.solve(fisher + result.lam * torch.eye(5, dtype=x.dtype), v.T).T @ g.T)
     torch.testing.assert_close(result.scores.double(), dense, rtol=1e-5, atol=1e-8)
     assert (tmp_path / "xi.png").stat().st_size > 1000
+
+
+def test_train_model_refuses_a_mean_loss_before_training():
+    from tdatune.models.training import TrainRecipe, train_model
+
+    x, y = regression_data(10, 0)
+    task = make_task(make_linear, lambda out, y: squared_error(out, y).mean(), "prediction")
+    with pytest.raises(ValueError, match=r"loss function .* returned \[\]"):
+        train_model(task, as_dataset(x, y), TrainRecipe(epochs=1), seed=0)

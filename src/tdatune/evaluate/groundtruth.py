@@ -125,7 +125,8 @@ def retrain_outputs(task: Task, recipe: TrainRecipe | TrainFunction, train: Arra
     if isinstance(recipe, TrainFunction):
         result = recipe.run(task, train, seed, index=mask)
     else:
-        result = train_model(task, train.subset(mask), recipe, seed, device=device)
+        # check=False: build_ground_truth checked the task once before any retraining
+        result = train_model(task, train.subset(mask), recipe, seed, device=device, check=False)
     model, params = load_model(task, result.state, device)
     on_device = explained.to(device)
     out = task.evaluate(model, params, on_device.inputs, on_device.targets)

@@ -22,7 +22,7 @@ from torch import nn
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import Tree, batch_len, tree_index
 from tdatune.models.checkpoints import check_state, state_of
-from tdatune.models.task import Params, Task, callable_name, model_params, model_state
+from tdatune.models.task import Params, Task, callable_name, check_task, model_params, model_state
 from tdatune.utils.atomic import atomic_torch_save, atomic_write_json, read_json, torch_load_verified
 from tdatune.utils.checks import check_choice
 from tdatune.utils.fingerprint import fingerprint_config
@@ -233,6 +233,7 @@ def train_model(
     checkpoint_dir: str | Path | None = None,
     show_progress: bool = False,
     on_epoch: Callable[[int, Params], dict[str, float]] | None = None,
+    check: bool = True,
 ) -> TrainResult:
     """Train ``task``'s model on ``data`` deterministically; keep (and optionally save) every epoch.
 
@@ -240,7 +241,11 @@ def train_model(
     ``epoch_XXX.pt`` next to ``recipe.json``; a rerun with the same recipe and seed resumes
     after the last saved epoch instead of starting over. A :class:`TrainFunction` recipe runs
     your own loop instead (its checkpoints are saved the same way; a rerun reuses them).
+    ``check`` first runs :func:`~tdatune.models.task.check_task` on a few examples (a batch the
+    model cannot take, a loss that is not per example), so bad input stops before training.
     """
+    if check:
+        check_task(task, data, what="training data")
     if isinstance(recipe, TrainFunction):
         return _train_with_function(task, data, recipe, seed, checkpoint_dir, on_epoch)
     model = init_model(task, seed, device)
