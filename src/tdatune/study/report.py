@@ -60,13 +60,14 @@ def sensitivity_rows(results: SweepResults) -> list[dict[str, Any]]:
 
 
 def selection_rows(results: SweepResults) -> list[dict[str, Any]]:
-    """Per eigen cell with a selection: selected lambda and LDS at each threshold, the grid best
-    (an oracle that needs the ground truth), and the spectrum-quantile baselines."""
+    """Per eigen cell with a selection and a spectrum grid: selected lambda and LDS at each
+    threshold, the grid best (an oracle that needs the ground truth), and the spectrum-quantile
+    baselines. Cells scored at a few listed lambdas only have no oracle to compare with."""
     out = []
     for cell in results.cells:
-        if "selections" not in cell:
+        finite = [r for r in cell["rows"] if r.get("spectrum") and np.isfinite(r["lds"])]
+        if "selections" not in cell or not finite:
             continue
-        finite = [r for r in cell["rows"] if np.isfinite(r["lds"])]
         best = max(finite, key=lambda r: r["lds"]) if finite else None
         row = {"setting": cell["setting"], "method": cell["method"], "alpha": cell["alpha"],
                "fit": _hp_label(cell["fit"]), "best_lds": best["lds"] if best else float("nan"),
