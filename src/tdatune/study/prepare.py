@@ -55,6 +55,15 @@ class TrainedSetting:
     trained: TrainResult
     context: AttributionContext
 
+    def quality(self) -> dict[str, float]:
+        """The final model on the test split: accuracy (NaN for a non-classifier) and mean
+        loss, so that a study says how good the model it explains is."""
+        model, params = self.context.model_at(-1)
+        test = self.splits.test.to(self.context.device)
+        loss = self.task.evaluate(model, params, test.inputs, test.targets, fn="loss")
+        return {"test_accuracy": self.task.accuracy(model, params, test.inputs, test.targets),
+                "test_loss": float(loss.double().mean())}
+
 
 def train_setting(
     name: str, directory: str | Path, *, seed: int = 0, data_dir: str | None = None,

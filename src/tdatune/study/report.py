@@ -130,17 +130,19 @@ def _overview(results: SweepResults) -> list[str]:
     gt = spec.groundtruth
     cells = results.cells
     sources = {c["setting"]: c.get("data_source", "") for c in cells}
+    quality = {c["setting"]: c["model_quality"] for c in cells if "model_quality" in c}
     lines = [f"Ground truth: {gt.n_subsets} subsets x {gt.seeds_per_subset} seed(s), alpha "
              f"{gt.alpha} (unless a sub-experiment varies it); selection threshold "
              f"{spec.threshold}; {len(cells)} current cells, {len(results.failed)} failed, "
              f"{len(results.stale)} stale, {len(results.missing)} not run.", "",
-             "| setting | built on | data | train/val/test | recipe overrides | model options |",
-             "|---|---|---|---|---|---|"]
+             "| setting | built on | data | train/val/test | recipe overrides | model options | "
+             "test accuracy | test loss |", "|---|---|---|---|---|---|---|---|"]
     for s in spec.settings:
         definition = s.definition(spec.seed, spec.data_dir)
         lines.append(f"| {s.label} | {s.name} | {sources.get(s.label, '—')} | "
                      f"{'/'.join(map(str, definition['sizes']))} | {s.recipe or '—'} | "
-                     f"{s.model or '—'} |")
+                     f"{s.model or '—'} | {_num(quality.get(s.label, {}).get('test_accuracy'))} | "
+                     f"{_num(quality.get(s.label, {}).get('test_loss'))} |")
     seconds = sum(c.get("fit_seconds", 0) + c.get("score_seconds", 0) for c in cells)
     lines += ["", f"Attribution time over all current cells: {seconds:.0f} s (fit + score; "
               "training and ground truth not included).", ""]

@@ -126,7 +126,7 @@ def run_cell(trained: TrainedSetting, gt: GroundTruth, method: MethodSpec, cell:
     extra = (_score_eigen(att, test, val, gt, cell, spec) if method.eigen
              else _score_grid(att, test, gt, cell, trained.context.show_progress))
     return {"status": "ok", "fit_seconds": fit_seconds, "score_seconds": time.time() - t1,
-            "data_source": trained.splits.source, **extra}
+            "data_source": trained.splits.source, "model_quality": trained.quality(), **extra}
 
 
 def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
