@@ -110,9 +110,11 @@ def tdatune_cg(ctx: AttributionContext, explained: ArrayDataset, masks: torch.Te
         probes += mask_f[:, s : s + g.shape[0]] @ g  # subset sums of training gradients
     sweep.phases["gradients"] = time.perf_counter() - start
     start = time.perf_counter()
+    # the whole training set per HVP and every explained example in one vmap: dattri's
+    # batching (one train loader batch, one test loader batch), so both use the same memory
     objective = TrainingObjective(ctx.task, model, params, train, ctx.weight_decay,
-                                  chunk_size=1024)
-    path = krylov_cg_path(objective.hvp, v, probes, iters=iters, x0="rhs")
+                                  chunk_size=len(train))
+    path = krylov_cg_path(objective.hvp, v, probes, iters=iters, x0="rhs", batch=len(v))
     sweep.phases["Lanczos"] = time.perf_counter() - start
     start = time.perf_counter()
     preds = -path.probe_products(lambdas).double().numpy()  # [L, m, M]
@@ -210,20 +212,26 @@ def bench_setting(name: str, args: argparse.Namespace, device: torch.device) -> 
     tdatune_cg(warm, two, warm_masks, outputs[:4, :2], lambdas[:2], 1)
     dattri_sweep("CG", warm, two, warm_masks, outputs[:4, :2], lambdas[:2], [0], 1)
 
+    def done(sweep: Sweep | None) -> Sweep | None:
+        if sweep is not None:  # progress line; the table follows at the end
+            print(f"  ... {sweep.name}: {sum(sweep.phases.values()):.1f} s", flush=True)
+        return sweep
+
     rows: list[tuple[Sweep, Sweep | None]] = []
-    if p <= EXACT_HESSIAN_MAX_PARAMS:
-        ours = [tdatune_explicit(ctx, explained, masks, outputs, lambdas, prec)
+    if "explicit" in args.methods and p <= EXACT_HESSIAN_MAX_PARAMS:
+        ours = [done(tdatune_explicit(ctx, explained, masks, outputs, lambdas, prec))
                 for prec in args.precision]
-        theirs = dattri_sweep("explicit", ctx, explained, masks, outputs, lambdas, timed,
-                              args.cg_iters) if not args.no_dattri else None
+        theirs = done(dattri_sweep("explicit", ctx, explained, masks, outputs, lambdas, timed,
+                              args.cg_iters)) if not args.no_dattri else None
         rows += [(ours[0], theirs)] + [(o, None) for o in ours[1:]]
-    else:
+    elif "explicit" in args.methods:
         print(f"  IF explicit: skipped (p = {p:,} > {EXACT_HESSIAN_MAX_PARAMS:,}: a dense "
               "Hessian is refused by both libraries' memory)")
-    ours_cg = tdatune_cg(ctx, explained, masks, outputs, lambdas, args.cg_iters)
-    theirs_cg = dattri_sweep("CG", ctx, explained, masks, outputs, lambdas, timed,
-                             args.cg_iters) if not args.no_dattri else None
-    rows.append((ours_cg, theirs_cg))
+    if "cg" in args.methods:
+        ours_cg = done(tdatune_cg(ctx, explained, masks, outputs, lambdas, args.cg_iters))
+        theirs_cg = done(dattri_sweep("CG", ctx, explained, masks, outputs, lambdas, timed,
+                                      args.cg_iters)) if not args.no_dattri else None
+        rows.append((ours_cg, theirs_cg))
 
     for ours, theirs in rows:
         detail = ", ".join(f"{k} {v:.2f} s" for k, v in ours.phases.items())
@@ -267,6 +275,8 @@ def main() -> None:
                         ", ".join(f"{k} {v}" for k, v in EXPLAINED.items()) + ")")
     parser.add_argument("--subsets", type=int, default=50, help="ground-truth subsets M")
     parser.add_argument("--cg-iters", type=int, default=10)
+    parser.add_argument("--methods", nargs="+", default=["explicit", "cg"],
+                        choices=["explicit", "cg"])
     parser.add_argument("--precision", nargs="+", default=["float32"],
                         choices=["float32", "float64"],
                         help="if_explicit eigendecomposition dtype(s); the first is compared "
