@@ -287,3 +287,51 @@ def test_line_styles_stay_distinct_beyond_ten_lines():
     looks = [(s["color"], s["linestyle"], s["marker"]) for s in styles(40)]
     assert len(set(looks)) == 40
     assert len({s["color"] for s in styles(10)}) == 10
+
+
+KILL_SPEC = 'name = "kill"\ngrid_points = 6\n' + SETTING + '''
+[[methods]]
+name = "iffim"
+vary = [{ lam = "spectrum" }, { proj_dim = [8, 16, 32, 64] }]
+'''
+
+
+def test_kill_9_during_a_sweep_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A real ``tdatune sweep`` subprocess killed with SIGKILL once two cells are stored, then
+    rerun: the finished cells are kept, the rest computed, and every cell equals a run that was
+    never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec_path = _write(tmp_path / "spec.toml", KILL_SPEC)
+    killed = tmp_path / "killed"
+    import torch
+
+    # the same thread count as this process, so that both runs round alike
+    env = {**os.environ, "TDATUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    code = "import sys; from tdatune.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "sweep", str(spec_path), "--out",
+                             str(killed), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "cells").exists() and len(list((killed / "cells").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stored = {p.name: p.stat().st_mtime_ns for p in (killed / "cells").glob("*.json")}
+    assert 2 <= len(stored) < 5
+    said = []
+    spec = load_spec(spec_path)
+    resumed = run_sweep(spec, killed, show_progress=False, say=said.append)
+    assert any(f"{len(stored)} already done, {5 - len(stored)} to run" in s for s in said)
+    assert all((killed / "cells" / n).stat().st_mtime_ns == t for n, t in stored.items())
+    clean = run_sweep(spec, tmp_path / "clean", show_progress=False, say=quiet)
+    for a, b in zip(resumed, clean, strict=True):
+        assert a["cell_id"] == b["cell_id"] and a["fingerprint"] == b["fingerprint"]
+        assert [(r["lam"], r["lds"]) for r in a["rows"]] == [(r["lam"], r["lds"]) for r in b["rows"]]
