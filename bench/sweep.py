@@ -22,7 +22,7 @@ does not depend on lambda: a fixed number of CG iterations, one Hessian and one 
 scales the sum by L / K; the LDS curves are compared at those K lambdas.
 
     python bench/sweep.py --threads 2                                  # all three settings
-    python bench/sweep.py --settings mnist-lr --precision float32 float64   # eigh precision
+    python bench/sweep.py --settings mnist-lr --precision float64 float32   # eigh precision
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--cg-iters", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=["explicit", "cg"],
                         choices=["explicit", "cg"])
-    parser.add_argument("--precision", nargs="+", default=["float32"],
+    parser.add_argument("--precision", nargs="+", default=["float64"],
                         choices=["float32", "float64"],
                         help="if_explicit eigendecomposition dtype(s); the first is compared "
                              "with dattri")

@@ -75,7 +75,7 @@ def test_cli_groundtruth_and_train_on_a_user_task(example, tmp_path, monkeypatch
     monkeypatch.chdir(ROOT)
     out = tmp_path / "gt"
     assert main(["groundtruth", "--task", "examples.your_model:regression_setting",
-                 "--out", str(out), "--subsets", "3", "--sizes", "40", "10", "10",
+                 "--out", str(out), "--subsets", "3", "--sizes", "40,10,10",
                  "--backend", "sequential", "--quiet"]) == 0
     manifest = json.loads((out / "groundtruth" / "manifest.json").read_text())
     assert manifest["recipe"]["train_function"].endswith("train_regression")
@@ -84,7 +84,7 @@ def test_cli_groundtruth_and_train_on_a_user_task(example, tmp_path, monkeypatch
     assert len(list((out / "checkpoints").glob("epoch_*.pt"))) == 3  # the loop's 3 states
     # a rerun reuses the saved training and ground truth
     assert main(["groundtruth", "--task", "examples.your_model:regression_setting",
-                 "--out", str(out), "--subsets", "3", "--sizes", "40", "10", "10",
+                 "--out", str(out), "--subsets", "3", "--sizes", "40,10,10",
                  "--backend", "sequential", "--quiet"]) == 0
     train_out = tmp_path / "train"
     assert main(["train", "--task", "examples.your_model:regression_setting",
@@ -103,7 +103,7 @@ def test_cli_lambda_study_on_a_user_task(example, tmp_path, monkeypatch):
     assert main(["lambda", "--task", "examples.your_model:regression_setting", "--out", str(out),
                  "--subsets", "4", "--grid-points", "9", "--backend", "sequential",
                  "--quiet"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "iffim" / "summary.json").read_text())
     assert summary["setting"] == "diabetes-mlp"
     assert summary["lambda_selected"] > 0 and len(summary["lds_curve"]) == 9
-    assert (out / "lambda_curve.png").exists()
+    assert (out / "iffim" / "lambda_curve.png").exists()

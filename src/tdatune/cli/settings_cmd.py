@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from tdatune.cli.demo import add_setting_arguments, resolve_setting_argument
-from tdatune.models.training import TrainFunction, init_model, train_model, trainable
-from tdatune.settings.registry import Setting, all_settings, get_setting
+from tdatune.cli.options import add_setting_options, setting_request
+from tdatune.models.training import init_model, train_model, trainable
+from tdatune.settings.registry import Setting, all_settings
 from tdatune.utils.atomic import atomic_write_json
 from tdatune.utils.device import resolve_device
 
@@ -27,20 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=list_settings)
 
     t = sub.add_parser("train", help="train a setting's model, saving a checkpoint per epoch")
-    add_setting_arguments(t)
+    add_setting_options(t)
     t.add_argument("--out", type=Path, default=None, help="run directory (default runs/train-SETTING)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--data-dir", type=Path, default=None,
-                   help="directory with the real data files (see `tdatune settings -v`)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    t.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    t.add_argument("--sizes", default=None, metavar="TRAIN,VAL,TEST",
-                   help="override the train/val/test sizes, e.g. 1000,200,200")
-    t.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model option, e.g. width=16 (repeatable)")
-    t.add_argument("--data-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a data option, e.g. block_len=32 (repeatable)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes, model and 2 epochs (smoke test)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=train_setting)
 
 
@@ -72,34 +63,6 @@ def list_settings(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_options(items: list[str], what: str) -> dict[str, Any]:
-    """KEY=VALUE strings to a dict; values are read as JSON when they parse (numbers, true)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} {item!r} is not KEY=VALUE (e.g. width=16)")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def parse_sizes(text: str | None) -> tuple[int, int, int] | None:
-    """'1000,200,200' to (1000, 200, 200)."""
-    if text is None:
-        return None
-    parts = text.split(",")
-    try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        sizes = ()
-    if len(sizes) != 3 or min(sizes) < 0 or sizes[0] < 1:
-        raise ValueError(f"--sizes {text!r} must be three integers TRAIN,VAL,TEST (train >= 1)")
-    return sizes  # type: ignore[return-value]
-
-
 def versions() -> dict[str, str]:
     """Versions that determine a run's numbers."""
     from tdatune import __version__
@@ -114,19 +77,16 @@ def train_setting(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    setting = get_setting(resolve_setting_argument(args))
+    request = setting_request(args, need_val=True, need_test=True)  # both are evaluated
+    setting = request.setting
     device = resolve_device(args.device)
-    task_opts = parse_options(args.model_opt, "--model-opt")
-    load_opts = parse_options(args.data_opt, "--data-opt")
+    task_opts, load_opts = request.task_options, request.load_options
     splits, task = setting.build(seed=args.seed, data_dir=args.data_dir, tiny=args.tiny,
-                                 sizes=parse_sizes(args.sizes), task_options=task_opts,
+                                 sizes=request.sizes, task_options=task_opts,
                                  load_options=load_opts)
     recipe = setting.tiny_recipe() if args.tiny else setting.recipe
-    if args.epochs is not None:
-        if isinstance(recipe, TrainFunction):
-            raise ValueError(f"{setting.name} trains with your own function; --epochs applies "
-                             "only to a TrainRecipe (set the epochs in your function)")
-        recipe = replace(recipe, epochs=args.epochs)
+    if request.recipe_overrides:
+        recipe = replace(recipe, **request.recipe_overrides)
     out = args.out or Path("runs") / f"train-{setting.name}"
     out.mkdir(parents=True, exist_ok=True)
     load_used, task_used = setting.resolved_options(tiny=args.tiny, task_options=task_opts,
@@ -164,7 +124,8 @@ def train_setting(args: argparse.Namespace) -> int:
 
     start = time.time()
     result = train_model(task, splits.train, recipe, args.seed, device=device,
-                         checkpoint_dir=out / "checkpoints", show_progress=True, on_epoch=on_epoch)
+                         checkpoint_dir=out / "checkpoints", show_progress=not args.quiet,
+                         on_epoch=on_epoch)
     final = result.history[-1] if result.history else {}
     atomic_write_json(out / "run.json", {
         "setting": setting.name, "source": splits.source, "data_dir": str(args.data_dir),

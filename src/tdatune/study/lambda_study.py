@@ -14,15 +14,17 @@ import numpy as np
 import torch
 
 from tdatune import __version__
-from tdatune.attributors.registry import make_attributor
+from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
 from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.lds import lds_path
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
+from tdatune.study.spec import is_eigen
 from tdatune.utils.atomic import atomic_write_json, atomic_write_text
 from tdatune.utils.checks import check_open_unit
+from tdatune.utils.fingerprint import fingerprint_config
 
 
 @dataclass
@@ -44,6 +46,10 @@ class LambdaStudyConfig:
     show_progress: bool = True
     backend: str = "auto"
     backend_options: dict[str, Any] = field(default_factory=dict)
+    sizes: tuple[int, int, int] | None = None
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    load_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_open_unit("threshold", self.threshold)
@@ -52,23 +58,43 @@ class LambdaStudyConfig:
             check_open_unit("quantile q", q)
         if self.grid_points < 2:
             raise ValueError(f"grid_points must be >= 2, got {self.grid_points}")
+        if self.attributor not in ATTRIBUTORS or not is_eigen(ATTRIBUTORS[self.attributor]):
+            eigen = [n for n, c in ATTRIBUTORS.items() if is_eigen(c)]
+            raise ValueError(f"the lambda study needs an eigen-based attributor (one lambda-path); "
+                             f"choose one of: {', '.join(eigen)}; got {self.attributor!r}")
+        ATTRIBUTORS[self.attributor](**self.attributor_params)  # every value, before any work
+        GroundTruthConfig(n_subsets=self.n_subsets, alpha=self.alpha,
+                          seeds_per_subset=self.seeds_per_subset)
+
+    def result_name(self) -> str:
+        """The attributor's own subdirectory of the run directory (``iffim``, or
+        ``iffim-<hash>`` with fit-stage values), so that studies of several attributors share
+        one run directory, its checkpoints and its ground truth."""
+        if not self.attributor_params:
+            return self.attributor
+        return f"{self.attributor}-{fingerprint_config(self.attributor_params)[:8]}"
 
 
 def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, Any]:
     """Run the study, write ``summary.json``, ``lambda_curve.png`` and ``lambda_curve.csv``
-    into ``out``, and return the summary. Training checkpoints and ground truth are stored
-    under ``out`` and reused by a rerun."""
+    into ``out/<attributor>`` (see ``LambdaStudyConfig.result_name``), and return the summary.
+    Training checkpoints and ground truth are stored under ``out`` and reused by a rerun and by
+    the studies of other attributors in the same directory."""
     start = time.time()
-    out = Path(out)
+    run_dir = Path(out)
+    out = run_dir / config.result_name()
     out.mkdir(parents=True, exist_ok=True)
     say = print if config.show_progress else (lambda *a, **k: None)
     gt_config = GroundTruthConfig(n_subsets=config.n_subsets, alpha=config.alpha,
                                   seeds_per_subset=config.seeds_per_subset,
                                   subset_seed=config.seed, train_seed=config.seed)
-    prepared = prepare_setting(config.setting, out, gt_config, seed=config.seed,
+    prepared = prepare_setting(config.setting, run_dir, gt_config, seed=config.seed,
                                data_dir=config.data_dir, device=config.device,
                                show_progress=config.show_progress, say=say,
-                               backend=config.backend, backend_options=config.backend_options)
+                               backend=config.backend, backend_options=config.backend_options,
+                               sizes=config.sizes, recipe_overrides=config.recipe_overrides,
+                               task_options=config.task_options,
+                               load_options=config.load_options)
     splits, gt, context = prepared.splits, prepared.groundtruth, prepared.context
     setting, recipe, device = prepared.setting, prepared.recipe, context.device
     test_accuracy: float | None = prepared.test_accuracy()
@@ -76,9 +102,6 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         test_accuracy = None
     say(f"{config.attributor}: gradients, eigendecomposition, lambda-path")
     attributor = make_attributor(config.attributor, **config.attributor_params).fit(context)
-    if not hasattr(attributor, "lambda_path"):
-        raise ValueError(f"{config.attributor} has no lambda-path; the lambda study needs an "
-                         "eigen-based attributor (iffim, if_explicit, trak, logra)")
     test_path = attributor.lambda_path(splits.test)
     sigma, c_val = attributor.surrogate_spectrum(splits.val)
     grid = default_lambda_grid(sigma, num=config.grid_points, below=1e-2, above=1e2)

@@ -81,7 +81,8 @@ def train_setting(
     splits, task = setting.build(seed=seed, data_dir=data_dir, sizes=sizes,
                                  task_options=task_options, load_options=load_options)
     recipe = replace(setting.recipe, **(recipe_overrides or {}))
-    say(f"training {setting.name} on {len(splits.train)} examples ({splits.source})")
+    say(_training_message(setting.name, len(splits.train), splits.source, recipe,
+                          directory / "checkpoints"))
     trained = train_model(task, splits.train, recipe, seed, device=dev,
                           checkpoint_dir=directory / "checkpoints", show_progress=show_progress)
     context = AttributionContext(
@@ -124,3 +125,16 @@ def prepare_setting(
     gt = setting_groundtruth(t, gt_config, directory / "groundtruth", show_progress=show_progress,
                              say=say, backend=backend, backend_options=backend_options)
     return Prepared(t.setting, t.splits, t.task, t.recipe, t.trained, gt, t.context)
+
+
+def _training_message(name: str, n: int, source: str, recipe: TrainRecipe | TrainFunction,
+                      checkpoints: Path) -> str:
+    """``training`` a new run, ``resuming`` a partial one, ``reusing`` a finished one (a rerun
+    then verifies the stored epochs and continues only where needed)."""
+    done = len(list(checkpoints.glob("epoch_*.pt"))) if checkpoints.is_dir() else 0
+    total = getattr(recipe, "epochs", None)
+    if done and (total is None or done >= total):
+        return f"reusing the trained {name} ({done} epoch checkpoints in {checkpoints})"
+    if done:
+        return f"resuming the training of {name} after epoch {done} of {total} ({checkpoints})"
+    return f"training {name} on {n} examples ({source})"

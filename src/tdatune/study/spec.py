@@ -312,13 +312,14 @@ def _setting_entry(entry: Any, top_sizes: dict[str, Any], top_recipes: dict[str,
         spec.resolved_recipe()
     except (TypeError, ValueError) as err:
         raise ValueError(f"recipe of {label}: {err}") from err
-    _check_options(f"model options of {label}", spec.model, setting.make_task, setting.task_options)
-    _check_options(f"data options of {label}", spec.data, setting.load, setting.load_options)
+    check_options(f"model options of {label}", spec.model, setting.make_task, setting.task_options)
+    check_options(f"data options of {label}", spec.data, setting.load, setting.load_options)
     return spec
 
 
-def _check_options(what: str, values: dict[str, Any], func: Any, known: dict[str, Any]) -> None:
-    """Refuse option names the setting's builder does not take (when its signature says)."""
+def check_options(what: str, values: dict[str, Any], func: Any, known: dict[str, Any]) -> None:
+    """Refuse model / data option names that a setting's builder does not take (when its
+    signature says which it takes), naming the valid ones."""
     try:
         params = inspect.signature(func).parameters
     except (TypeError, ValueError):
