@@ -366,15 +366,20 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
     gt_backend = "ray" if backend == "ray" and retrain_backend == "auto" else retrain_backend
     gt_options = {"address": address} if gt_backend == "ray" else {}
     work = Workspace(spec, out, device, show_progress, say, gt_backend, gt_options)
-    needed = list(dict.fromkeys((c.setting, c.alpha) for c in pending))
-    for label, alpha in needed:  # train + ground truth once each, here, before any cell
-        work.groundtruth(label, alpha)
     if backend == "local":
+        # setting by setting: its training and ground truths, then its cells, so that the
+        # results of the first settings are stored before the later ones are even trained
         quiet = Workspace(spec, out, device, False, lambda *a: None)
         quiet._trained, quiet._gts = work._trained, work._gts
-        for cell in progress(pending, enabled=show_progress, desc="sweep cells", unit="cell"):
-            store.save(cell, quiet.run(cell))
+        for label in dict.fromkeys(c.setting for c in pending):
+            mine = [c for c in pending if c.setting == label]
+            for alpha in dict.fromkeys(c.alpha for c in mine):
+                work.groundtruth(label, alpha)
+            for cell in progress(mine, enabled=show_progress, desc=f"{label} cells", unit="cell"):
+                store.save(cell, quiet.run(cell))
     else:
+        for label, alpha in dict.fromkeys((c.setting, c.alpha) for c in pending):
+            work.groundtruth(label, alpha)  # once each, here, before cells go to workers
         from tdatune.evaluate.runners import map_local, map_ray
 
         payloads = [(spec.to_dict(), str(out), cell, device) for cell in pending]
