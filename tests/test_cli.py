@@ -69,17 +69,12 @@ def test_settings_lists_digits(capsys):
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, argv, match):
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) if "invalid choice" in match else _no_raise():
+    with pytest.raises(SystemExit) if "invalid choice" in match else contextlib.nullcontext():
         code = main([*argv, "--out", str(out), "--quiet"])
         assert code == 2
     err = capsys.readouterr().err
     assert re.search(match, err), err
     assert not out.exists() or not any(out.rglob("*.pt")), "work started before the refusal"
-
-
-@contextlib.contextmanager
-def _no_raise():
-    yield
 
 
 def test_lambda_studies_of_two_attributors_share_one_run_directory(tmp_path):

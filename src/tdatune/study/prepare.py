@@ -3,7 +3,7 @@ build or reuse the LDS ground truth, and assemble the attribution context."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +16,6 @@ from tdatune.models.task import Task
 from tdatune.models.training import TrainFunction, TrainRecipe, TrainResult, train_model
 from tdatune.settings.registry import Setting, get_setting
 from tdatune.utils.device import resolve_device
-
-
-@dataclass
-class Prepared:
-    """A trained setting with its ground truth, ready for attribution."""
-
-    setting: Setting
-    splits: Splits
-    task: Task
-    recipe: TrainRecipe
-    trained: TrainResult
-    groundtruth: GroundTruth
-    context: AttributionContext
-
-    def test_accuracy(self) -> float:
-        """Accuracy of the final model on the test split."""
-        model, params = self.context.model_at(-1)
-        dev = self.context.device
-        test = self.splits.test.to(dev)
-        return self.task.accuracy(model, params, test.inputs, test.targets)
 
 
 def epoch_learning_rates(recipe: TrainRecipe | TrainFunction, n_train: int) -> list[float] | None:
@@ -54,15 +34,30 @@ class TrainedSetting:
     recipe: TrainRecipe
     trained: TrainResult
     context: AttributionContext
+    _quality: dict[str, float] | None = field(default=None, init=False, repr=False)
 
     def quality(self) -> dict[str, float]:
         """The final model on the test split: accuracy (NaN for a non-classifier) and mean
-        loss, so that a study says how good the model it explains is."""
-        model, params = self.context.model_at(-1)
-        test = self.splits.test.to(self.context.device)
-        loss = self.task.evaluate(model, params, test.inputs, test.targets, fn="loss")
-        return {"test_accuracy": self.task.accuracy(model, params, test.inputs, test.targets),
+        loss, so that a study says how good the model it explains is (computed once)."""
+        if self._quality is None:
+            model, params = self.context.model_at(-1)
+            test = self.splits.test.to(self.context.device)
+            loss = self.task.evaluate(model, params, test.inputs, test.targets, fn="loss")
+            self._quality = {
+                "test_accuracy": self.task.accuracy(model, params, test.inputs, test.targets),
                 "test_loss": float(loss.double().mean())}
+        return self._quality
+
+    def test_accuracy(self) -> float:
+        """Accuracy of the final model on the test split (NaN for a non-classifier)."""
+        return self.quality()["test_accuracy"]
+
+
+@dataclass
+class Prepared(TrainedSetting):
+    """A trained setting with its ground truth, ready for attribution."""
+
+    groundtruth: GroundTruth | None = None
 
 
 def train_setting(
@@ -124,7 +119,7 @@ def prepare_setting(
                       task_options=task_options, load_options=load_options)
     gt = setting_groundtruth(t, gt_config, directory / "groundtruth", show_progress=show_progress,
                              say=say, backend=backend, backend_options=backend_options)
-    return Prepared(t.setting, t.splits, t.task, t.recipe, t.trained, gt, t.context)
+    return Prepared(t.setting, t.splits, t.task, t.recipe, t.trained, t.context, groundtruth=gt)
 
 
 def _training_message(name: str, n: int, source: str, recipe: TrainRecipe | TrainFunction,

@@ -369,14 +369,12 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
     if backend == "local":
         # setting by setting: its training and ground truths, then its cells, so that the
         # results of the first settings are stored before the later ones are even trained
-        quiet = Workspace(spec, out, device, False, lambda *a: None)
-        quiet._trained, quiet._gts = work._trained, work._gts
         for label in dict.fromkeys(c.setting for c in pending):
             mine = [c for c in pending if c.setting == label]
             for alpha in dict.fromkeys(c.alpha for c in mine):
                 work.groundtruth(label, alpha)
             for cell in progress(mine, enabled=show_progress, desc=f"{label} cells", unit="cell"):
-                store.save(cell, quiet.run(cell))
+                store.save(cell, work.run(cell))
     else:
         for label, alpha in dict.fromkeys((c.setting, c.alpha) for c in pending):
             work.groundtruth(label, alpha)  # once each, here, before cells go to workers
