@@ -221,6 +221,44 @@ def test_process_and_ray_backends_give_the_local_cells(swept, tmp_path, backend)
         assert cell["surrogate"]["lambda"] == pytest.approx(want["surrogate"]["lambda"], rel=1e-9)
 
 
+def test_explain_scores_the_first_test_examples_against_their_ground_truth(tmp_path):
+    from tdatune.attributors.if_cg import IFCG
+
+    spec = load_spec(_write(tmp_path / "e.toml", SETTING + '''
+[[methods]]
+name = "if_cg"
+explain = 12
+vary = [{ max_iter = [2, 4] }]
+[[methods]]
+name = "iffim"
+explain = 12
+vary = [{ lam = [1e-2] }]
+'''))
+    outcome = run_sweep(spec, tmp_path / "out", show_progress=False, say=quiet)
+    assert not outcome.failed
+    trained, work = _trained(spec, tmp_path / "out")
+    gt = work.groundtruth("digits-lr", 0.5)
+    first = trained.splits.test.subset(np.arange(12))
+    outputs = gt.mean_outputs[:, :12]  # the ground truth of those 12 examples, sliced here
+    cg = IFCG().fit(trained.context)
+    for cell in outcome:
+        assert cell["n_explained"] == 12
+        att = cg if cell["attributor"] == "if_cg" else IFFIM().fit(trained.context)
+        for row in cell["rows"]:
+            values = {k: row[k] for k in ("lam", "max_iter") if k in row}
+            direct = lds(att.score(first, **values), gt.masks, outputs)
+            assert row["lds"] == pytest.approx(direct.mean, abs=1e-9)
+    report = write_report(tmp_path / "out").read_text()
+    assert "if_cg explains the first 12; iffim explains the first 12" in report
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert {r["n_explained"] for r in csv.DictReader(f)} == {"12"}
+    full = spec_from_dict({**spec.to_dict(), "methods": [
+        {**m, "explain": None} for m in spec.to_dict()["methods"]]})
+    said: list[str] = []
+    run_sweep(full, tmp_path / "out", show_progress=False, say=said.append)
+    assert any("definition changed" in s and "explain" in s for s in said)
+
+
 def _write(path, text):
     path.write_text(text)
     return path
@@ -253,6 +291,10 @@ BASE = {"settings": ["digits-lr"], "methods": [{"name": "iffim"}]}
     ({"settings": [{"name": "cifar2-resnet9", "model": {"widht": 8}}]}, "unknown option.*widht.*width"),
     ({"settings": [{"name": "digits-lr"}, {"name": "digits-lr"}]}, "distinct `label`"),
     ({"sizes": {"mnist-lr": [10, 5, 5]}}, "not a setting of this sweep"),
+    ({"methods": [{"name": "if_cg", "explain": 1}]}, "explain is the number of test examples"),
+    ({"methods": [{"name": "if_cg", "explain": True}]}, "explain is the number of test examples"),
+    ({"settings": [{"name": "digits-lr", "sizes": [10, 5, 5]}],
+      "methods": [{"name": "if_cg", "explain": 6}]}, "explain = 6, but digits-lr has only 5"),
 ])
 def test_spec_errors_name_the_problem(change, match):
     with pytest.raises(ValueError, match=match):

@@ -34,7 +34,8 @@ def flatten_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in cell["rows"]:
             rows.append({"setting": cell["setting"], "method": cell["method"],
                          "attributor": cell["attributor"], "alpha": cell["alpha"], **cell["fit"],
-                         **row, "file": cell["file"]})
+                         **row, "n_explained": cell.get("n_explained", ""),
+                         "file": cell["file"]})
     return rows
 
 
@@ -146,6 +147,10 @@ def _overview(results: SweepResults) -> list[str]:
     seconds = sum(c.get("fit_seconds", 0) + c.get("score_seconds", 0) for c in cells)
     lines += ["", f"Attribution time over all current cells: {seconds:.0f} s (fit + score; "
               "training and ground truth not included).", ""]
+    subset = [f"{m.label} explains the first {m.explain}" for m in spec.methods if m.explain]
+    if subset:
+        lines += [f"Test examples: {'; '.join(subset)} (its LDS is the mean over those); every "
+                  "other method explains the whole test split.", ""]
     return lines
 
 

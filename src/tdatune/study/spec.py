@@ -41,7 +41,7 @@ ALPHA = "alpha"        # the ground truth's subset fraction
 TOP_KEYS = ("name", "settings", "methods", "groundtruth", "sizes", "recipes", "seed", "threshold",
             "thresholds", "grid_points", "data_dir")
 SETTING_KEYS = ("name", "task", "label", "sizes", "recipe", "model", "data")
-METHOD_KEYS = ("name", "label", "defaults", "vary", "fit", "score")
+METHOD_KEYS = ("name", "label", "defaults", "vary", "fit", "score", "explain")
 
 
 def is_eigen(cls: type[Attributor]) -> bool:
@@ -89,6 +89,7 @@ class MethodSpec:
     label: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
     vary: list[dict[str, list[Any]]] = field(default_factory=list)
+    explain: int | None = None  # explain only the first N test examples (None: all of them)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
@@ -216,6 +217,10 @@ def spec_from_dict(raw: dict[str, Any]) -> SweepSpec:
     for method in spec.methods:
         for point in sub_experiment_points(method):
             _check_point(method, point)
+        for setting in spec.settings:
+            if method.explain and setting.sizes and method.explain > setting.sizes[2]:
+                raise ValueError(f"{method.label}: explain = {method.explain}, but "
+                                 f"{setting.label} has only {setting.sizes[2]} test examples")
     return spec
 
 
@@ -348,7 +353,12 @@ def _method_entry(entry: Any) -> MethodSpec:
                          f"{', '.join(ATTRIBUTORS)}")
     label = str(entry.get("label") or name)
     defaults = _table(entry.get("defaults", {}), f"defaults of {label}")
-    method = MethodSpec(name=name, label=label,
+    explain = entry.get("explain")
+    if explain is not None and (isinstance(explain, bool) or not isinstance(explain, int)
+                                or explain < 2):
+        raise ValueError(f"{label}: explain is the number of test examples to explain (an "
+                         f"integer >= 2, the LDS averages over them); got {explain!r}")
+    method = MethodSpec(name=name, label=label, explain=explain,
                         defaults={k: grid_values(v)[0] if not isinstance(v, list) else v
                                   for k, v in defaults.items()})
     spec = method.cls.spec()

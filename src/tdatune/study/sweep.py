@@ -75,7 +75,9 @@ class Cell:
     def definition(self, spec: SweepSpec) -> dict[str, Any]:
         """Everything that defines this cell's numbers (fingerprinted into the cell file)."""
         method = spec.method(self.method)
+        subset = {"explain": method.explain} if method.explain else {}
         return {
+            **subset,
             "format": CELL_FORMAT,
             "setting": spec.setting(self.setting).definition(spec.seed, spec.data_dir),
             "groundtruth": asdict(groundtruth_config(spec, self.alpha)),
@@ -119,6 +121,12 @@ def run_cell(trained: TrainedSetting, gt: GroundTruth, method: MethodSpec, cell:
              spec: SweepSpec) -> dict[str, Any]:
     """Fit one attributor and score everything the cell asks for; return the cell's record."""
     test, val = trained.splits.test, trained.splits.val
+    if method.explain:
+        if method.explain > len(test):
+            raise ValueError(f"{method.label}: explain = {method.explain}, but {cell.setting} "
+                             f"has only {len(test)} test examples")
+        test = test.subset(torch.arange(method.explain))
+        gt = replace(gt, outputs=gt.outputs[:, :, : method.explain])
     t0 = time.time()
     att = make_attributor(method.name, **plain(cell.fit)).fit(trained.context)
     fit_seconds = time.time() - t0
@@ -126,6 +134,7 @@ def run_cell(trained: TrainedSetting, gt: GroundTruth, method: MethodSpec, cell:
     extra = (_score_eigen(att, test, val, gt, cell, spec) if method.eigen
              else _score_grid(att, test, gt, cell, trained.context.show_progress))
     return {"status": "ok", "fit_seconds": fit_seconds, "score_seconds": time.time() - t1,
+            "n_explained": len(test),
             "data_source": trained.splits.source, "model_quality": trained.quality(), **extra}
 
 
