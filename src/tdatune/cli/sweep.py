@@ -1,4 +1,5 @@
-"""``tdatune sweep`` and ``tdatune report``: sensitivity sweeps over hyperparameter grids."""
+"""``tdatune sweep``, ``tdatune report`` and ``tdatune rules``: sensitivity sweeps over
+hyperparameter grids, their reports, and selection rules compared across sweeps."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import sys
 from pathlib import Path
 
 from tdatune.study.report import write_report
+from tdatune.study.rules import write_rules
 from tdatune.study.sweep import load_spec, run_sweep
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``sweep`` and ``report``."""
+    """Register ``sweep``, ``report`` and ``rules``."""
     s = sub.add_parser("sweep", help="run (or resume) a hyperparameter sweep from a TOML file")
     s.add_argument("spec", type=Path, help="sweep TOML file (see docs/sweeps.md)")
     s.add_argument("--out", type=Path, required=True, help="sweep directory (resumed on rerun)")
@@ -30,6 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("report", help="(re)write tables, figures and report.md of a sweep directory")
     r.add_argument("out", type=Path, help="sweep directory")
     r.set_defaults(func=report)
+    c = sub.add_parser("rules", help="compare selection thresholds and quantiles across sweeps "
+                       "(gap to the grid best, side of the best lambda, a calibrated threshold "
+                       "left one setting out)")
+    c.add_argument("dirs", type=Path, nargs="+", help="sweep directories")
+    c.add_argument("--out", type=Path, required=True, help="folder for rules.md and rules.csv")
+    c.add_argument("--default", type=float, default=0.5,
+                   help="the threshold a calibrated one is compared with (default 0.5)")
+    c.set_defaults(func=rules)
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -53,4 +63,10 @@ def sweep(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """Rewrite the report of a finished (or partly finished) sweep."""
     print(f"wrote {write_report(args.out)}")
+    return 0
+
+
+def rules(args: argparse.Namespace) -> int:
+    """Compare selection rules over the cells of several sweep directories."""
+    print(f"wrote {write_rules(args.dirs, args.out, default=args.default)}")
     return 0
