@@ -16,6 +16,8 @@ from tdatune.study.figures import all_figures, write_csv
 from tdatune.study.results import SweepResults, default_value, load_results
 from tdatune.utils.atomic import atomic_write_text
 
+SENSITIVE = 0.1  # an LDS range this large is called sensitive (bold in the report)
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -100,12 +102,13 @@ def write_report(out: str | Path) -> Path:
     lines += _overview(results)
     lines += ["## Sensitivity: the LDS range when only one hyperparameter moves", "",
               "Every other hyperparameter at the study default (Appendix A.1 of the sensitivity "
-              "paper unless the spec overrides it). Source: `sensitivity.csv`.", "",
+              "paper unless the spec overrides it). Bold: a range of 0.1 or more. Source: "
+              "`sensitivity.csv`.", "",
               "| setting | method | hyperparameter | values | LDS min | LDS max | range | best at "
               "| LDS at default |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sens:
         lines.append(f"| {r['setting']} | {r['method']} | {r['hyperparameter']} | {r['values']} | "
-                     f"{r['lds_min']:.3f} | {r['lds_max']:.3f} | **{r['range']:.3f}** | "
+                     f"{r['lds_min']:.3f} | {r['lds_max']:.3f} | {_range(r['range'])} | "
                      f"{_fmt(r['best_at'])} | {_num(r['lds_at_default'])} |")
     if sel:
         lines += _selection_tables(results, sel)
@@ -124,6 +127,10 @@ def write_report(out: str | Path) -> Path:
 
 def _num(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _range(value: float) -> str:
+    return f"**{value:.3f}**" if value >= SENSITIVE else f"{value:.3f}"
 
 
 def _overview(results: SweepResults) -> list[str]:
