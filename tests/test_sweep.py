@@ -292,6 +292,9 @@ BASE = {"settings": ["digits-lr"], "methods": [{"name": "iffim"}]}
     ({"settings": [{"name": "digits-lr"}, {"name": "digits-lr"}]}, "distinct `label`"),
     ({"sizes": {"mnist-lr": [10, 5, 5]}}, "not a setting of this sweep"),
     ({"methods": [{"name": "if_cg", "explain": 1}]}, "explain is the number of test examples"),
+    ({"methods": [{"name": "if_cg", "settings": ["mnist-lr"]}]},
+     "settings names mnist-lr, which is not a setting of this sweep \\(digits-lr\\)"),
+    ({"methods": [{"name": "if_cg", "settings": "digits-lr"}]}, "settings is a list"),
     ({"methods": [{"name": "if_cg", "explain": True}]}, "explain is the number of test examples"),
     ({"settings": [{"name": "digits-lr", "sizes": [10, 5, 5]}],
       "methods": [{"name": "if_cg", "explain": 6}]}, "explain = 6, but digits-lr has only 5"),
@@ -299,6 +302,16 @@ BASE = {"settings": ["digits-lr"], "methods": [{"name": "iffim"}]}
 def test_spec_errors_name_the_problem(change, match):
     with pytest.raises(ValueError, match=match):
         spec_from_dict({**BASE, **change})
+
+
+def test_a_method_restricted_to_some_settings_has_cells_only_there():
+    spec = spec_from_dict({"settings": ["digits-lr", "digits-mlp"], "methods": [
+        {"name": "if_explicit", "settings": ["digits-lr"], "vary": [{"epoch": [1, 2]}]},
+        {"name": "iffim", "vary": [{"proj_dim": [16, 32]}]}]})
+    cells = {(c.setting, c.method) for c in expand_cells(spec)}
+    assert cells == {("digits-lr", "if_explicit"), ("digits-lr", "iffim"),
+                     ("digits-mlp", "iffim")}
+    assert spec_from_dict(spec.to_dict()).methods[0].settings == ["digits-lr"]
 
 
 def test_sub_experiments_vary_one_factor_around_the_study_defaults():

@@ -93,7 +93,7 @@ def load_results(out: str | Path) -> SweepResults:
         raise FileNotFoundError(f"{out}/cells holds no finished cell of this sweep; run the sweep "
                                 "first")
     results = SweepResults(out, spec, cells, failed, stale, missing, orphans, [])
-    results.experiments = [sub for s in spec.settings for m in spec.methods
+    results.experiments = [sub for s in spec.settings for m in spec.methods if m.runs_on(s.label)
                            for sub in _experiments(results, s.label, m)]
     return results
 

@@ -41,7 +41,7 @@ ALPHA = "alpha"        # the ground truth's subset fraction
 TOP_KEYS = ("name", "settings", "methods", "groundtruth", "sizes", "recipes", "seed", "threshold",
             "thresholds", "grid_points", "data_dir")
 SETTING_KEYS = ("name", "task", "label", "sizes", "recipe", "model", "data")
-METHOD_KEYS = ("name", "label", "defaults", "vary", "fit", "score", "explain")
+METHOD_KEYS = ("name", "label", "defaults", "vary", "fit", "score", "explain", "settings")
 
 
 def is_eigen(cls: type[Attributor]) -> bool:
@@ -90,9 +90,14 @@ class MethodSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     vary: list[dict[str, list[Any]]] = field(default_factory=list)
     explain: int | None = None  # explain only the first N test examples (None: all of them)
+    settings: list[str] | None = None  # setting labels this entry runs on (None: every one)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
+
+    def runs_on(self, setting: str) -> bool:
+        """Whether this entry has cells on the setting labelled ``setting``."""
+        return self.settings is None or setting in self.settings
 
     @property
     def cls(self) -> type[Attributor]:
@@ -214,10 +219,18 @@ def spec_from_dict(raw: dict[str, Any]) -> SweepSpec:
                      groundtruth=groundtruth, seed=seed, threshold=float(threshold),
                      thresholds=[float(t) for t in thresholds], grid_points=grid_points,
                      data_dir=None if data_dir is None else str(data_dir))
+    labels = [s.label for s in spec.settings]
     for method in spec.methods:
         for point in sub_experiment_points(method):
             _check_point(method, point)
+        unknown = sorted(set(method.settings or []) - set(labels))
+        if unknown:
+            raise ValueError(f"{method.label}: settings names {', '.join(unknown)}, which "
+                             f"{'is' if len(unknown) == 1 else 'are'} not a setting of this "
+                             f"sweep ({', '.join(labels)})")
         for setting in spec.settings:
+            if not method.runs_on(setting.label):
+                continue
             if method.explain and setting.sizes and method.explain > setting.sizes[2]:
                 raise ValueError(f"{method.label}: explain = {method.explain}, but "
                                  f"{setting.label} has only {setting.sizes[2]} test examples")
@@ -358,7 +371,12 @@ def _method_entry(entry: Any) -> MethodSpec:
                                 or explain < 2):
         raise ValueError(f"{label}: explain is the number of test examples to explain (an "
                          f"integer >= 2, the LDS averages over them); got {explain!r}")
-    method = MethodSpec(name=name, label=label, explain=explain,
+    only = entry.get("settings")
+    if only is not None and (not isinstance(only, list) or not only
+                             or not all(isinstance(x, str) for x in only)):
+        raise ValueError(f"{label}: settings is a list of setting labels this entry runs on; "
+                         f"got {only!r}")
+    method = MethodSpec(name=name, label=label, explain=explain, settings=only,
                         defaults={k: grid_values(v)[0] if not isinstance(v, list) else v
                                   for k, v in defaults.items()})
     spec = method.cls.spec()

@@ -99,6 +99,8 @@ def expand_cells(spec: SweepSpec) -> list[Cell]:
     cells: dict[tuple[Any, ...], dict[str, Any]] = {}
     for setting in spec.settings:
         for method in spec.methods:
+            if not method.runs_on(setting.label):
+                continue
             for point in sub_experiment_points(method):
                 alpha = spec.groundtruth.alpha if point.alpha is None else point.alpha
                 key = (setting.label, method.label, alpha, point.fit)
