@@ -76,5 +76,9 @@ vary = [{ lam = "spectrum" }, { proj_dim = [16] }]
     mean = gaps[0]
     line = next(x for x in text.splitlines() if x.startswith("| surrogate xi >= 0.5 |"))
     assert float(line.split("|")[3].strip("* ")) == pytest.approx(mean, abs=5e-4)
+    # the same directory twice: its cells are counted once
+    assert main(["rules", str(tmp_path / "sw"), str(tmp_path / "sw"), "--out",
+                 str(tmp_path / "r2")]) == 0
+    assert "| surrogate xi >= 0.5 | 1 | " in (tmp_path / "r2" / "rules.md").read_text()
     assert main(["rules", str(tmp_path / "sw"), "--out", str(tmp_path / "r"),
                  "--default", "0.7"]) == 2

@@ -25,13 +25,19 @@ from tdatune.utils.atomic import atomic_write_text
 
 
 def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """Selection rows of every sweep directory, each tagged with its study (spec name)."""
-    rows = []
+    """Selection rows of every sweep directory, each tagged with its study (spec name). A cell
+    whose definition fingerprint was already seen in an earlier directory (sweeps that share a
+    setting and a method at the same values) is counted once, under the first study."""
+    rows, seen = [], set()
     for d in dirs:
         results = load_results(d)
         by_file = {c["file"]: c for c in results.cells}
         for row in selection_rows(results):
-            source = by_file[row["file"]].get("data_source", "").split(" (")[0]
+            cell = by_file[row["file"]]
+            if cell["fingerprint"] in seen:
+                continue
+            seen.add(cell["fingerprint"])
+            source = cell.get("data_source", "").split(" (")[0]
             rows.append({"study": results.spec.name, **row, "source": source})
     if not rows:
         raise ValueError("no cell with a spectrum grid and a surrogate selection in "
