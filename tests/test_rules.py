@@ -24,21 +24,24 @@ ROWS = [
     row("s", "A", 0.9, 1e-3, t0_4=(1e-3, 0.9), t0_6=(1e-2, 0.7)),
     row("s", "B", 0.8, 1e-2, t0_4=(1e-2, 0.79), t0_6=(1e-1, 0.6)),
     row("s", "C", 0.5, 1e-1, t0_4=(1e-3, 0.2), t0_6=(1e-1, 0.5)),
+    row("t", "C", 0.5, 1e-1, t0_4=(1e-3, 0.2), t0_6=(1e-1, 0.5)),  # C again, in a second study
 ]
 
 
 def test_summaries_and_sides_by_hand():
-    (s4, s6) = summarise(ROWS, [0.4, 0.6], [])
+    (s4, s6) = summarise(ROWS[:3], [0.4, 0.6], [])
     assert s4.mean == pytest.approx((0.0 + 0.01 + 0.3) / 3)
     assert s4.worst == pytest.approx(0.3) and s4.median == pytest.approx(0.01)
     assert s6.mean == pytest.approx((0.2 + 0.2 + 0.0) / 3)
-    assert [side(r, 0.4) for r in ROWS] == ["at", "at", "below"]
-    assert [side(r, 0.6) for r in ROWS] == ["above", "above", "at"]
+    assert [side(r, 0.4) for r in ROWS[:3]] == ["at", "at", "below"]
+    assert [side(r, 0.6) for r in ROWS[:3]] == ["above", "above", "at"]
 
 
 def test_leave_one_setting_out_by_hand():
     loso = {r["setting"]: r for r in leave_one_setting_out(ROWS, [0.4, 0.6], default=0.6)}
-    # without A: 0.4 has mean gap (0.01 + 0.3) / 2 = 0.155, 0.6 has 0.1 -> 0.6, gap 0.2 on A
+    # a setting is left out with every study's cells of it: C's two rows go together
+    assert sorted(loso) == ["A", "B", "C"] and loso["C"]["cells"] == 2
+    # without A: 0.4 has mean gap (0.01 + 0.3 + 0.3) / 3, 0.6 has 0.2 / 3 -> 0.6, gap 0.2 on A
     assert loso["A"]["calibrated_threshold"] == 0.6
     assert loso["A"]["gap_calibrated"] == pytest.approx(0.2)
     # without C: 0.4 (0.005) beats 0.6 (0.2) -> 0.4, gap 0.3 on C, where the default has 0

@@ -22,21 +22,25 @@ from tdatune.study.figures import write_csv
 from tdatune.study.report import selection_rows
 from tdatune.study.results import load_results
 from tdatune.utils.atomic import atomic_write_text
+from tdatune.utils.fingerprint import fingerprint_config
 
 
 def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Selection rows of every sweep directory, each tagged with its study (spec name). A cell
-    whose definition fingerprint was already seen in an earlier directory (sweeps that share a
-    setting and a method at the same values) is counted once, under the first study."""
+    whose selection was already seen in an earlier directory (same setting, ground truth,
+    attributor, fit values, grid and rules; the extra lambdas a cell scores do not matter) is
+    counted once, under the first study."""
     rows, seen = [], set()
     for d in dirs:
         results = load_results(d)
         by_file = {c["file"]: c for c in results.cells}
         for row in selection_rows(results):
             cell = by_file[row["file"]]
-            if cell["fingerprint"] in seen:
+            key = fingerprint_config({k: v for k, v in cell["definition"].items()
+                                      if k not in ("lambdas", "score")})
+            if key in seen:
                 continue
-            seen.add(cell["fingerprint"])
+            seen.add(key)
             source = cell.get("data_source", "").split(" (")[0]
             rows.append({"study": results.spec.name, **row, "source": source})
     if not rows:
@@ -99,17 +103,16 @@ def side(row: dict[str, Any], threshold: float) -> str:
 
 def leave_one_setting_out(rows: list[dict[str, Any]], thresholds: list[float],
                           default: float) -> list[dict[str, Any]]:
-    """Per (study, setting): the threshold best on every *other* setting, and the gaps of it and
-    of ``default`` on the setting left out."""
-    groups = sorted({(r["study"], r["setting"]) for r in rows})
+    """Per setting (by label, over every study that has it): the threshold best on every
+    *other* setting, and the gaps of it and of ``default`` on the setting left out."""
     out = []
-    for group in groups:
-        held = [r for r in rows if (r["study"], r["setting"]) == group]
-        rest = [r for r in rows if (r["study"], r["setting"]) != group]
+    for setting in sorted({r["setting"] for r in rows}):
+        held = [r for r in rows if r["setting"] == setting]
+        rest = [r for r in rows if r["setting"] != setting]
         if not rest:
             continue
         chosen = min(thresholds, key=lambda t: float(np.mean([gap(r, f"lds@{t:g}") for r in rest])))
-        out.append({"study": group[0], "setting": group[1], "cells": len(held),
+        out.append({"setting": setting, "cells": len(held),
                     "calibrated_threshold": chosen,
                     "gap_calibrated": float(np.mean([gap(r, f"lds@{chosen:g}") for r in held])),
                     "gap_default": float(np.mean([gap(r, f"lds@{default:g}") for r in held]))})
@@ -156,10 +159,10 @@ def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -
         lines += ["", "## A calibrated threshold, left one setting out", "",
                   f"The threshold with the smallest mean gap on all other settings, applied to the "
                   f"one left out, against the default {default:g}.", "",
-                  "| study | setting | cells | calibrated threshold | its gap | gap at default |",
-                  "|---|---|---|---|---|---|"]
+                  "| setting | cells | calibrated threshold | its gap | gap at default |",
+                  "|---|---|---|---|---|"]
         for r in loso:
-            lines.append(f"| {r['study']} | {r['setting']} | {r['cells']} | "
+            lines.append(f"| {r['setting']} | {r['cells']} | "
                          f"{r['calibrated_threshold']:g} | {r['gap_calibrated']:.3f} | "
                          f"{r['gap_default']:.3f} |")
         cal = float(np.mean([r["gap_calibrated"] for r in loso]))
