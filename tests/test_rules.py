@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from sweep_specs import TINY_SETTING
 from tdatune.cli import main
 from tdatune.study.rules import leave_one_setting_out, side, summarise
 
@@ -56,12 +57,7 @@ def test_rules_cli_on_a_sweep_matches_its_cell_files(tmp_path):
 name = "tiny"
 grid_points = 6
 thresholds = [0.4, 0.6]
-[[settings]]
-name = "digits-lr"
-sizes = [120, 40, 30]
-recipe = { epochs = 2 }
-[groundtruth]
-n_subsets = 8
+''' + TINY_SETTING + '''
 [[methods]]
 name = "iffim"
 vary = [{ lam = "spectrum" }, { proj_dim = [16] }]

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from sweep_specs import TINY_SETTING
 from tdatune.attributors.iffim import IFFIM
 from tdatune.cli import main
 from tdatune.evaluate.lds import lds
@@ -18,14 +19,7 @@ from tdatune.select.surrogate import select_lambda
 from tdatune.study.report import write_report
 from tdatune.study.sweep import Workspace, expand_cells, load_spec, run_sweep, spec_from_dict
 
-SETTING = '''
-[[settings]]
-name = "digits-lr"
-sizes = [150, 40, 30]
-recipe = { epochs = 2 }
-[groundtruth]
-n_subsets = 8
-'''
+SETTING = TINY_SETTING
 
 SPEC = '''
 name = "tiny"
