@@ -112,8 +112,11 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, dtype: to
     for key, sec in times.items():
         unit = "example" if key == "gradient" else "pair"
         print(f"  {key:<13}{sec * 1e3:8.3f} ms per {unit}   {sec / times['hvp']:5.2f}x hvp")
+    measured = (f"{grown / 1e6:.2f} MB ({grown / obj.pair_bytes():.2f}x)" if grown > 0 else
+                "not measured (below this process's earlier peak: run the setting alone or "
+                "raise --memory-vectors)")
     print(f"  memory per pair: pair_bytes {obj.pair_bytes() / 1e6:.2f} MB, peak-RSS growth "
-          f"{grown / 1e6:.2f} MB ({grown / obj.pair_bytes():.2f}x)")
+          f"{measured}")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ faster than forward-over-reverse (``jvp`` of ``grad``) for the MNIST MLP and dig
 
 Memory of the batched HVP. The second backward runs once per (vector, example) pair at a
 time, and each pair holds about as many bytes as autograd saves for one example's
-create-graph gradient (measured: 1.0-1.1x that on ResNet-9 and a small GPT, float32 and
-float64). That size is measured once per objective with saved-tensor hooks, and ``hvp``
-then splits vectors (``vmap(chunk_size=...)``) and examples so that one step keeps at most
-``memory_bytes`` (default ``HVP_MEMORY_BYTES``). Without it, 64 vectors x 256 examples of a
-width-8 ResNet-9 in float64 needed about 50 GB.
+create-graph gradient (resident memory measured at 1.0-1.3x that on ResNet-9 and two small
+transformers, ``bench/hvp.py``). That size is measured once per objective with saved-tensor
+hooks, and ``hvp`` then splits vectors (``vmap(chunk_size=...)``) and examples so that one
+step keeps about ``memory_bytes`` (default ``HVP_MEMORY_BYTES``). Without it, 64 vectors x
+256 examples of a width-8 ResNet-9 in float64 needed about 50 GB.
 
 Eigensystems (``TrainingObjective.eigensystem``). For a model that is one ``nn.Linear`` of the
 flattened input (logistic regression), the logits are linear in theta, so the Hessian is
