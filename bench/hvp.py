@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import torch
 from torch.func import grad, jvp, vmap
 
-from common import add_machine_flags, setup_machine, sync
+from common import add_machine_flags, rate, setup_machine
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.models.training import init_model
 from tdatune.settings.registry import get_setting
@@ -44,17 +43,6 @@ CPU_SIZED = {
 def peak_rss() -> int:
     """Peak resident memory of this process so far, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def timed(work, device: torch.device, repeats: int) -> float:
-    """Seconds per call of ``work`` (one warm-up call, then the mean of ``repeats``)."""
-    work()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        work()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -104,10 +92,11 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, dtype: to
     def fwd_over_rev() -> torch.Tensor:
         return vmap(lambda v: jvp(lambda t: g(t, x, y), (theta,), (v,))[1])(vecs)
 
-    times = {"hvp": timed(lambda: obj.hvp(vecs), device, args.repeats) / pairs,
-             "loop": timed(loop, device, args.repeats) / pairs,
-             "fwd-over-rev": timed(fwd_over_rev, device, args.repeats) / pairs,
-             "gradient": timed(lambda: g(theta, x, y), device, args.repeats) / args.examples}
+    # seconds per pair (per example for the gradient): the inverse of common.rate
+    times = {"hvp": 1 / rate(lambda: obj.hvp(vecs), pairs, args.repeats, device),
+             "loop": 1 / rate(loop, pairs, args.repeats, device),
+             "fwd-over-rev": 1 / rate(fwd_over_rev, pairs, args.repeats, device),
+             "gradient": 1 / rate(lambda: g(theta, x, y), args.examples, args.repeats, device)}
     print(f"\n{name}: p = {obj.p}")
     for key, sec in times.items():
         unit = "example" if key == "gradient" else "pair"
