@@ -169,9 +169,9 @@ class TrainingObjective:
         theta = self.theta
         out = torch.zeros_like(vecs)
         count = 0
-        n_examples = self.n if index is None else len(self.data.subset(index))
-        per_step, examples = self.hvp_split(vecs.shape[0], n_examples)
-        for x, y in self._batches(index, examples):
+        data = self.data if index is None else self.data.subset(index)
+        per_step, examples = self.hvp_split(vecs.shape[0], len(data))
+        for _, x, y in data.batches(examples, self.device):
             def one(v: torch.Tensor, x: Tree = x, y: Tree = y) -> torch.Tensor:
                 return grad(lambda t: (g(t, x, y) * v).sum())(theta)
             out += vmap(one, chunk_size=per_step)(vecs)
