@@ -25,6 +25,7 @@ writer, so any backend can resume any other's partial run. The backend is record
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,18 +35,21 @@ import numpy as np
 import torch
 
 from tdatune.data.base import ArrayDataset
+from tdatune.models.identity import task_identity
 from tdatune.models.outputs import cross_entropy
 from tdatune.models.task import Task, callable_name, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, load_model, train_model
 from tdatune.utils.atomic import (
     atomic_save_npy,
     atomic_write_json,
+    is_intact,
     keep_or_discard,
     load_npy_verified,
     read_json,
 )
 from tdatune.utils.checks import check_open_unit
-from tdatune.utils.fingerprint import fingerprint_config
+from tdatune.utils.environment import numeric_environment
+from tdatune.utils.fingerprint import differences, fingerprint_config
 from tdatune.utils.progress import progress
 
 _RERUN = ("rerun build_ground_truth (or `tdatune groundtruth`) with the same arguments: it "
@@ -149,10 +153,12 @@ def sequential_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: Ar
     return run
 
 
-def task_identity(task: Task) -> dict[str, Any]:
-    """Name and output of the task, plus its loss and forward when they are not the defaults
-    (so a built-in task's manifest is what it always was, and a user's changed loss or forward
-    is not served results computed with another)."""
+GT_FORMAT = 2  # 2: the task identity holds every Task field and the model's architecture
+
+
+def _format1_task(task: Task) -> dict[str, Any]:
+    """The task identity tdatune wrote before manifest format 2 (name, output, a non-default
+    loss and forward): what an older manifest is compared with before it is upgraded."""
     identity: dict[str, Any] = {"name": task.name, "output": task.output_name}
     if task.loss_fn is not cross_entropy:
         identity["loss"] = callable_name(task.loss_fn)
@@ -163,8 +169,11 @@ def task_identity(task: Task) -> dict[str, Any]:
 
 def manifest_for(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
                  explained: ArrayDataset, config: GroundTruthConfig) -> dict[str, Any]:
-    """What identifies a ground truth: configuration, recipe, task and data fingerprints."""
+    """What identifies a ground truth: format, configuration, recipe (or training function and
+    its options), the task's every field with the model's architecture, and the training and
+    explained data (fingerprints of their contents)."""
     return {
+        "format": GT_FORMAT,
         "config": asdict(config),
         "recipe": recipe.to_dict(),
         "task": task_identity(task),
@@ -173,6 +182,34 @@ def manifest_for(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDa
         "n_train": len(train),
         "n_explained": len(explained),
     }
+
+
+def _format1_manifest(manifest: dict[str, Any], task: Task) -> dict[str, Any]:
+    legacy = {k: v for k, v in manifest.items() if k not in ("format", "fingerprint")}
+    legacy["task"] = _format1_task(task)
+    return legacy
+
+
+def check_uses_indices(task: Task, function: TrainFunction, train: ArrayDataset, seed: int) -> None:
+    """Refuse a training function whose trained state does not depend on the examples it is
+    given (e.g. one that trains on everything): two small disjoint subsets, the same seed, must
+    give different states. Cheap: two trainings on a few examples each."""
+    n = len(train)
+    k = max(1, min(8, n // 2))
+    states = []
+    for start in (0, k):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[start:start + k] = True
+        states.append(function.run(task, train, seed, index=mask).state)
+    if all(torch.equal(states[0][name], states[1][name]) for name in states[0]):
+        name = function.name or callable_name(function.fn)
+        given = "indices" if function.pass_indices else "data"
+        raise ValueError(
+            f"training function {name} returned the same trained state for two different "
+            f"subsets of the training data (examples 0-{k - 1} and {k}-{2 * k - 1}, same seed "
+            f"{seed}): it must train only on the {given} it is given (the `{given}` argument), "
+            "not on the whole training set; a ground truth of models that all saw the same data "
+            "would make every LDS meaningless")
 
 
 def build_ground_truth(
@@ -191,8 +228,9 @@ def build_ground_truth(
     """
     directory = Path(directory)
     manifest = manifest_for(task, recipe, train, explained, config)
+    legacy = _format1_manifest(manifest, task)
     manifest["fingerprint"] = fingerprint_config(manifest)
-    _check_or_write_manifest(directory, manifest)
+    _check_or_write_manifest(directory, manifest, fingerprint_config(legacy))
     masks_path = directory / "masks.npy"
     if keep_or_discard(masks_path, "the subset masks from their seed"):
         masks = torch.from_numpy(load_npy_verified(masks_path))
@@ -223,6 +261,11 @@ def build_ground_truth(
         # give one value per example.
         check_task(task, train, what="training data")
         check_task(task, explained, what="explained examples")
+        checked = directory / "train_function_check.json"
+        if isinstance(recipe, TrainFunction) and not is_intact(checked):
+            check_uses_indices(task, recipe, train, config.train_seed)
+            atomic_write_json(checked, {"train_function": recipe.to_dict()["train_function"],
+                                        "depends_on_its_data": True})
         run = runner
         if run is None:
             from tdatune.evaluate.runners import make_runner, resolve_backend
@@ -236,7 +279,8 @@ def build_ground_truth(
             atomic_write_json(directory / "backend.json", {
                 "backend": backend, "options": {k: repr(v) for k, v in
                                                 (backend_options or {}).items()},
-                "device": str(device), "torch": torch.__version__, "pending_models": len(pending),
+                "device": str(device), "pending_models": len(pending),
+                "environment": numeric_environment(device),
             })
         run(pending, done)
     outputs = np.stack([
@@ -263,17 +307,28 @@ def load_ground_truth(directory: str | Path) -> GroundTruth:
                        GroundTruthConfig(**manifest["config"]), directory)
 
 
-def _check_or_write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+def _check_or_write_manifest(directory: Path, manifest: dict[str, Any], legacy_fp: str) -> None:
+    """Accept a manifest of the same ground truth, upgrade one written before manifest format 2
+    whose every recorded field matches (said on stderr: the architecture it did not record is
+    taken from the current model), refuse any other naming the fields that differ."""
     path = directory / "manifest.json"
     if path.exists():
         stored = read_json(path, _MANIFEST_FIX)
-        if stored.get("fingerprint") != manifest["fingerprint"]:
-            diffs = [k for k in manifest if k != "fingerprint" and stored.get(k) != manifest[k]]
-            raise ValueError(
-                f"{directory} holds ground truth for a different configuration "
-                f"(differs in: {', '.join(diffs) or 'fingerprint'}); stored: "
-                f"{json.dumps({k: stored.get(k) for k in diffs}, default=str)[:400]}. "
-                "Use another directory, or delete this one to rebuild."
-            )
-        return
+        if stored.get("fingerprint") == manifest["fingerprint"]:
+            return
+        if "format" not in stored and stored.get("fingerprint") == legacy_fp:
+            print(f"{directory}: manifest written before format {GT_FORMAT} (it did not record "
+                  "the model's architecture nor every task field); every field it recorded "
+                  "matches, so it is upgraded with the current task's identity", file=sys.stderr)
+            atomic_write_json(path, manifest)
+            return
+        diffs = differences({k: v for k, v in stored.items() if k != "fingerprint"},
+                            {k: v for k, v in manifest.items() if k != "fingerprint"})
+        top = dict.fromkeys(d.split(".")[0] for d in diffs)
+        raise ValueError(
+            f"{directory} holds ground truth for a different configuration (differs in: "
+            f"{', '.join(diffs) or 'fingerprint'}); stored: "
+            f"{json.dumps({k: stored.get(k) for k in top}, default=str)[:400]}. "
+            "Use another directory, or delete this one to rebuild."
+        )
     atomic_write_json(path, manifest)

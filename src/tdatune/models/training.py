@@ -25,7 +25,7 @@ from tdatune.models.checkpoints import check_state, state_of
 from tdatune.models.task import Params, Task, callable_name, check_task, model_params, model_state
 from tdatune.utils.atomic import atomic_torch_save, atomic_write_json, read_json, torch_load_verified
 from tdatune.utils.checks import check_choice
-from tdatune.utils.fingerprint import fingerprint_config
+from tdatune.utils.fingerprint import differences, fingerprint_config
 from tdatune.utils.progress import progress
 
 OPTIMIZERS = ("lbfgs", "sgd", "adam")
@@ -254,12 +254,14 @@ def train_model(
     params = {k: p for k, p in model.named_parameters()}
     opt = make_optimizer(recipe, list(params.values()))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    meta = {"recipe": recipe.to_dict(), "seed": seed, "task": task.name, "n": len(data)}
     checkpoints: list[Params] = []
     history: list[dict[str, float]] = []
     start_epoch = 0
     if ckpt_dir is not None:
-        start_epoch = _resume(ckpt_dir, meta, model, opt, checkpoints, history)
+        _claim(ckpt_dir, task, data, recipe, seed)
+        start_epoch = _resume(ckpt_dir, model, opt, checkpoints, history)
+        if start_epoch < recipe.epochs:
+            _record_environment(ckpt_dir, start_epoch, device)
     n = len(data)
     steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
     total = recipe.epochs * steps_per_epoch
@@ -305,20 +307,20 @@ def _train_with_function(task: Task, data: ArrayDataset, recipe: TrainFunction, 
                          ) -> TrainResult:
     """Run the user's training function (or reuse its saved result) and save its states."""
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    meta = {"recipe": recipe.to_dict(), "seed": seed, "task": task.name, "n": len(data),
-            "data": data.fingerprint()}
     if ckpt_dir is not None:
+        _claim(ckpt_dir, task, data, recipe, seed)
         checkpoints: list[Params] = []
         history: list[dict[str, float]] = []
         with torch.random.fork_rng(devices=[]):
             probe = task.make_model()
         opt = torch.optim.SGD(probe.parameters(), lr=1.0)  # _resume's signature; unused here
-        saved = _resume(ckpt_dir, meta, probe, opt, checkpoints, history)
+        saved = _resume(ckpt_dir, probe, opt, checkpoints, history)
         complete = ckpt_dir / "complete.json"
         # Reuse only a finished run whose every checkpoint is intact (a damaged one is dropped
         # by _resume, and the function then runs again: it cannot resume mid-way).
         if saved and complete.exists() and read_json(complete).get("checkpoints") == saved:
             return TrainResult(state=checkpoints[-1], checkpoints=checkpoints, history=history)
+        _record_environment(ckpt_dir, 0, "cpu")
     result = recipe.run(task, data, seed)
     for epoch, state in enumerate(result.checkpoints):
         record: dict[str, float] = {"epoch": epoch, **{k: v for k, v in (
@@ -395,22 +397,85 @@ def _minibatch_epoch(task: Task, model: nn.Module, params: Params, opt: torch.op
     return running / max(count, 1)
 
 
-def _resume(ckpt_dir: Path, meta: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+CHECKPOINT_FORMAT = 2  # 2: the record holds the task's identity and the data's fingerprint
+
+
+def training_meta(task: Task, data: ArrayDataset, recipe: TrainRecipe | TrainFunction,
+                  seed: int) -> dict[str, Any]:
+    """What identifies a training run: recipe (or training function and options), seed, the
+    task's every field with the model's architecture, and the training data's contents."""
+    from tdatune.models.identity import task_identity
+
+    return {"format": CHECKPOINT_FORMAT, "recipe": recipe.to_dict(), "seed": seed,
+            "task": task_identity(task), "n": len(data), "data": data.fingerprint()}
+
+
+def _format1_meta(meta: dict[str, Any], task: Task, recipe: TrainRecipe | TrainFunction
+                  ) -> dict[str, Any]:
+    """The record tdatune wrote before checkpoint format 2, for the same run."""
+    legacy = {"recipe": meta["recipe"], "seed": meta["seed"], "task": task.name, "n": meta["n"]}
+    if isinstance(recipe, TrainFunction):
+        legacy["data"] = meta["data"]
+    return legacy
+
+
+def check_checkpoint_dir(ckpt_dir: str | Path, task: Task, data: ArrayDataset,
+                         recipe: TrainRecipe | TrainFunction, seed: int) -> None:
+    """Refuse, naming the fields that differ, a checkpoint directory of another training run
+    (before anything says it is reused); nothing happens when it holds no run yet."""
+    _claim(Path(ckpt_dir), task, data, recipe, seed, write=False)
+
+
+def _claim(ckpt_dir: Path, task: Task, data: ArrayDataset, recipe: TrainRecipe | TrainFunction,
+           seed: int, write: bool = True) -> str:
+    """Check ``recipe.json`` against this run (upgrading a matching format-1 record), write it
+    for a new directory; return the run's fingerprint."""
+    meta = training_meta(task, data, recipe, seed)
+    fp = fingerprint_config(meta)
+    meta_path = ckpt_dir / "recipe.json"
+    if not meta_path.exists():
+        if write:
+            atomic_write_json(meta_path, {"fingerprint": fp, "meta": meta})
+        return fp
+    saved = read_json(meta_path)
+    if saved.get("fingerprint") == fp:
+        return fp
+    stored = saved.get("meta") or {}
+    if "format" not in stored and saved.get("fingerprint") == fingerprint_config(
+            _format1_meta(meta, task, recipe)):
+        import sys
+
+        print(f"{ckpt_dir}: checkpoints recorded before format {CHECKPOINT_FORMAT} (without the "
+              "model's architecture); every field they recorded matches, so the record is "
+              "upgraded with the current task's identity", file=sys.stderr)
+        if write:
+            atomic_write_json(meta_path, {"fingerprint": fp, "meta": meta})
+        return fp
+    diffs = differences(stored, meta)
+    raise ValueError(
+        f"{ckpt_dir} holds checkpoints of a different training run (differs in: "
+        f"{', '.join(diffs) or 'fingerprint'}); use another directory or delete this one")
+
+
+def _record_environment(ckpt_dir: Path, first_epoch: int, device: torch.device | str) -> None:
+    """Append the numeric environment of the epochs trained from ``first_epoch`` on to
+    ``environment.json`` (one entry per start that differs from the last one)."""
+    from tdatune.utils.environment import numeric_environment
+
+    path = ckpt_dir / "environment.json"
+    entries = read_json(path) if path.exists() else []
+    env = numeric_environment(device)
+    if not entries or {k: v for k, v in entries[-1].items() if k != "from_epoch"} != env:
+        entries.append({"from_epoch": first_epoch, **env})
+        atomic_write_json(path, entries)
+
+
+def _resume(ckpt_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
             checkpoints: list[Params], history: list[dict[str, float]]) -> int:
-    """Load saved epochs of a matching run into ``checkpoints``; return the next epoch."""
+    """Load saved epochs of the run (checked first by :func:`_claim`) into ``checkpoints``;
+    return the next epoch."""
     from tdatune.utils.atomic import truncate_damaged_epochs
 
-    meta_path = ckpt_dir / "recipe.json"
-    fp = fingerprint_config(meta)
-    if meta_path.exists():
-        saved = read_json(meta_path)
-        if saved.get("fingerprint") != fp:
-            raise ValueError(
-                f"{ckpt_dir} holds checkpoints of a different training run "
-                f"(recipe/seed/task {saved.get('meta')}); use another directory or delete it"
-            )
-    else:
-        atomic_write_json(meta_path, {"fingerprint": fp, "meta": meta})
     # Epochs from the first damaged checkpoint on are deleted (and said so) and retrained.
     files, blobs = truncate_damaged_epochs(sorted(ckpt_dir.glob("epoch_*.pt")))
     for blob in blobs:
@@ -441,7 +506,8 @@ def trainable(model: nn.Module, state: Params) -> Params:
 
 
 __all__ = [
-    "TrainFunction", "TrainRecipe", "TrainResult", "epoch_permutation", "init_model", "l2_penalty",
+    "TrainFunction", "TrainRecipe", "TrainResult", "check_checkpoint_dir", "epoch_permutation",
+    "init_model", "l2_penalty",
     "load_checkpoints", "load_model", "make_optimizer", "model_params", "objective",
-    "train_model", "trainable",
+    "train_model", "trainable", "training_meta",
 ]

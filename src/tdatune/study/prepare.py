@@ -12,8 +12,15 @@ import torch
 from tdatune.attributors.base import AttributionContext
 from tdatune.data.base import Splits
 from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig, build_ground_truth
+from tdatune.models.identity import task_identity
 from tdatune.models.task import Task
-from tdatune.models.training import TrainFunction, TrainRecipe, TrainResult, train_model
+from tdatune.models.training import (
+    TrainFunction,
+    TrainRecipe,
+    TrainResult,
+    check_checkpoint_dir,
+    train_model,
+)
 from tdatune.settings.registry import Setting, get_setting
 from tdatune.utils.device import resolve_device
 
@@ -60,6 +67,53 @@ class Prepared(TrainedSetting):
     groundtruth: GroundTruth | None = None
 
 
+def build_setting(
+    name: str, *, seed: int = 0, data_dir: str | None = None,
+    sizes: tuple[int, int, int] | None = None, task_options: dict[str, Any] | None = None,
+    load_options: dict[str, Any] | None = None,
+) -> tuple[Setting, Splits, Task]:
+    """The setting ``name`` with its data loaded and its task made (nothing trained)."""
+    setting = get_setting(name)
+    splits, task = setting.build(seed=seed, data_dir=data_dir, sizes=sizes,
+                                 task_options=task_options, load_options=load_options)
+    return setting, splits, task
+
+
+def setting_identity(splits: Splits, task: Task, recipe: TrainRecipe | TrainFunction,
+                     seed: int) -> dict[str, Any]:
+    """Everything a trained setting's numbers depend on, read off the resolved objects: the
+    task's every field with the model's architecture, the recipe or training function with its
+    options, the seed and the contents of every split."""
+    return {"task": task_identity(task), "recipe": recipe.to_dict(), "seed": seed,
+            **{f"{part}_fingerprint": getattr(splits, part).fingerprint()
+               for part in ("train", "val", "test")}}
+
+
+def train_built(
+    setting: Setting, splits: Splits, task: Task, directory: str | Path, *, seed: int = 0,
+    device: str | torch.device | None = "auto", show_progress: bool = True,
+    recipe_overrides: dict[str, Any] | None = None, say: Any = print,
+) -> TrainedSetting:
+    """Train a built setting into ``directory/checkpoints`` (resumed or reused when already
+    there; a directory of another training run is refused naming what differs)."""
+    from dataclasses import replace
+
+    directory = Path(directory)
+    dev = resolve_device(device)
+    recipe = replace(setting.recipe, **(recipe_overrides or {}))
+    checkpoints = directory / "checkpoints"
+    check_checkpoint_dir(checkpoints, task, splits.train, recipe, seed)
+    say(_training_message(setting.name, len(splits.train), splits.source, recipe, checkpoints))
+    trained = train_model(task, splits.train, recipe, seed, device=dev,
+                          checkpoint_dir=checkpoints, show_progress=show_progress)
+    context = AttributionContext(
+        task, splits.train, trained.checkpoints, weight_decay=recipe.weight_decay,
+        learning_rates=epoch_learning_rates(recipe, len(splits.train)), device=dev,
+        show_progress=show_progress,
+    )
+    return TrainedSetting(setting, splits, task, recipe, trained, context)
+
+
 def train_setting(
     name: str, directory: str | Path, *, seed: int = 0, data_dir: str | None = None,
     sizes: tuple[int, int, int] | None = None, device: str | torch.device | None = "auto",
@@ -68,24 +122,10 @@ def train_setting(
 ) -> TrainedSetting:
     """Build ``name`` (with model / data option overrides) and train it into
     ``directory/checkpoints`` (resumed or reused when already there)."""
-    from dataclasses import replace
-
-    directory = Path(directory)
-    dev = resolve_device(device)
-    setting = get_setting(name)
-    splits, task = setting.build(seed=seed, data_dir=data_dir, sizes=sizes,
-                                 task_options=task_options, load_options=load_options)
-    recipe = replace(setting.recipe, **(recipe_overrides or {}))
-    say(_training_message(setting.name, len(splits.train), splits.source, recipe,
-                          directory / "checkpoints"))
-    trained = train_model(task, splits.train, recipe, seed, device=dev,
-                          checkpoint_dir=directory / "checkpoints", show_progress=show_progress)
-    context = AttributionContext(
-        task, splits.train, trained.checkpoints, weight_decay=recipe.weight_decay,
-        learning_rates=epoch_learning_rates(recipe, len(splits.train)), device=dev,
-        show_progress=show_progress,
-    )
-    return TrainedSetting(setting, splits, task, recipe, trained, context)
+    setting, splits, task = build_setting(name, seed=seed, data_dir=data_dir, sizes=sizes,
+                                          task_options=task_options, load_options=load_options)
+    return train_built(setting, splits, task, directory, seed=seed, device=device,
+                       show_progress=show_progress, recipe_overrides=recipe_overrides, say=say)
 
 
 def setting_groundtruth(

@@ -14,6 +14,7 @@ import numpy as np
 
 from tdatune.study.figures import all_figures, write_csv
 from tdatune.study.results import SweepResults, default_value, load_results
+from tdatune.study.sweep import cell_thresholds
 from tdatune.utils.atomic import atomic_write_text
 
 SENSITIVE = 0.1  # an LDS range this large is called sensitive (bold in the report)
@@ -180,7 +181,7 @@ def _selection_tables(results: SweepResults, sel: list[dict[str, Any]]) -> list[
     if len(spec.thresholds) > 1 or quantiles:
         lines += ["", "### Gap to the grid best, by rule (over every cell above)", "",
                   "| rule | mean gap | median gap | max gap |", "|---|---|---|---|"]
-        rules = [(f"surrogate ξ ≥ {x:g}", f"lds@{x:g}") for x in spec.thresholds]
+        rules = [(f"surrogate ξ ≥ {x:g}", f"lds@{x:g}") for x in cell_thresholds(spec)]
         rules += [(f"quantile q = {q}", f"lds@q{q}") for q in quantiles]
         for name, key in rules:
             gaps = np.array([r["best_lds"] - r[key] for r in sel if key in r])
@@ -212,6 +213,14 @@ def _problems(results: SweepResults) -> list[str]:
         lines += ["", f"Not shown: {len(results.stale)} cell(s) whose definition changed since they "
                   f"were computed and {len(results.missing)} never run; rerun `tdatune sweep` on this "
                   "directory to compute them."]
+    if results.damaged:
+        lines += ["", "Damaged cell files (unreadable; rerun `tdatune sweep` to recompute them): "
+                  + "; ".join(f"`{d}`" for d in results.damaged)]
+    if results.legacy:
+        lines += ["", f"{len(results.legacy)} cell(s) were computed by an older tdatune (cell "
+                  "format 2) that did not record the trained model and ground truth they came "
+                  "from; every field they did record matches the spec. `tdatune sweep` on this "
+                  "directory records today's."]
     if results.orphans:
         lines += ["", f"Ignored: {len(results.orphans)} file(s) in `cells/` that belong to no cell of "
                   "the current spec (left from an earlier spec)."]

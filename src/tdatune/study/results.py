@@ -22,7 +22,7 @@ from tdatune.study.spec import (
     plain,
     spec_from_dict,
 )
-from tdatune.study.sweep import Cell, CellStore, expand_cells
+from tdatune.study.sweep import Cell, CellStore, expand_cells, recorded_inputs
 from tdatune.utils.atomic import read_json
 
 
@@ -56,6 +56,8 @@ class SweepResults:
     missing: list[str]                                # cell ids never run
     orphans: list[str]                                # files in cells/ that no current cell owns
     experiments: list[SubExperiment]
+    damaged: list[str] = field(default_factory=list)  # cell files that could not be read: why
+    legacy: list[str] = field(default_factory=list)   # cell ids of format 2 (inputs unrecorded)
 
     def cell(self, cell_id: str) -> dict[str, Any] | None:
         """A usable cell by id."""
@@ -73,26 +75,34 @@ def load_results(out: str | Path) -> SweepResults:
         raise FileNotFoundError(f"{out} holds no sweep.json; run `tdatune sweep SPEC --out {out}` "
                                 "first")
     spec = spec_from_dict(read_json(spec_path))
-    store = CellStore(out, spec)
-    cells, failed, stale, missing = [], [], [], []
+    store = CellStore(out, spec, inputs=recorded_inputs(out, spec))
+    cells, failed, stale, missing, damaged, legacy = [], [], [], [], [], []
     owned = set()
     for cell in expand_cells(spec):
         owned.add(f"{cell.cell_id}.json")
-        state, _ = store.state(cell)
-        if state == "done":
+        state, detail = store.state(cell)
+        if state in ("done", "legacy"):
             cells.append(store.load(cell))
+            if state == "legacy":
+                legacy.append(cell.cell_id)
         elif state == "failed":
             failed.append(store.load(cell))
-        elif state in ("changed", "unreadable"):
+        elif state == "changed":
             stale.append(cell.cell_id)
+        elif state == "unreadable":
+            stale.append(cell.cell_id)
+            damaged.append(f"{store.path(cell)}: {detail}")
         else:
             missing.append(cell.cell_id)
     orphans = sorted(p.name for p in store.dir.glob("*.json") if p.name not in owned) \
         if store.dir.exists() else []
     if not cells and not failed:
-        raise FileNotFoundError(f"{out}/cells holds no finished cell of this sweep; run the sweep "
-                                "first")
-    results = SweepResults(out, spec, cells, failed, stale, missing, orphans, [])
+        why = ("; damaged (rerun `tdatune sweep` on this directory to recompute them): "
+               + "; ".join(damaged)) if damaged else ""
+        raise FileNotFoundError(f"{out}/cells holds no finished cell of this sweep{why}; run the "
+                                "sweep first" if not damaged else
+                                f"{out}/cells holds no readable finished cell of this sweep{why}")
+    results = SweepResults(out, spec, cells, failed, stale, missing, orphans, [], damaged, legacy)
     results.experiments = [sub for s in spec.settings for m in spec.methods if m.runs_on(s.label)
                            for sub in _experiments(results, s.label, m)]
     return results

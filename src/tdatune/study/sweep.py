@@ -17,6 +17,7 @@ process, a local process pool or on a Ray cluster, with the same results.
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -27,11 +28,20 @@ from typing import Any
 import torch
 
 from tdatune.attributors.registry import make_attributor
-from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig
+from tdatune.data.base import Splits
+from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig, manifest_for
 from tdatune.evaluate.lds import lds, lds_path
+from tdatune.models.task import Task
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
-from tdatune.study.prepare import TrainedSetting, setting_groundtruth, train_setting
+from tdatune.settings.registry import Setting
+from tdatune.study.prepare import (
+    TrainedSetting,
+    build_setting,
+    setting_groundtruth,
+    setting_identity,
+    train_built,
+)
 from tdatune.study.spec import (
     SPECTRUM,
     MethodSpec,
@@ -44,7 +54,8 @@ from tdatune.study.spec import (
     sub_experiment_points,
 )
 from tdatune.utils.atomic import atomic_write_json, read_json
-from tdatune.utils.fingerprint import fingerprint_config
+from tdatune.utils.environment import numeric_environment
+from tdatune.utils.fingerprint import differences, fingerprint_config
 from tdatune.utils.progress import progress
 
 __all__ = ["BASELINE_QUANTILES", "CELL_FORMAT", "Cell", "CellStore", "expand_cells", "load_spec",
@@ -52,7 +63,21 @@ __all__ = ["BASELINE_QUANTILES", "CELL_FORMAT", "Cell", "CellStore", "expand_cel
 
 BASELINE_QUANTILES = (0.1, 0.5, 0.9)  # spectrum-quantile baselines recorded per eigen cell
 XI_POINTS = 60                        # points of the stored mean-xi curve
-CELL_FORMAT = 2                       # bump when what a cell file means changes
+CELL_FORMAT = 3                       # bump when what a cell file means changes
+# 3: ``inputs`` (the resolved trained setting and ground truth) in the definition; the
+# surrogate at the spec's threshold is picked when a cell is read, not stored
+_SPEC_LEVEL_IGNORED = ("format", "inputs")  # what a format-2 cell's definition lacks
+
+
+def cell_thresholds(spec: SweepSpec) -> list[float]:
+    """Every threshold a cell selects at: the spec's ``thresholds`` and its ``threshold``."""
+    return sorted({float(t) for t in spec.thresholds} | {float(spec.threshold)})
+
+
+def surrogate_of(record: dict[str, Any], threshold: float) -> dict[str, Any] | None:
+    """The selection at ``threshold`` among a cell's ``selections`` (None when absent)."""
+    return next((s for s in record.get("selections", [])
+                 if math.isclose(s["threshold"], threshold, rel_tol=1e-12)), None)
 
 
 @dataclass(frozen=True)
@@ -84,7 +109,7 @@ class Cell:
             "attributor": method.name, "fit": plain(self.fit),
             "score": [plain(s) for s in self.score], "lambdas": list(self.lambdas),
             "spectrum_grid": spec.grid_points if self.spectrum else None,
-            "thresholds": spec.thresholds if method.eigen else None,
+            "thresholds": cell_thresholds(spec) if method.eigen else None,
             "quantiles": list(BASELINE_QUANTILES) if method.eigen else None,
         }
 
@@ -136,7 +161,7 @@ def run_cell(trained: TrainedSetting, gt: GroundTruth, method: MethodSpec, cell:
     extra = (_score_eigen(att, test, val, gt, cell, spec) if method.eigen
              else _score_grid(att, test, gt, cell, trained.context.show_progress))
     return {"status": "ok", "fit_seconds": fit_seconds, "score_seconds": time.time() - t1,
-            "n_explained": len(test),
+            "n_explained": len(test), "environment": numeric_environment(trained.context.device),
             "data_source": trained.splits.source, "model_quality": trained.quality(), **extra}
 
 
@@ -156,7 +181,7 @@ def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
     except ValueError as err:  # e.g. an indefinite Hessian: xi is defined for PSD matrices
         extra["surrogate_error"] = str(err)
     else:
-        selections = [select_lambda(sigma_val, c_val, threshold=t) for t in spec.thresholds]
+        selections = [select_lambda(sigma_val, c_val, threshold=t) for t in cell_thresholds(spec)]
         lam_q = [quantile_lambda(sigma_val, q) for q in BASELINE_QUANTILES]
         xi_grid = default_lambda_grid(sigma_val, num=XI_POINTS)
         xi_mean, dropped = mean_indicator(sigma_val, c_val, xi_grid)
@@ -173,8 +198,6 @@ def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
     if selections:
         extra["selections"] = [{**s.to_dict(), "lds": r.mean, "sem": r.sem}
                                for s, r in zip(selections, tail, strict=False)]
-        extra["surrogate"] = next(s for s in extra["selections"]
-                                  if s["threshold"] == spec.threshold)
         extra["quantile_baselines"] = {str(q): [lam, r.mean] for q, lam, r in
                                        zip(BASELINE_QUANTILES, lam_q, tail[len(selections):],
                                            strict=True)}
@@ -210,30 +233,44 @@ def _score_grid(att: Any, test: Any, gt: GroundTruth, cell: Cell, show: bool) ->
 
 # -- the cell store ----------------------------------------------------------------------------
 
+Inputs = Callable[[Cell], "dict[str, Any] | None"]
+
+
 class CellStore:
     """The ``cells/`` directory: one JSON file per cell, written atomically, read back only when
-    its fingerprint matches the cell's current definition."""
+    its fingerprint matches the cell's current definition.
 
-    def __init__(self, out: Path, spec: SweepSpec) -> None:
+    ``inputs(cell)`` gives what the cell is computed from as resolved objects (the trained
+    setting's identity and the ground truth's manifest fingerprint; see
+    :meth:`Workspace.inputs`); it is part of the definition. Without it (or where it returns
+    None: a sweep directory copied without its ``settings/``) the inputs a cell recorded are
+    taken as they are."""
+
+    def __init__(self, out: Path, spec: SweepSpec, inputs: Inputs | None = None) -> None:
         self.dir = out / "cells"
         self.spec = spec
+        self.inputs = inputs
 
     def path(self, cell: Cell) -> Path:
         """The cell's file."""
         return self.dir / f"{cell.cell_id}.json"
 
-    def header(self, cell: Cell) -> dict[str, Any]:
+    def header(self, cell: Cell, stored_inputs: dict[str, Any] | None = None) -> dict[str, Any]:
         """What every record of ``cell`` starts with (identity, definition, fingerprint)."""
         method = self.spec.method(cell.method)
         setting = self.spec.setting(cell.setting)
         definition = cell.definition(self.spec)
+        inputs = self.inputs(cell) if self.inputs is not None else None
+        definition["inputs"] = inputs if inputs is not None else stored_inputs
         return {"cell_id": cell.cell_id, "fingerprint": fingerprint_config(definition),
                 "definition": definition, "setting": cell.setting, "setting_name": setting.name,
                 "method": cell.method, "attributor": method.name, "alpha": cell.alpha,
                 "fit": plain(cell.fit)}
 
     def state(self, cell: Cell) -> tuple[str, str]:
-        """(``done`` | ``failed`` | ``changed`` | ``missing`` | ``unreadable``, detail)."""
+        """(``done`` | ``legacy`` | ``failed`` | ``changed`` | ``missing`` | ``unreadable``,
+        detail). ``legacy``: a cell of format 2, which recorded no inputs, whose every recorded
+        field matches (usable; :meth:`upgrade` records the current inputs)."""
         path = self.path(cell)
         if not path.exists():
             return "missing", ""
@@ -241,10 +278,15 @@ class CellStore:
             stored = read_json(path)
         except (ValueError, OSError) as err:
             return "unreadable", str(err)
-        want = self.header(cell)
+        old = stored.get("definition", {})
+        want = self.header(cell, old.get("inputs"))
+        new = want["definition"]
         if stored.get("fingerprint") != want["fingerprint"]:
-            old, new = stored.get("definition", {}), want["definition"]
-            diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            diffs = differences(old, new)
+            if old.get("format") == 2 and all(d.split(".")[0] in _SPEC_LEVEL_IGNORED
+                                               for d in diffs):
+                return ("legacy", "") if stored.get("status") == "ok" else (
+                    "failed", str(stored.get("error", "")))
             return "changed", ", ".join(diffs) or "format"
         if stored.get("status") != "ok":
             return "failed", str(stored.get("error", ""))
@@ -254,9 +296,21 @@ class CellStore:
         """Write the cell's record atomically."""
         atomic_write_json(self.path(cell), {**self.header(cell), **result})
 
+    def upgrade(self, cell: Cell) -> None:
+        """Rewrite a ``legacy`` cell with the current header (its numbers kept)."""
+        stored = read_json(self.path(cell))
+        self.save(cell, {k: v for k, v in stored.items() if k not in self.header(cell)
+                         and k != "surrogate"})
+
     def load(self, cell: Cell) -> dict[str, Any]:
-        """The stored record of ``cell`` (with its file name)."""
-        return {**read_json(self.path(cell)), "file": f"cells/{cell.cell_id}.json"}
+        """The stored record of ``cell`` (with its file name), its ``surrogate`` the selection at
+        the spec's threshold."""
+        record = {**read_json(self.path(cell)), "file": f"cells/{cell.cell_id}.json"}
+        record.pop("surrogate", None)  # a format-2 cell stored the one of the threshold it ran at
+        chosen = surrogate_of(record, self.spec.threshold)
+        if chosen is not None:
+            record["surrogate"] = chosen
+        return record
 
 
 def failure_record(err: BaseException) -> dict[str, Any]:
@@ -290,7 +344,13 @@ class SweepOutcome:
 
 
 class Workspace:
-    """Trained settings and ground truths of a sweep directory, built once each, cached."""
+    """Trained settings and ground truths of a sweep directory, built once each, cached.
+
+    A setting is first *resolved* (data loaded, task made; cheap) so that its identity, read
+    off the resolved objects (:func:`~tdatune.study.prepare.setting_identity`), and its ground
+    truths' manifests are known before anything is trained; every cell records them as its
+    ``inputs``, so a changed model, loss, output, forward, training function or data makes the
+    cells that depend on it recompute."""
 
     def __init__(self, spec: SweepSpec, out: Path, device: str, show_progress: bool,
                  say: Callable[..., None], gt_backend: str = "auto",
@@ -298,33 +358,73 @@ class Workspace:
         self.spec, self.out, self.device = spec, out, device
         self.show, self.say = show_progress, say
         self.gt_backend, self.gt_options = gt_backend, gt_options
+        self._built: dict[str, tuple[Setting, Splits, Task]] = {}
+        self._identity: dict[str, dict[str, Any]] = {}
+        self._inputs: dict[tuple[str, float], dict[str, Any]] = {}
         self._trained: dict[str, TrainedSetting] = {}
         self._gts: dict[tuple[str, float], GroundTruth] = {}
 
     def setting_dir(self, setting: SettingSpec) -> Path:
         """``settings/<label>-<fingerprint of its definition>``."""
-        fp = fingerprint_config(setting.definition(self.spec.seed, self.spec.data_dir))[:8]
-        return self.out / "settings" / f"{setting.label}-{fp}"
+        return setting_dir(self.out, self.spec, setting)
+
+    def built(self, label: str) -> tuple[Setting, Splits, Task]:
+        """The setting with its data loaded and task made (nothing trained)."""
+        if label not in self._built:
+            s = self.spec.setting(label)
+            self._built[label] = build_setting(
+                s.name, seed=self.spec.seed, data_dir=self.spec.data_dir,
+                sizes=tuple(s.sizes) if s.sizes else None, task_options=s.model,
+                load_options=s.data)
+        return self._built[label]
+
+    def identity(self, label: str) -> dict[str, Any]:
+        """The resolved identity of a setting, also written to its ``identity.json``."""
+        if label not in self._identity:
+            _, splits, task = self.built(label)
+            s = self.spec.setting(label)
+            identity = setting_identity(splits, task, s.resolved_recipe(), self.spec.seed)
+            path = self.setting_dir(s) / IDENTITY_FILE
+            if not path.exists() or read_json(path) != identity:
+                atomic_write_json(path, identity)
+            self._identity[label] = identity
+        return self._identity[label]
+
+    def groundtruth_dir(self, label: str, alpha: float) -> Path:
+        """``<setting dir>/groundtruth-a<alpha>-<fingerprint of its configuration>``."""
+        return groundtruth_dir(self.out, self.spec, label, alpha)
+
+    def inputs(self, cell: Cell) -> dict[str, Any]:
+        """What the cell is computed from: the setting's identity and the ground truth's
+        manifest (fingerprints), and the model's class and size for a reader."""
+        key = (cell.setting, cell.alpha)
+        if key not in self._inputs:
+            identity = self.identity(cell.setting)
+            _, splits, task = self.built(cell.setting)
+            manifest = manifest_for(task, self.spec.setting(cell.setting).resolved_recipe(),
+                                    splits.train, splits.test,
+                                    groundtruth_config(self.spec, cell.alpha))
+            self._inputs[key] = cell_inputs(identity, fingerprint_config(manifest))
+        return self._inputs[key]
 
     def trained(self, label: str) -> TrainedSetting:
         """The trained setting (trained or resumed on first use)."""
         if label not in self._trained:
             s = self.spec.setting(label)
-            self._trained[label] = train_setting(
-                s.name, self.setting_dir(s), seed=self.spec.seed, data_dir=self.spec.data_dir,
-                sizes=tuple(s.sizes) if s.sizes else None, device=self.device,
-                show_progress=self.show, recipe_overrides=s.recipe, say=self.say,
-                task_options=s.model, load_options=s.data)
+            setting, splits, task = self.built(label)
+            self.identity(label)
+            self._trained[label] = train_built(
+                setting, splits, task, self.setting_dir(s), seed=self.spec.seed,
+                device=self.device, show_progress=self.show, recipe_overrides=s.recipe,
+                say=self.say)
         return self._trained[label]
 
     def groundtruth(self, label: str, alpha: float) -> GroundTruth:
         """The ground truth of a setting at ``alpha`` (built or resumed on first use)."""
         if (label, alpha) not in self._gts:
-            config = groundtruth_config(self.spec, alpha)
-            fp = fingerprint_config(asdict(config))[:8]
-            directory = self.setting_dir(self.spec.setting(label)) / f"groundtruth-a{alpha:g}-{fp}"
             self._gts[(label, alpha)] = setting_groundtruth(
-                self.trained(label), config, directory, show_progress=self.show, say=self.say,
+                self.trained(label), groundtruth_config(self.spec, alpha),
+                self.groundtruth_dir(label, alpha), show_progress=self.show, say=self.say,
                 backend=self.gt_backend, backend_options=self.gt_options)
         return self._gts[(label, alpha)]
 
@@ -336,6 +436,44 @@ class Workspace:
             return run_cell(trained, gt, self.spec.method(cell.method), cell, self.spec)
         except Exception as err:
             return failure_record(err)
+
+
+IDENTITY_FILE = "identity.json"
+
+
+def setting_dir(out: Path, spec: SweepSpec, setting: SettingSpec) -> Path:
+    """``settings/<label>-<fingerprint of its definition>`` of a sweep directory."""
+    fp = fingerprint_config(setting.definition(spec.seed, spec.data_dir))[:8]
+    return out / "settings" / f"{setting.label}-{fp}"
+
+
+def groundtruth_dir(out: Path, spec: SweepSpec, label: str, alpha: float) -> Path:
+    """Where a setting's ground truth at ``alpha`` lives in a sweep directory."""
+    fp = fingerprint_config(asdict(groundtruth_config(spec, alpha)))[:8]
+    return setting_dir(out, spec, spec.setting(label)) / f"groundtruth-a{alpha:g}-{fp}"
+
+
+def cell_inputs(identity: dict[str, Any], groundtruth: str) -> dict[str, Any]:
+    """A cell's ``inputs`` from its setting's identity and its ground truth's fingerprint."""
+    arch = identity["task"]["architecture"]
+    return {"setting": fingerprint_config(identity), "groundtruth": groundtruth,
+            "model": f"{arch['class']}, {arch['n_parameters']} parameters"}
+
+
+def recorded_inputs(out: Path, spec: SweepSpec) -> Inputs:
+    """``inputs`` of each cell as the sweep directory last resolved them (the setting's
+    ``identity.json`` and the ground truth's manifest), without loading any data; None where
+    they are not on disk (then a cell's own record is taken as it is)."""
+    def inputs(cell: Cell) -> dict[str, Any] | None:
+        ident = setting_dir(out, spec, spec.setting(cell.setting)) / IDENTITY_FILE
+        manifest = groundtruth_dir(out, spec, cell.setting, cell.alpha) / "manifest.json"
+        if not (ident.exists() and manifest.exists()):
+            return None
+        try:
+            return cell_inputs(read_json(ident), read_json(manifest)["fingerprint"])
+        except (ValueError, OSError, KeyError):
+            return None
+    return inputs
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
@@ -354,7 +492,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
         raise ValueError(f"unknown retrain backend {retrain_backend!r}; choose one of: "
                          f"{', '.join(RUNNERS)}")
     out = Path(out)
-    store = CellStore(out, spec)
+    gt_backend = "ray" if backend == "ray" and retrain_backend == "auto" else retrain_backend
+    gt_options = {"address": address} if gt_backend == "ray" else {}
+    work = Workspace(spec, out, device, show_progress, say, gt_backend, gt_options)
+    store = CellStore(out, spec, inputs=work.inputs)
     store.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sweep.json", spec.to_dict())
     cells = expand_cells(spec)
@@ -362,6 +503,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
     counts: dict[str, int] = {}
     for cell in cells:
         state, detail = store.state(cell)
+        if state == "legacy":
+            store.upgrade(cell)
+            say(f"  {cell.cell_id}: computed by cell format 2, which did not record the trained "
+                "model; every field it recorded matches, so it is kept with today's inputs")
+            state = "done"
         counts[state] = counts.get(state, 0) + 1
         if state == "done":
             continue
@@ -374,9 +520,6 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
             say(f"  {cell.cell_id}: stored file unreadable ({detail[:120]}); recomputing")
     say(f"sweep {spec.name}: {len(cells)} cells, {counts.get('done', 0)} already done, "
         f"{len(pending)} to run")
-    gt_backend = "ray" if backend == "ray" and retrain_backend == "auto" else retrain_backend
-    gt_options = {"address": address} if gt_backend == "ray" else {}
-    work = Workspace(spec, out, device, show_progress, say, gt_backend, gt_options)
     if backend == "local":
         # setting by setting: its training and ground truths, then its cells, so that the
         # results of the first settings are stored before the later ones are even trained
