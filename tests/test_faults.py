@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -258,32 +256,49 @@ def _chunk_state_saved(models: Path) -> bool:
     return state.exists() and not (models / f"m{subset:04d}_s{replicate}.npy").exists()
 
 
+# Installed only in the subprocess: a real SIGKILL of the process by itself at a defined point,
+# right after a write completes, so that what is on disk when it dies does not depend on timing.
+_KILL_HOOK = textwrap.dedent("""
+    import os, re, signal
+    from pathlib import Path
+    import tdatune.utils.atomic as atomic
+
+    _point, _count = os.environ["TDATUNE_TEST_KILL_AT"].split(":")
+    _real_write = atomic.atomic_write_bytes
+
+    def _write_then_maybe_die(path, data, **kwargs):
+        written = _real_write(path, data, **kwargs)
+        path = Path(path)
+        at = (re.fullmatch(r"m\\d+_s\\d+\\.npy", path.name) if _point == "model"
+              else path.name == ".batched_chunk.pt")
+        if at and len(list(path.parent.glob("m*_s*.npy"))) >= int(_count):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+
+    atomic.atomic_write_bytes = _write_then_maybe_die
+""")
+
+
 def _run_and_kill(out: Path, backend: str, subsets: int, kill_after: int,
-                  wait_for: Callable[[Path], bool] | None = None) -> int:
-    """Run the build in a subprocess and SIGKILL it once ``kill_after`` model files exist
-    (and ``wait_for(models_dir)`` holds); return how many model files existed then."""
+                  at: str = "model") -> int:
+    """Run the build in a subprocess that SIGKILLs itself at a defined point: right after the
+    ``kill_after``-th model file is stored (``at="model"``), or right after a chunk in flight
+    saves its state once ``kill_after`` model files exist (``at="chunk_state"``); return how
+    many model files existed then."""
     env = {**os.environ, "TDATUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
-           "TDATUNE_TEST_SAVE_EVERY_EPOCH": "1",
+           "TDATUNE_TEST_SAVE_EVERY_EPOCH": "1", "TDATUNE_TEST_KILL_AT": f"{at}:{kill_after}",
            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = _GT_BUILD + "\nimport sys\nbuild(*sys.argv[1:])\n"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out), backend, str(subsets)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    models = out / "models"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (models.exists() and len(list(models.glob("m*.npy"))) >= kill_after
-                and (wait_for is None or wait_for(models))):
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before it could be killed: " + \
-        proc.communicate()[1].decode()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    return len(list(models.glob("m*.npy")))
+    code = _GT_BUILD + _KILL_HOOK + "\nimport sys\nbuild(*sys.argv[1:])\n"
+    proc = subprocess.run([sys.executable, "-c", code, str(out), backend, str(subsets)],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run was not killed at its kill point (exit {proc.returncode}): "
+        + proc.stderr.decode()[-2000:])
+    return len(list((out / "models").glob("m*.npy")))
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run_exactly(tmp_path):
+    """Killed right after its third model is stored, a rerun equals an uninterrupted run."""
     subsets = 12
     killed = _run_and_kill(tmp_path / "killed", "sequential", subsets, kill_after=3)
     assert 3 <= killed < subsets
@@ -295,14 +310,16 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_exactly(tmp_path):
 
 
 def test_kill_9_during_batched_retraining_resumes_the_chunk_in_flight(tmp_path, capsys):
+    """Killed mid-chunk after a state save, a rerun resumes that chunk, bitwise as uninterrupted."""
     # Chunks of 3 models train together; the chunk in flight is recorded (and its state saved
     # every epoch here), so the rerun finishes that same chunk from its saved state and the
     # result equals an uninterrupted run bitwise.
     subsets = 12
     killed = _run_and_kill(tmp_path / "killed", "batched", subsets, kill_after=3,
-                           wait_for=_chunk_state_saved)
+                           at="chunk_state")
     assert 3 <= killed < subsets
     models = tmp_path / "killed" / "models"
+    assert _chunk_state_saved(models)
     assert (models / ".batched_chunk.json").exists()
     capsys.readouterr()
     resumed = _build_here(tmp_path / "killed", "batched", subsets)
