@@ -181,9 +181,6 @@ def test_lds_at_default_is_the_default_lambdas_row_not_the_best(swept: Path) -> 
     assert math.isnan(float(_sensitivity(swept, "iffim", "lam", 6)["lds_at_default"]))
 
 
-@pytest.mark.xfail(strict=True, reason="report.py sensitivity_rows skips a study default of None "
-                   "(`default is not None`), so IFFIM's default proj_dim (no projection) never "
-                   "gets an LDS at default")
 def test_lds_at_default_of_a_none_default(swept: Path) -> None:
     """proj_dim = [16, "none"]: the LDS at the default (no projection) is that cell's lam 1e-3 row."""
     cell = raw_cell(swept, "iffim", 0.5, None)

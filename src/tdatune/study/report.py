@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from tdatune.study.figures import all_figures, write_csv
-from tdatune.study.results import SweepResults, default_value, load_results
-from tdatune.study.sweep import cell_thresholds
+from tdatune.study.results import SweepResults, is_default, load_results
 from tdatune.utils.atomic import atomic_write_text
 
 SENSITIVE = 0.1  # an LDS range this large is called sensitive (bold in the report)
@@ -53,8 +52,9 @@ def sensitivity_rows(results: SweepResults) -> list[dict[str, Any]]:
         key = sub.keys[0]
         best = max(finite, key=lambda r: r["lds"])
         worst = min(finite, key=lambda r: r["lds"])
-        default = default_value(results.spec.method(sub.method), key)
-        at_default = [r["lds"] for r in finite if default is not None and r[key] == default]
+        method = results.spec.method(sub.method)
+        at_default = [r["lds"] for r in finite
+                      if is_default(results.spec, sub.setting, method, key, r[key])]
         out.append({"setting": sub.setting, "method": sub.method, "hyperparameter": key,
                     "values": len(finite), "lds_min": worst["lds"], "lds_max": best["lds"],
                     "range": best["lds"] - worst["lds"], "best_at": best[key], "worst_at": worst[key],
@@ -181,7 +181,7 @@ def _selection_tables(results: SweepResults, sel: list[dict[str, Any]]) -> list[
     if len(spec.thresholds) > 1 or quantiles:
         lines += ["", "### Gap to the grid best, by rule (over every cell above)", "",
                   "| rule | mean gap | median gap | max gap |", "|---|---|---|---|"]
-        rules = [(f"surrogate ξ ≥ {x:g}", f"lds@{x:g}") for x in cell_thresholds(spec)]
+        rules = [(f"surrogate ξ ≥ {x:g}", f"lds@{x:g}") for x in spec.thresholds]
         rules += [(f"quantile q = {q}", f"lds@q{q}") for q in quantiles]
         for name, key in rules:
             gaps = np.array([r["best_lds"] - r[key] for r in sel if key in r])

@@ -154,3 +154,15 @@ def default_value(method: MethodSpec, key: str) -> Any:
     if key == EPOCH:
         return -1
     return method.base_values().get(key)
+
+
+def is_default(spec: SweepSpec, setting: str, method: MethodSpec, key: str, value: Any) -> bool:
+    """Whether ``value`` of a varied key is the study default on ``setting``: the sweep's alpha,
+    the last checkpoint for ``epoch`` (-1 or its index), else the method's base value (None, e.g.
+    no projection, included)."""
+    if key == ALPHA:
+        return value is not None and math.isclose(float(value), spec.groundtruth.alpha)
+    if key == EPOCH:
+        epochs = getattr(spec.setting(setting).resolved_recipe(), "epochs", None)
+        return value == -1 or (epochs is not None and value == epochs - 1)
+    return _axis_value(method.base_values().get(key)) == value
