@@ -86,6 +86,9 @@ def test_the_figure_marks_the_spec_threshold_not_the_first_one(out):
     assert sorted(by_t) == [0.4, 0.5, 0.6]
     assert by_t[0.4] != by_t[0.5]
     assert _marker_lambda(out) == pytest.approx(by_t[0.5], rel=1e-12)
+    env = raw["environment"]
+    assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__
+    assert f"threads {torch.get_num_threads()}" in (out / "report.md").read_text()
 
 
 def test_changing_only_the_default_threshold_marks_the_new_one(out, tmp_path):

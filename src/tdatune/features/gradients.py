@@ -18,6 +18,14 @@ from tdatune.utils.checks import check_choice, check_finite_rows
 from tdatune.utils.progress import progress
 
 GRADIENT_TARGETS = ("loss", "output")
+_VMAP_FIX = (
+    "per-example gradients call the model on one example at a time under torch.func.vmap, "
+    "and its forward used a tensor's value in Python control flow (an `if` on a tensor, "
+    ".item(), .all()), which vmap cannot do. Hugging Face models do this with a 2-D "
+    "attention_mask; give forward=, a module-level function that hands the model a 4-D "
+    "additive mask instead, e.g. model(input_ids=x['input_ids'], attention_mask=(1.0 - "
+    "x['attention_mask'][:, None, None, :].float()) * torch.finfo(torch.float32).min), or no "
+    "mask when nothing is padded")
 
 
 def num_params(params: Params) -> int:
@@ -77,7 +85,13 @@ def iter_per_example_grads(
         # Gradients are data here: no graph back to parameters outside ``params`` (grad
         # transforms ignore an outer no_grad, so the per-example gradients are unaffected).
         with torch.no_grad():
-            flatten(per_example(detached, x, y), names, dest.shape[0], out=dest)
+            try:
+                grads = per_example(detached, x, y)
+            except RuntimeError as exc:
+                if "vmap" in str(exc) and "control flow" in str(exc):
+                    raise RuntimeError(f"{task.name}: {_VMAP_FIX}") from exc
+                raise
+            flatten(grads, names, dest.shape[0], out=dest)
         return True
 
     compute = generic

@@ -6,20 +6,64 @@ task may use any callable of that form instead (see :class:`tdatune.models.task.
 Classification: ``logits`` [B, C], ``targets`` [B]. Sequences: ``logits`` [B, T, V],
 ``targets`` [B, T]; the loss is the mean token cross-entropy of the block and every output
 function is the negative of that loss (as in the language-model benchmarks of the literature).
+
+Hugging Face models: the built-in functions take a ``ModelOutput`` (or any object with a
+``logits`` attribute, or a mapping with a ``"logits"`` entry) as the outputs and read its
+logits, and a dict batch with a ``"labels"`` entry as the targets and read the labels, so a
+``BertForSequenceClassification`` fed ``{"input_ids", "attention_mask", "labels"}`` needs no
+``forward=`` and no loss of its own. transformers is never imported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 OutputFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+_LOGITS_FIX = ("give forward=, a module-level function (model, x) -> model(**x).logits (or "
+               "whatever tensor your model's output holds), or a loss / output callable that "
+               "takes your model's outputs")
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The tensor a built-in loss or output reads: ``outputs`` itself, or the ``logits`` of a
+    Hugging Face ``ModelOutput`` (an attribute ``.logits`` or a mapping entry ``"logits"``)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    found = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    if isinstance(found, torch.Tensor):
+        return found
+    what = type(outputs).__name__
+    if isinstance(outputs, Mapping):
+        what += f" with keys {list(outputs)[:6]}"
+    elif isinstance(outputs, (tuple, list)):
+        what += f" of {len(outputs)}"
+    raise TypeError(f"the built-in losses and outputs need the model's logits: a tensor, or an "
+                    f"output with a 'logits' tensor (a Hugging Face ModelOutput); the model "
+                    f"returned {what}. Fix: {_LOGITS_FIX}")
+
+
+def labels_of(targets: Any) -> torch.Tensor:
+    """The targets a built-in loss or output compares with: ``targets`` itself, or the
+    ``"labels"`` entry of a dict batch (the Hugging Face convention)."""
+    if isinstance(targets, torch.Tensor):
+        return targets
+    if isinstance(targets, Mapping) and isinstance(targets.get("labels"), torch.Tensor):
+        return targets["labels"]
+    what = (f"a dict batch with keys {list(targets)[:6]}" if isinstance(targets, Mapping)
+            else type(targets).__name__)
+    raise TypeError(f"the built-in losses and outputs need the targets: a tensor, or a dict batch "
+                    f"with a 'labels' entry; got {what}. Fix: name the labels 'labels', or give "
+                    "a loss / output callable (outputs, batch) -> [B] that picks them out")
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-example cross-entropy; mean over tokens for sequences. Shape [B]."""
+    logits, targets = logits_of(logits), labels_of(targets)
     if logits.dim() == 3:
         tok = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return tok.mean(dim=1)
@@ -28,6 +72,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Correct-class margin log(p_y / (1 - p_y)) = z_y - logsumexp_{k != y} z_k (stable form)."""
+    logits, targets = logits_of(logits), labels_of(targets)
     if logits.dim() == 3:
         return -cross_entropy(logits, targets)
     correct = logits.gather(1, targets[:, None]).squeeze(1)
@@ -37,6 +82,7 @@ def margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Correct-class probability p_y."""
+    logits, targets = logits_of(logits), labels_of(targets)
     if logits.dim() == 3:
         return torch.exp(-cross_entropy(logits, targets))
     return torch.softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
@@ -54,6 +100,7 @@ def loss_output(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def prediction(outputs: torch.Tensor, targets: object = None) -> torch.Tensor:
     """The model's scalar prediction per example (outputs [B] or [B, 1]): regression."""
+    outputs = logits_of(outputs)
     if outputs.dim() == 2 and outputs.shape[1] == 1:
         return outputs[:, 0]
     if outputs.dim() != 1:
@@ -65,6 +112,7 @@ def prediction(outputs: torch.Tensor, targets: object = None) -> torch.Tensor:
 
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-example squared error, averaged over any non-example axes (regression loss)."""
+    outputs, targets = logits_of(outputs), labels_of(targets)
     if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
         outputs = outputs[..., 0]
     if outputs.shape != targets.shape:

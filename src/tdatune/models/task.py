@@ -29,6 +29,7 @@ from tdatune.models.outputs import (
     cross_entropy,
     get_loss_fn,
     get_output_fn,
+    logits_of,
     probability,
 )
 from tdatune.utils.checks import check_class_targets
@@ -252,6 +253,9 @@ def check_task(task: Task, data: ArrayDataset, *, model: nn.Module | None = None
         with torch.no_grad():
             outputs = task.call(model, params, x)
     except Exception as exc:
+        # A model that takes the batch's 'labels' itself (a Hugging Face model computing its
+        # own loss) fails on a label out of range: name the example, not the model's error.
+        _check_labels_without_them(task, model, params, data, x, what)
         raise ValueError(
             f"{task.name}: the model cannot take a batch of the {what}: {how} on "
             f"{data.slice(0, b).describe()} raised {type(exc).__name__}: {exc}. Fix: give "
@@ -264,6 +268,8 @@ def check_task(task: Task, data: ArrayDataset, *, model: nn.Module | None = None
         # Every label, not only the probe's: a label 12 for 10 classes anywhere in the data.
         check_class_targets(f"{task.name}: the {what} targets", data.targets,
                             int(outputs.shape[-1]))
+    else:
+        _check_batch_labels(task, outputs, data, x, what)
     for label, fn, fix in (
         ("loss", task.loss_fn, "return the per-example losses (e.g. reduction='none', and a "
                                "mean over any other axes), not their mean or sum"),
@@ -289,6 +295,50 @@ def check_task(task: Task, data: ArrayDataset, *, model: nn.Module | None = None
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{task.name}: the {label} function {name} returned non-finite "
                              f"values on the first {b} examples of the {what}: {value.tolist()}")
+
+
+def _batch_labels(task: Task, data: ArrayDataset, x: Tree) -> torch.Tensor | None:
+    """The integer ``'labels'`` entry of a dict batch when it holds class indices for this
+    task: read by the built-in cross-entropy, or handed to the model itself (no custom
+    forward), as Hugging Face models take them. None otherwise."""
+    inputs = data.inputs
+    if not isinstance(inputs, Mapping) or not isinstance(inputs.get("labels"), torch.Tensor):
+        return None
+    builtin = task.loss_fn is cross_entropy and data.whole_batch
+    to_model = task.forward is None and isinstance(x, Mapping) and "labels" in x
+    labels = inputs["labels"]
+    if not (builtin or to_model) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        return None
+    return labels
+
+
+def _check_batch_labels(task: Task, outputs: Any, data: ArrayDataset, x: Tree, what: str) -> None:
+    """Every class label of a dict batch's ``'labels'`` against the number of logits, naming
+    the first example out of range (a label 12 for 10 classes, or -1)."""
+    labels = _batch_labels(task, data, x)
+    if labels is None:
+        return
+    try:
+        logits = logits_of(outputs)
+    except TypeError:
+        return
+    if logits.dim() == labels.dim() + 1:
+        check_class_targets(f"{task.name}: the {what} 'labels'", labels, int(logits.shape[-1]))
+
+
+def _check_labels_without_them(task: Task, model: nn.Module, params: Params, data: ArrayDataset,
+                               x: Tree, what: str) -> None:
+    """After the model failed on a dict batch that hands it ``'labels'``: call it without them
+    and check every label against its logits (returns quietly when that does not apply)."""
+    if task.forward is not None or not isinstance(x, Mapping) or "labels" not in x:
+        return
+    try:
+        with torch.no_grad():
+            outputs = task.call(model, params, {k: v for k, v in x.items() if k != "labels"})
+    except Exception:
+        return
+    _check_batch_labels(task, outputs, data, x, what)
 
 
 def _describe_any(value: Any) -> str:

@@ -4,6 +4,7 @@ Algorithm 1, on the validation set), and return the scores with the selection's 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ class AttributionResult:
 
 
 def attribute(
-    task: Task, train: Any, explained: Any, *, val: Any, checkpoints: Any = None,
+    task: Task, train: Any, explained: Any, *, val: Any = None, checkpoints: Any = None,
     training: TrainRecipe | TrainFunction | None = None, attributor: str = "iffim",
     params: dict[str, Any] | None = None, lam: float | None = None, threshold: float = 0.5,
     weight_decay: float | None = None, learning_rates: list[float] | None = None,
@@ -67,14 +68,28 @@ def attribute(
     state dict, a path, or a list of them, last = trained model) or ``training`` (a
     :class:`TrainRecipe` or your :class:`TrainFunction`) to train here. ``weight_decay`` is
     the L2 coefficient of your training objective (default: the training recipe's, else 0).
-    ``lam`` skips the selection (TracIn has no lambda). ``plot`` writes a PNG of mean xi
-    against lambda.
+    ``lam`` skips the selection (TracIn has no lambda), and ``val`` is needed only for the
+    selection. ``plot`` writes a PNG of mean xi against lambda.
     The attributor must be eigen-based for the selection: iffim, if_explicit, trak or logra.
+    TracIn weighs each checkpoint by its ``learning_rates`` (from ``training`` when given);
+    without them every checkpoint weighs 1, with a warning.
     """
-    train_d, val_d, explained_d = (as_dataset(d) for d in (train, val, explained))
+    train_d, explained_d = as_dataset(train), as_dataset(explained)
+    val_d = None if val is None else as_dataset(val)
     for what, data in (("training data", train_d), ("validation set", val_d),
                        ("explained examples", explained_d)):
-        check_task(task, data, what=what)
+        if data is not None:
+            check_task(task, data, what=what)
+    att = make_attributor(attributor, **(params or {}))
+    damped = "lam" in att.spec()
+    if lam is None and damped:
+        if not hasattr(att, "lambda_path"):
+            raise ValueError(f"{attributor} is not eigen-based, so lambda cannot be selected "
+                             "without retraining; use iffim, if_explicit, trak or logra, or "
+                             "pass lam=")
+        if val_d is None:
+            raise ValueError(f"{attributor} selects lambda on a validation set: give val= "
+                             "(examples not in the training data), or lam= to skip the selection")
     if checkpoints is not None:
         states: list[Params] = as_checkpoints(task, checkpoints)
     elif training is not None:
@@ -89,14 +104,15 @@ def attribute(
     context = AttributionContext(task, train_d, states, weight_decay=weight_decay,
                                  learning_rates=learning_rates, device=device,
                                  show_progress=show_progress)
-    att = make_attributor(attributor, **(params or {})).fit(context)
+    if learning_rates is None and hasattr(att, "learning_rate"):
+        warnings.warn(
+            f"{attributor} weighs each checkpoint's gradient products by the learning rate in "
+            f"force at it, but none were given, so all {len(states)} checkpoint(s) weigh 1; pass "
+            "learning_rates= (one per checkpoint) or training= to weigh them as TracIn does",
+            UserWarning, stacklevel=2)
+    att.fit(context)
     selection = None
-    damped = "lam" in att.spec()
-    if lam is None and damped:
-        if not hasattr(att, "lambda_path"):
-            raise ValueError(f"{attributor} is not eigen-based, so lambda cannot be selected "
-                             "without retraining; use iffim, if_explicit, trak or logra, or "
-                             "pass lam=")
+    if lam is None and damped and val_d is not None:  # (val_d is given: checked above)
         sigma, c_val = att.surrogate_spectrum(val_d)
         grid = default_lambda_grid(sigma, num=81, below=1e-2, above=1e2)
         selection = select_lambda(sigma, c_val, threshold=threshold, grid=grid)

@@ -152,6 +152,12 @@ def _overview(results: SweepResults) -> list[str]:
                      f"{'/'.join(map(str, definition['sizes']))} | {s.recipe or '—'} | "
                      f"{s.model or '—'} | {_num(quality.get(s.label, {}).get('test_accuracy'))} | "
                      f"{_num(quality.get(s.label, {}).get('test_loss'))} |")
+    envs = sorted({", ".join(f"{k} {e[k]}" for k in ("torch", "threads", "blas", "cpu_capability",
+                                                        "device") if k in e)
+                   for c in cells if (e := c.get("environment"))})
+    if envs:
+        lines += ["", "Numeric environment of the cells (not part of their identity; a chaotic "
+                  "model's numbers move with the thread count): " + "; ".join(envs) + "."]
     seconds = sum(c.get("fit_seconds", 0) + c.get("score_seconds", 0) for c in cells)
     lines += ["", f"Attribution time over all current cells: {seconds:.0f} s (fit + score; "
               "training and ground truth not included).", ""]

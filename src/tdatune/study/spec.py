@@ -40,7 +40,7 @@ EPOCH = "epoch"        # the checkpoint an attributor reads (checkpoint / checkp
 ALPHA = "alpha"        # the ground truth's subset fraction
 TOP_KEYS = ("name", "settings", "methods", "groundtruth", "sizes", "recipes", "seed", "threshold",
             "thresholds", "grid_points", "data_dir")
-SETTING_KEYS = ("name", "task", "label", "sizes", "recipe", "model", "data")
+SETTING_KEYS = ("name", "task", "label", "sizes", "recipe", "model", "data", "data_dir")
 METHOD_KEYS = ("name", "label", "defaults", "vary", "fit", "score", "explain", "settings")
 
 
@@ -52,7 +52,8 @@ def is_eigen(cls: type[Attributor]) -> bool:
 @dataclass
 class SettingSpec:
     """One benchmark setting (built-in name or ``package.module:function``) at chosen sizes,
-    recipe, model and data options; ``label`` names it in the sweep."""
+    recipe, model and data options; ``label`` names it in the sweep. ``data_dir``, when
+    given, replaces the sweep's top-level ``data_dir`` for this setting."""
 
     name: str
     label: str = ""
@@ -60,9 +61,14 @@ class SettingSpec:
     recipe: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
+
+    def resolved_data_dir(self, data_dir: str | None) -> str | None:
+        """This setting's data directory: its own, else the sweep's ``data_dir``."""
+        return self.data_dir if self.data_dir is not None else data_dir
 
     def setting(self) -> Setting:
         """The registered setting this entry builds on."""
@@ -73,12 +79,13 @@ class SettingSpec:
         return replace(self.setting().recipe, **self.recipe)
 
     def definition(self, seed: int, data_dir: str | None) -> dict[str, Any]:
-        """Everything that defines the trained model and its data (fingerprinted)."""
+        """Everything that defines the trained model and its data (fingerprinted);
+        ``data_dir`` is the sweep's, replaced by this setting's own when it has one."""
         setting = self.setting()
         load, task = setting.resolved_options(task_options=self.model, load_options=self.data)
         return {"name": self.name, "sizes": list(self.sizes or setting.sizes),
                 "recipe": self.resolved_recipe().to_dict(), "model": task, "data": load,
-                "seed": seed, "data_dir": data_dir}
+                "seed": seed, "data_dir": self.resolved_data_dir(data_dir)}
 
 
 @dataclass
@@ -317,7 +324,8 @@ def _setting_entry(entry: Any, top_sizes: dict[str, Any], top_recipes: dict[str,
                        recipe=_table(entry.get("recipe", top_recipes.get(label, {})),
                                      f"recipe of {label}"),
                        model=_table(entry.get("model", {}), f"model of {label}"),
-                       data=_table(entry.get("data", {}), f"data of {label}"))
+                       data=_table(entry.get("data", {}), f"data of {label}"),
+                       data_dir=_data_dir(entry.get("data_dir"), label))
     if spec.sizes is not None:
         sizes = spec.sizes
         if (not isinstance(sizes, list) or len(sizes) != 3
@@ -333,6 +341,15 @@ def _setting_entry(entry: Any, top_sizes: dict[str, Any], top_recipes: dict[str,
     check_options(f"model options of {label}", spec.model, setting.make_task, setting.task_options)
     check_options(f"data options of {label}", spec.data, setting.load, setting.load_options)
     return spec
+
+
+def _data_dir(value: Any, label: str) -> str | None:
+    """A [[settings]] entry's ``data_dir``: a path string (None when not given)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"data_dir of {label} must be a path string, got {value!r}")
+    return value
 
 
 def check_options(what: str, values: dict[str, Any], func: Any, known: dict[str, Any]) -> None:

@@ -373,7 +373,7 @@ class Workspace:
         if label not in self._built:
             s = self.spec.setting(label)
             self._built[label] = build_setting(
-                s.name, seed=self.spec.seed, data_dir=self.spec.data_dir,
+                s.name, seed=self.spec.seed, data_dir=s.resolved_data_dir(self.spec.data_dir),
                 sizes=tuple(s.sizes) if s.sizes else None, task_options=s.model,
                 load_options=s.data)
         return self._built[label]
