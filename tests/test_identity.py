@@ -306,20 +306,8 @@ def test_a_format_1_manifest_is_upgraded_only_when_every_field_matches(tmp_path)
 
 # -- a training function must train on what it is given -------------------------------------------
 
-def train_everything(data, seed):
-    """Ignores the subset it is given: trains on a fixed data set."""
-    model = linear()
-    full = _data(16, 0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        cross_entropy(model(full.inputs), full.targets).mean().backward()
-        opt.step()
-    return model
-
-
-def train_given(data, seed):
-    """Trains on the subset it is given."""
+def _fit(data) -> nn.Module:
+    """Three full-batch SGD steps of a fresh linear model on ``data``."""
     model = linear()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
@@ -327,6 +315,16 @@ def train_given(data, seed):
         cross_entropy(model(data.inputs), data.targets).mean().backward()
         opt.step()
     return model
+
+
+def train_everything(data, seed):
+    """Ignores the subset it is given: trains on a fixed data set."""
+    return _fit(_data(16, 0))
+
+
+def train_given(data, seed):
+    """Trains on the subset it is given."""
+    return _fit(data)
 
 
 def test_a_training_function_that_ignores_its_data_is_refused(tmp_path):
