@@ -69,11 +69,6 @@ CELL_FORMAT = 3                       # bump when what a cell file means changes
 _SPEC_LEVEL_IGNORED = ("format", "inputs")  # what a format-2 cell's definition lacks
 
 
-def cell_thresholds(spec: SweepSpec) -> list[float]:
-    """Every threshold a cell selects at: the spec's ``thresholds`` and its ``threshold``."""
-    return sorted({float(t) for t in spec.thresholds} | {float(spec.threshold)})
-
-
 def surrogate_of(record: dict[str, Any], threshold: float) -> dict[str, Any] | None:
     """The selection at ``threshold`` among a cell's ``selections`` (None when absent)."""
     return next((s for s in record.get("selections", [])
@@ -109,7 +104,7 @@ class Cell:
             "attributor": method.name, "fit": plain(self.fit),
             "score": [plain(s) for s in self.score], "lambdas": list(self.lambdas),
             "spectrum_grid": spec.grid_points if self.spectrum else None,
-            "thresholds": cell_thresholds(spec) if method.eigen else None,
+            "thresholds": spec.thresholds if method.eigen else None,
             "quantiles": list(BASELINE_QUANTILES) if method.eigen else None,
         }
 
@@ -181,7 +176,7 @@ def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
     except ValueError as err:  # e.g. an indefinite Hessian: xi is defined for PSD matrices
         extra["surrogate_error"] = str(err)
     else:
-        selections = [select_lambda(sigma_val, c_val, threshold=t) for t in cell_thresholds(spec)]
+        selections = [select_lambda(sigma_val, c_val, threshold=t) for t in spec.thresholds]
         lam_q = [quantile_lambda(sigma_val, q) for q in BASELINE_QUANTILES]
         xi_grid = default_lambda_grid(sigma_val, num=XI_POINTS)
         xi_mean, dropped = mean_indicator(sigma_val, c_val, xi_grid)
