@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tdatune.models.task import Task, callable_name
-from tdatune.utils.fingerprint import fingerprint_config
+from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
 
 IDENTITY_FORMAT = 1  # bump when what the identity records changes
 # Hugging Face config entries that say where or with what a model was saved, not what it is.
@@ -62,8 +62,6 @@ def describe_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [describe_value(v) for v in value]
     if isinstance(value, torch.Tensor):
-        from tdatune.utils.fingerprint import fingerprint_tensors
-
         return f"tensor {list(value.shape)} {fingerprint_tensors(value)}"
     return json.loads(json.dumps(value, default=repr))
 

@@ -97,11 +97,12 @@ def load_results(out: str | Path) -> SweepResults:
     orphans = sorted(p.name for p in store.dir.glob("*.json") if p.name not in owned) \
         if store.dir.exists() else []
     if not cells and not failed:
-        why = ("; damaged (rerun `tdatune sweep` on this directory to recompute them): "
-               + "; ".join(damaged)) if damaged else ""
-        raise FileNotFoundError(f"{out}/cells holds no finished cell of this sweep{why}; run the "
-                                "sweep first" if not damaged else
-                                f"{out}/cells holds no readable finished cell of this sweep{why}")
+        if damaged:
+            raise FileNotFoundError(
+                f"{out}/cells holds no readable finished cell of this sweep; damaged (rerun "
+                f"`tdatune sweep` on this directory to recompute them): {'; '.join(damaged)}")
+        raise FileNotFoundError(f"{out}/cells holds no finished cell of this sweep; run the sweep "
+                                "first")
     results = SweepResults(out, spec, cells, failed, stale, missing, orphans, [], damaged, legacy)
     results.experiments = [sub for s in spec.settings for m in spec.methods if m.runs_on(s.label)
                            for sub in _experiments(results, s.label, m)]

@@ -293,9 +293,10 @@ class CellStore:
 
     def upgrade(self, cell: Cell) -> None:
         """Rewrite a ``legacy`` cell with the current header (its numbers kept)."""
-        stored = read_json(self.path(cell))
-        self.save(cell, {k: v for k, v in stored.items() if k not in self.header(cell)
-                         and k != "surrogate"})
+        header = self.header(cell)
+        kept = {k: v for k, v in read_json(self.path(cell)).items()
+                if k not in header and k != "surrogate"}
+        atomic_write_json(self.path(cell), {**header, **kept})
 
     def load(self, cell: Cell) -> dict[str, Any]:
         """The stored record of ``cell`` (with its file name), its ``surrogate`` the selection at
