@@ -93,6 +93,25 @@ class LambdaPath:
         b = self.project_masks(masks) if projected is None else projected
         return torch.stack([self.sign * (self._weighted(float(x)) @ b.T) for x in lam])
 
+    def block_sizes(self) -> list[int]:
+        """Eigenvalue counts of the path's blocks, in order (one block for a single path)."""
+        return [int(self.sigma.numel())]
+
+    def blockwise_predictions(self, masks: torch.Tensor, block_lambdas: Sequence[float],
+                              projected: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted subset sums [m, M] with one damping per block (``block_lambdas[b]`` added
+        to every eigenvalue of block b): per-module damping on a block-diagonal matrix."""
+        sizes = self.block_sizes()
+        if len(block_lambdas) != len(sizes):
+            raise ValueError(f"the path has {len(sizes)} blocks but {len(block_lambdas)} "
+                             "block lambdas were given")
+        lam = torch.repeat_interleave(torch.tensor([float(x) for x in block_lambdas],
+                                                   dtype=torch.float64), torch.tensor(sizes))
+        for x in block_lambdas:
+            check_path_lambdas(self.sigma, float(x))
+        b = self.project_masks(masks) if projected is None else projected
+        return self.sign * ((self.explained_coords / (self.sigma + lam)) @ b.T)
+
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma, explained_coords) for the surrogate indicator; needs a PSD spectrum."""
         if bool((self.sigma < 0).any()):
@@ -134,3 +153,7 @@ class EnsembleLambdaPath(LambdaPath):
         )
         self.members = members
         self.weights = w
+
+    def block_sizes(self) -> list[int]:
+        """One block per member path."""
+        return [int(m.sigma.numel()) for m in self.members]

@@ -29,6 +29,10 @@ def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=1, help="retraining seeds per subset (averaged)")
     p.add_argument("--threshold", type=float, default=0.5, help="surrogate threshold (default 0.5)")
     p.add_argument("--grid-points", type=int, default=41, help="lambda grid size for the curve")
+    p.add_argument("--calibrate", type=int, default=None, metavar="K",
+                   help="also choose lambda with K <= 10 retrained models (the first K subsets "
+                        "of the ground truth, reused when on disk): the grid lambda with the "
+                        "highest LDS on them")
     add_backend_options(p)
 
 
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, device=args.device, show_progress=not args.quiet,
         backend=args.backend, backend_options=backend_options(args), sizes=request.sizes,
         recipe_overrides=request.recipe_overrides, task_options=request.task_options,
-        load_options=request.load_options,
+        load_options=request.load_options, calibrate=args.calibrate,
     )
     summary = run_lambda_study(config, args.out)
     result = args.out / config.result_name()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tdatune.study.report import write_report
@@ -26,6 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how ground-truth subset models are retrained (auto: batched where it "
                         "reproduces one-at-a-time training, on Ray with --backend ray)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    s.add_argument("--seed", type=int, default=None,
+                   help="training seed of every setting, instead of the spec's `seed` (run one "
+                        "sweep directory per seed to judge rules over independently trained "
+                        "models)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=sweep)
 
@@ -45,6 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def sweep(args: argparse.Namespace) -> int:
     """Run the sweep, then write its report; exit 1 when any cell failed (one line each)."""
     spec = load_spec(args.spec)
+    if args.seed is not None:
+        spec = replace(spec, seed=args.seed)
     say = (lambda *a: None) if args.quiet else print
     outcome = run_sweep(spec, args.out, backend=args.backend, address=args.address,
                         device=args.device, show_progress=not args.quiet, say=say,

@@ -16,9 +16,16 @@ import torch
 from tdatune import __version__
 from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
 from tdatune.evaluate.groundtruth import GroundTruthConfig
+from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_lambda
 from tdatune.evaluate.lds import lds_path
 from tdatune.select.quantile import quantile_lambda
-from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
+from tdatune.select.reliability import reliability
+from tdatune.select.surrogate import (
+    default_lambda_grid,
+    mean_indicator,
+    select_lambda,
+    surrogate_indicator,
+)
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
 from tdatune.study.spec import is_eigen
@@ -50,9 +57,15 @@ class LambdaStudyConfig:
     recipe_overrides: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     load_options: dict[str, Any] = field(default_factory=dict)
+    calibrate: int | None = None  # K retrained models choose lambda (the first K subsets)
 
     def __post_init__(self) -> None:
         check_open_unit("threshold", self.threshold)
+        if self.calibrate is not None and not (
+                3 <= self.calibrate <= min(MAX_CALIBRATION_MODELS, self.n_subsets)):
+            raise ValueError(
+                f"--calibrate K needs 3 <= K <= {MAX_CALIBRATION_MODELS} and K <= the number of "
+                f"retrained subsets ({self.n_subsets}); got {self.calibrate}")
         check_open_unit("subset fraction alpha", self.alpha)
         for q in self.quantiles:
             check_open_unit("quantile q", q)
@@ -117,6 +130,10 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     baselines = {str(q): [lam, res.mean] for q, lam, res in
                  zip(config.quantiles, lam_q, results[len(grid) + 1 :], strict=True)}
     best = int(np.nanargmax([c.mean for c in curve]))
+    xi_rows = surrogate_indicator(sigma, c_val, selection.grid).numpy()
+    trust = reliability(selection.grid.numpy(), xi_rows, config.threshold, selection.lam,
+                        float(sigma.max()))
+    calibrated = _calibrate(config.calibrate, test_path, gt, grid, curve) if config.calibrate else None
 
     summary = {
         "setting": setting.name,
@@ -127,6 +144,8 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         "lds_selected": lds_sel.mean,
         "lds_selected_sem": lds_sel.sem,
         "selection": selection.to_dict(),
+        "reliability": trust.to_dict(),
+        "calibrated": calibrated,
         "lambda_best": float(grid[best]),
         "lds_best": curve[best].mean,
         "lds_smallest_lambda": curve[0].mean,
@@ -159,8 +178,32 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         best=float(grid[best]), baselines={q: tuple(v) for q, v in baselines.items()},
         threshold=config.threshold,
         title=f"{setting.name} / {config.attributor}: LDS and surrogate xi vs lambda",
+        note=reliability_note(trust.to_dict()),
+        calibrated=None if calibrated is None else (calibrated["lambda"], calibrated["lds"]),
     )
     return summary
+
+
+def reliability_note(trust: dict[str, Any]) -> str:
+    """One line on how far to trust the selection."""
+    head = (f"xi slope {trust['slope']:.2f}/decade, crossings spread {trust['spread']:.1f} dec, "
+            f"{trust['distance']:.1f} dec from 0.01 x top")
+    return head + (": UNSURE" if trust["unsure"] else ": consistent")
+
+
+def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[Any]
+               ) -> dict[str, Any]:
+    """Lambda chosen by the first ``k`` retrained subsets; its LDS on all subsets and on the
+    subsets it did not see."""
+    outputs = np.asarray(gt.mean_outputs)
+    lam, _ = calibrate_lambda(test_path, gt.masks[:k], outputs[:k], grid)
+    i = int(torch.argmin((grid - lam).abs()))
+    out: dict[str, Any] = {"k": k, "lambda": lam, "lds": curve[i].mean}
+    if gt.masks.shape[0] - k >= 3:
+        rest = lds_path(test_path, gt.masks[k:], outputs[k:], grid)
+        values = [r.mean for r in rest]
+        out |= {"lds_unseen": values[i], "lds_best_unseen": float(np.nanmax(values))}
+    return out
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -180,7 +223,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for q, (lam, value) in summary["baselines"].items():
         lines.append(f"{'spectrum quantile q=' + q:<26} {lam:>11.3e} {value:>11.4f}")
+    cal = summary.get("calibrated")
+    if cal:
+        lines.append(f"{'calibrated, ' + str(cal['k']) + ' retrained':<26} {cal['lambda']:>11.3e} "
+                     f"{cal['lds']:>11.4f}")
     sel = summary["selection"]
     lines += ["", f"selection: {sel['status']}, {sel['n_used']} validation examples used, "
               f"{sel['n_dropped']} dropped (xi undefined); {summary['seconds']:.1f} s"]
+    trust = summary.get("reliability")
+    if trust:
+        lines.append("reliability: " + reliability_note(trust))
+        lines += [f"  - {reason}" for reason in trust["reasons"]]
+        if trust["unsure"]:
+            lines.append("  check the LDS along lambda with a few retrained models "
+                         "(--calibrate K) before trusting this lambda")
+    if cal and "lds_unseen" in cal:
+        lines.append(f"calibrated on the first {cal['k']} subsets; on the other "
+                     f"{summary['n_subsets'] - cal['k']}: LDS {cal['lds_unseen']:.4f} "
+                     f"(their grid best {cal['lds_best_unseen']:.4f})")
     return "\n".join(lines)

@@ -31,9 +31,12 @@ def plot_lambda_curve(
     path: str | Path, lambdas: Sequence[float], lds: Sequence[float], lds_sem: Sequence[float],
     xi_mean: Sequence[float], *, selected: float, lds_selected: float, best: float,
     baselines: dict[str, tuple[float, float]], threshold: float, title: str,
+    note: str | None = None, calibrated: tuple[float, float] | None = None,
 ) -> Path:
     """LDS (with a standard-error band) and mean xi against lambda on a log axis, with the
-    selected lambda, the grid best and the quantile baselines marked."""
+    selected lambda, the grid best and the quantile baselines marked; ``note`` (the selection's
+    reliability) is written under the title, ``calibrated`` (lambda, LDS) marks a few-retrain
+    selection."""
     import numpy as np
 
     plt = _pyplot()
@@ -54,6 +57,9 @@ def plot_lambda_curve(
     ax.axvline(selected, color="tab:green", lw=2,
                label=f"selected {selected:.2e} (LDS {lds_selected:.3f})")
     ax.axvline(best, color="black", ls=":", lw=1.5, label=f"grid best {best:.2e}")
+    if calibrated is not None:
+        ax.axvline(calibrated[0], color="tab:purple", ls="-.", lw=1.5,
+                   label=f"calibrated {calibrated[0]:.2e} (LDS {calibrated[1]:.3f})")
     for q, (lam_q, _lds_q) in baselines.items():
         ax.axvline(lam_q, color="gray", ls="--", lw=0.8)
         ax.annotate(f"q={q}", (lam_q, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
@@ -62,5 +68,5 @@ def plot_lambda_curve(
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower left",
               bbox_to_anchor=(0.0, 0.12))
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title if note is None else f"{title}\n{note}", fontsize=10 if note is None else 8)
     return save_figure(fig, path)

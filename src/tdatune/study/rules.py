@@ -20,6 +20,7 @@ import numpy as np
 
 from tdatune.study.figures import write_csv
 from tdatune.study.report import selection_rows
+from tdatune.study.rule_compare import comparison_lines
 from tdatune.study.results import load_results
 from tdatune.utils.atomic import atomic_write_text
 from tdatune.utils.fingerprint import fingerprint_config
@@ -30,7 +31,12 @@ def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
     whose selection was already seen in an earlier directory (same setting, ground truth,
     attributor, fit values, grid and rules; the extra lambdas a cell scores do not matter) is
     counted once, under the first study."""
-    rows, seen = [], set()
+    return collect_cells(dirs)[0]
+
+
+def collect_cells(dirs: list[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The selection rows of :func:`collect` and, in the same order, their cell records."""
+    rows, cells, seen = [], [], set()
     for d in dirs:
         results = load_results(d)
         by_file = {c["file"]: c for c in results.cells}
@@ -43,10 +49,11 @@ def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
             seen.add(key)
             source = cell.get("data_source", "").split(" (")[0]
             rows.append({"study": results.spec.name, **row, "source": source})
+            cells.append(cell)
     if not rows:
         raise ValueError("no cell with a spectrum grid and a surrogate selection in "
                          + ", ".join(map(str, dirs)))
-    return rows
+    return rows, cells
 
 
 def thresholds_of(rows: list[dict[str, Any]]) -> list[float]:
@@ -121,7 +128,7 @@ def leave_one_setting_out(rows: list[dict[str, Any]], thresholds: list[float],
 
 def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -> Path:
     """Write ``rules.md`` and ``rules.csv`` (one row per cell) into ``out``; return the .md."""
-    rows = collect(dirs)
+    rows, cells = collect_cells(dirs)
     thresholds, quantiles = thresholds_of(rows), quantiles_of(rows)
     if default not in thresholds:
         raise ValueError(f"the default threshold {default:g} was not scored in every sweep "
@@ -169,6 +176,7 @@ def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -
         dft = float(np.mean([r["gap_default"] for r in loso]))
         lines += ["", f"Mean over the {len(loso)} settings left out: calibrated {cal:.3f}, "
                   f"default {dft:.3f}."]
+    lines += [""] + comparison_lines(cells)
     path = out / "rules.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -35,6 +35,7 @@ from tdatune.models.task import Task
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
 from tdatune.settings.registry import Setting
+from tdatune.study.diagnosis import diagnose
 from tdatune.study.prepare import (
     TrainedSetting,
     build_setting,
@@ -182,6 +183,11 @@ def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
         xi_mean, dropped = mean_indicator(sigma_val, c_val, xi_grid)
         extra["xi_curve"] = {"lambdas": xi_grid.tolist(), "xi_mean": xi_mean.tolist(),
                              "n_dropped": dropped, "top_eigenvalue": float(sigma_val.max())}
+        try:
+            extra |= diagnose(test_path, att.lambda_path(val), gt, grid, selections, xi_grid,
+                              spec.threshold, blockwise=att.name == "logra")
+        except (ValueError, RuntimeError) as err:  # the LDS grid stands without the diagnosis
+            extra["diagnosis_error"] = f"{type(err).__name__}: {err}"
     extras = torch.tensor([s.lam for s in selections] + lam_q, dtype=torch.float64)
     results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([grid, explicit, extras]))
     rows = [{"lam": lam, "lds": r.mean, "sem": r.sem, "spectrum": True}

@@ -1,0 +1,98 @@
+"""What an eigen cell records beyond its LDS grid, so that selection rules can be compared
+and diagnosed from stored cells without refitting anything.
+
+- ``spectrum_stats``: eigenvalue quantiles (q = 0.05, 0.10, ..., 0.95) and the mean eigenvalue
+  of the validation spectrum, so every fixed-quantile and every c x mean / c x top rule can be
+  scored by interpolating the cell's LDS grid in log lambda.
+- ``condition``: every link of the selection's derivation measured against the ground truth
+  along the LDS grid (``tdatune.evaluate.condition``), and the selection's error split into
+  decades.
+- ``calibration``: the out-of-sample gaps of selecting with K retrained models, over many
+  draws of K of the ground truth's subsets.
+- ``reliability``: the retraining-free signals of each selection (``tdatune.select.reliability``).
+- ``blockwise``: for a path of several blocks (LoGra's layers), LDS with one damping per block,
+  by Kronfluence's heuristic (0.1 x the block's mean eigenvalue) and by xi on each block's own
+  coordinates.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import torch
+
+from tdatune.attributors.lambda_path import LambdaPath
+from tdatune.evaluate.calibrate import calibration_draws
+from tdatune.evaluate.condition import condition_curves, decompose
+from tdatune.evaluate.groundtruth import GroundTruth
+from tdatune.evaluate.lds import spearman_rows
+from tdatune.select.reliability import reliability
+from tdatune.select.surrogate import ZERO_RTOL, Selection, select_lambda, surrogate_indicator
+
+STAT_QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))
+CALIBRATION_K = (3, 5, 10)
+CALIBRATION_DRAWS = 100
+BLOCK_HEURISTIC = 0.1  # Kronfluence's damping: 0.1 x the mean eigenvalue of each module
+
+
+def spectrum_stats(sigma: torch.Tensor) -> dict[str, Any]:
+    """Quantiles of the non-zero eigenvalues and their mean and maximum."""
+    s = sigma.double()
+    nonzero = s[s > ZERO_RTOL * float(s.max())]
+    qs = torch.quantile(nonzero, torch.tensor(STAT_QUANTILES, dtype=torch.float64))
+    return {"quantiles": {f"{q:g}": float(v) for q, v in zip(STAT_QUANTILES, qs, strict=True)},
+            "mean": float(s.mean()), "mean_nonzero": float(nonzero.mean()), "top": float(s.max())}
+
+
+def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid: torch.Tensor,
+             selections: list[Selection], xi_grid: torch.Tensor, threshold: float,
+             blockwise: bool = False) -> dict[str, Any]:
+    """The diagnosis blocks of one eigen cell (``condition`` is left out, with the reason under
+    ``condition_error``, where the path is not a single Fisher eigenbasis; ``blockwise`` only
+    when asked for and the path has several blocks)."""
+    out: dict[str, Any] = {"spectrum_stats": spectrum_stats(val_path.sigma)}
+    outputs = np.asarray(gt.mean_outputs, dtype=np.float64)
+    sigma_val, c_val = val_path.sigma, val_path.explained_coords
+    xi_rows = surrogate_indicator(sigma_val, c_val, xi_grid).numpy()
+    out["reliability"] = {f"{s.threshold:g}": reliability(
+        xi_grid.numpy(), xi_rows, s.threshold, s.lam, float(sigma_val.max())).to_dict()
+        for s in selections}
+    if len(grid):
+        chosen = next((s for s in selections if s.threshold == threshold), None)
+        try:
+            curves = condition_curves(test_path, gt.masks, outputs, grid)
+        except ValueError as err:
+            out["condition_error"] = str(err)
+        else:
+            out["condition"] = {"curves": curves.to_dict(),
+                                **({"decomposition": decompose(curves, chosen.lam)}
+                                   if chosen is not None else {})}
+        preds = test_path.subset_predictions(gt.masks, grid).numpy()
+        total = preds.shape[2]
+        out["calibration"] = {str(k): calibration_draws(preds, outputs, k, CALIBRATION_DRAWS,
+                                                        seed=k).tolist()
+                              for k in CALIBRATION_K if k <= total - 3}
+    if blockwise and len(test_path.block_sizes()) > 1:
+        out["blockwise"] = _blockwise(test_path, val_path, gt, threshold)
+    return out
+
+
+def _blockwise(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth,
+               threshold: float) -> dict[str, Any]:
+    """LDS with one damping per block: Kronfluence's heuristic and xi per block."""
+    edges = np.cumsum([0, *val_path.block_sizes()])
+    heuristic, by_xi = [], []
+    for lo, hi in itertools.pairwise(edges):
+        sigma = val_path.sigma[lo:hi]
+        heuristic.append(BLOCK_HEURISTIC * float(sigma.mean()))
+        by_xi.append(select_lambda(sigma, val_path.explained_coords[:, lo:hi],
+                                   threshold=threshold).lam)
+    projected = test_path.project_masks(gt.masks)
+    outputs = np.asarray(gt.mean_outputs, dtype=np.float64).T
+    result: dict[str, Any] = {"blocks": len(heuristic)}
+    for name, lams in (("heuristic", heuristic), ("xi", by_xi)):
+        preds = test_path.blockwise_predictions(gt.masks, lams, projected).numpy()
+        result[name] = {"lambdas": lams, "lds": float(np.nanmean(spearman_rows(preds, outputs)))}
+    return result
