@@ -109,7 +109,7 @@ def test_the_decomposition_telescopes_to_the_total_error():
     cur = condition_curves(path, masks, outputs, np.logspace(-4, 1, 25))
     parts = decompose(cur, selected=2e-3)
     assert parts["total"] == pytest.approx(math.log10(2e-3 / parts["lambda_best_spearman"]))
-    assert sum(parts[k] for k in ("condition", "population", "spearman")) \
+    assert sum(parts[k] for k in ("condition", "collapse", "sampling", "spearman")) \
         == pytest.approx(parts["total"])
     if not math.isnan(parts["threshold"]):
         assert parts["threshold"] + parts["cauchy_schwarz"] == pytest.approx(parts["condition"])

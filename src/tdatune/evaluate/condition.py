@@ -185,25 +185,34 @@ def first_crossing(lambdas: np.ndarray, values: np.ndarray, level: np.ndarray | 
 
 def decompose(curves: ConditionCurves, selected: float) -> dict[str, float]:
     """The selection's error, log10(selected / best Spearman lambda), split into links that
-    telescope to it: ``condition`` (selected against the zero of (*): the constant threshold
-    and the Cauchy-Schwarz slack together), ``population`` (the zero of (*) against the sample
-    Pearson optimum) and ``spearman`` (sample Pearson against Spearman optimum). Where mean xi
-    crosses the measured corr_B, ``condition`` is split further into ``threshold`` and
-    ``cauchy_schwarz``. ``oracle_threshold`` is the mean xi at the best Spearman lambda: the
-    threshold that would have selected it."""
+    telescope to it:
+
+    - ``condition``: selected against the zero of (*) (the constant threshold and the
+      Cauchy-Schwarz slack together; split into ``threshold`` and ``cauchy_schwarz`` where
+      mean xi crosses the measured corr_B);
+    - ``collapse``: the zero of (*) against the optimum of the population Pearson LDS (the
+      variance collapse sum_i g_i = 0 that (*) assumes);
+    - ``sampling``: population against sample Pearson optimum (M subsets, not the population);
+    - ``spearman``: sample Pearson against Spearman optimum.
+
+    ``oracle_threshold`` is the mean xi at the best Spearman lambda: the threshold that would
+    have selected it."""
     lam = curves.lambdas
     at_corr = first_crossing(lam, curves.xi, curves.corr_b)        # xi reaches corr_B
     falls = np.nonzero(curves.rises < 0.5)[0]                      # (*) turns negative for most
     star_zero = float(lam[int(falls[0])]) if falls.size else float(lam[-1])
+    best_population = float(lam[int(np.nanargmax(curves.population))])
     best_pearson = float(lam[int(np.nanargmax(curves.pearson))])
     i_best = int(np.nanargmax(curves.spearman))
     best_spearman = float(lam[i_best])
     lg = math.log10
     out = {"lambda_xi_at_corr": at_corr, "lambda_star_zero": star_zero,
-           "lambda_best_pearson": best_pearson, "lambda_best_spearman": best_spearman,
-           "oracle_threshold": float(curves.xi[i_best]),
+           "lambda_best_population": best_population, "lambda_best_pearson": best_pearson,
+           "lambda_best_spearman": best_spearman, "oracle_threshold": float(curves.xi[i_best]),
            "total": lg(selected / best_spearman), "condition": lg(selected / star_zero),
-           "population": lg(star_zero / best_pearson), "spearman": lg(best_pearson / best_spearman),
+           "collapse": lg(star_zero / best_population),
+           "sampling": lg(best_population / best_pearson),
+           "spearman": lg(best_pearson / best_spearman),
            "threshold": math.nan, "cauchy_schwarz": math.nan}
     if not math.isnan(at_corr):
         out |= {"threshold": lg(selected / at_corr), "cauchy_schwarz": lg(at_corr / star_zero)}

@@ -72,7 +72,7 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
         preds = test_path.subset_predictions(gt.masks, grid).numpy()
         total = preds.shape[2]
         out["calibration"] = {str(k): calibration_draws(preds, outputs, k, CALIBRATION_DRAWS,
-                                                        seed=k).tolist()
+                                                        seed=k)
                               for k in CALIBRATION_K if k <= total - 3}
     if blockwise and len(test_path.block_sizes()) > 1:
         out["blockwise"] = _blockwise(test_path, val_path, gt, threshold)

@@ -15,8 +15,8 @@ import torch
 
 from tdatune import __version__
 from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
-from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_lambda
+from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.lds import lds_path
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.reliability import reliability

@@ -235,14 +235,21 @@ def _calibration_lines(cells: list[Cell], by_family: np.ndarray, fams: list[str]
     ks = sorted({int(k) for i in with_cal for k in cells[i]["calibration"]})
     lines = ["", "## Few retrained models (`--calibrate K`)", "",
              "K of the ground truth's subsets drawn at random (100 draws per cell): lambda = the "
-             "grid point with the highest LDS on those K, its gap measured on the other subsets. "
+             "grid point with the highest LDS on those K (`argmax`), or on its three-point "
+             "moving average along the grid (`smoothed`, what `--calibrate` does); its gap is "
+             "measured on the other subsets. "
              "Per family: mean over cells of the median draw / worst draw over all cells.", "",
-             "| K | cells | all | " + " | ".join(fams) + " |", "|---|---|---|" + "---|" * len(fams)]
-    for k in ks:
+             "| K, selection | cells | all | " + " | ".join(fams) + " |",
+             "|---|---|---|" + "---|" * len(fams)]
+    for variant, k in [(v, k) for v in ("argmax", "smoothed") for k in ks]:
         med = np.full(len(cells), math.nan)
         worst = np.full(len(cells), math.nan)
         for i in with_cal:
             draws = cells[i]["calibration"].get(str(k))
+            if isinstance(draws, dict):  # raw and smoothed selections: the product's is smoothed
+                draws = draws.get(variant)
+            elif variant != "argmax":
+                draws = None
             if draws:
                 med[i], worst[i] = float(np.median(draws)), float(np.max(draws))
 
@@ -250,7 +257,8 @@ def _calibration_lines(cells: list[Cell], by_family: np.ndarray, fams: list[str]
             m, w = med[mask], worst[mask]
             ok = np.isfinite(m)
             return "–" if not ok.any() else f"{m[ok].mean():.3f} / {w[ok].max():.3f}"
-        lines.append(f"| {k} | {int(np.isfinite(med).sum())} | {col(np.ones(len(cells), bool))} | "
+        lines.append(f"| {k}, {variant} | {int(np.isfinite(med).sum())} | "
+                     f"{col(np.ones(len(cells), bool))} | "
                      + " | ".join(col(by_family == f) for f in fams) + " |")
     return lines
 
@@ -287,18 +295,19 @@ def _diagnosis_lines(cells: list[Cell]) -> list[str]:
     lines = ["", "## Where the selection's error comes from", "",
              "Per setting, medians over its cells (log10 decades; positive: the selection lies "
              "above). `condition`: selected lambda against the zero of the exact condition (*) "
-             "(the constant threshold and the Cauchy-Schwarz slack together); `population`: the "
-             "zero of (*) against the sample-Pearson optimum (the population-Pearson and "
-             "sum g_i = 0 approximations); `spearman`: Pearson against Spearman optimum. "
+             "(the constant threshold and the Cauchy-Schwarz slack together); `collapse`: the "
+             "zero of (*) against the population-Pearson optimum (the variance collapse "
+             "sum_i g_i = 0 that (*) assumes); `sampling`: population against sample-Pearson "
+             "optimum over the M subsets; `spearman`: Pearson against Spearman optimum. "
              "Oracle threshold: mean xi (explained examples) at the best lambda. corr_B "
              "measurable: fraction of explained examples whose split-half r^T B r is positive "
              "at the best lambda.", "",
-             "| setting | cells | total | condition | population | spearman | oracle threshold "
-             "(min – max) | corr_B measurable |", "|---|---|---|---|---|---|---|---|"]
+             "| setting | cells | total | condition | collapse | sampling | spearman | oracle "
+             "threshold (min – max) | corr_B measurable |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in sorted({setting_key(c) for c in diag}):
         group = [c for c in diag if setting_key(c) == setting]
-        parts = {k: np.median([c["condition"]["decomposition"][k] for c in group])
-                 for k in ("total", "condition", "population", "spearman")}
+        parts = {k: np.median([c["condition"]["decomposition"].get(k, math.nan) for c in group])
+                 for k in ("total", "condition", "collapse", "sampling", "spearman")}
         oracle = [c["condition"]["decomposition"]["oracle_threshold"] for c in group]
         measurable = []
         for c in group:
@@ -306,8 +315,9 @@ def _diagnosis_lines(cells: list[Cell]) -> list[str]:
             i = int(np.nanargmax(cur["spearman"]))
             measurable.append(cur["corr_b_defined"][i])
         lines.append(f"| {setting} | {len(group)} | {parts['total']:+.2f} | "
-                     f"{parts['condition']:+.2f} | {parts['population']:+.2f} | "
-                     f"{parts['spearman']:+.2f} | {np.median(oracle):.2f} ({min(oracle):.2f} – "
+                     f"{parts['condition']:+.2f} | {parts['collapse']:+.2f} | "
+                     f"{parts['sampling']:+.2f} | {parts['spearman']:+.2f} | "
+                     f"{np.median(oracle):.2f} ({min(oracle):.2f} – "
                      f"{max(oracle):.2f}) | {np.mean(measurable):.2f} |")
     return lines
 

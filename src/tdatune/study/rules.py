@@ -20,8 +20,8 @@ import numpy as np
 
 from tdatune.study.figures import write_csv
 from tdatune.study.report import selection_rows
-from tdatune.study.rule_compare import comparison_lines
 from tdatune.study.results import load_results
+from tdatune.study.rule_compare import comparison_lines
 from tdatune.utils.atomic import atomic_write_text
 from tdatune.utils.fingerprint import fingerprint_config
 
@@ -176,7 +176,7 @@ def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -
         dft = float(np.mean([r["gap_default"] for r in loso]))
         lines += ["", f"Mean over the {len(loso)} settings left out: calibrated {cal:.3f}, "
                   f"default {dft:.3f}."]
-    lines += [""] + comparison_lines(cells)
+    lines += ["", *comparison_lines(cells)]
     path = out / "rules.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
