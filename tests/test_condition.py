@@ -43,7 +43,8 @@ def test_curves_match_dense_kernel_algebra():
     np.fill_diagonal(C, pi - pi * pi)
     for li, lam in enumerate(lams):
         B = np.linalg.inv(K + lam * np.eye(n))
-        want = {k: [] for k in ("corr", "xi", "rise", "pop", "sp", "pe")}
+        P = np.eye(n) - np.ones((n, n)) / n
+        want = {k: [] for k in ("corr", "xi", "rise", "pop", "sp", "pe", "rise_c", "xi_c")}
         for j in range(m):
             s = (G @ V[j]).numpy()
             f = outputs[:, j]
@@ -59,6 +60,9 @@ def test_curves_match_dense_kernel_algebra():
             want["xi"].append(s @ B @ B @ s / math.sqrt((s @ B @ s) * (s @ B @ B @ B @ s)))
             star = (s @ B @ r) * (s @ B @ B @ B @ s) - (s @ B @ B @ r) * (s @ B @ B @ s)
             want["rise"].append(float(star > 0))
+            bpb, bpb2 = s @ B @ P @ B @ s, s @ B @ P @ B @ B @ s
+            want["rise_c"].append(float((s @ B @ r) * bpb2 - (s @ B @ B @ r) * bpb > 0))
+            want["xi_c"].append(math.sqrt(s @ B @ B @ B @ s) * bpb / (math.sqrt(s @ B @ s) * bpb2))
             tau = -B @ s
             want["pop"].append(tau @ b / math.sqrt((tau @ C @ tau) * f.var(ddof=1)))
             pred = X @ tau
@@ -67,6 +71,8 @@ def test_curves_match_dense_kernel_algebra():
         assert cur.corr_b[li] == pytest.approx(np.nanmean(want["corr"]), abs=1e-9)
         assert cur.xi[li] == pytest.approx(np.mean(want["xi"]), abs=1e-9)
         assert cur.rises[li] == pytest.approx(np.mean(want["rise"]))
+        assert cur.rises_centered[li] == pytest.approx(np.mean(want["rise_c"]))
+        assert cur.xi_centered[li] == pytest.approx(np.mean(want["xi_c"]), abs=1e-9)
         assert cur.population[li] == pytest.approx(np.mean(want["pop"]), abs=1e-9)
         assert cur.spearman[li] == pytest.approx(np.mean(want["sp"]), abs=1e-12)
         assert cur.pearson[li] == pytest.approx(np.mean(want["pe"]), abs=1e-12)
@@ -86,6 +92,19 @@ def test_the_sign_of_the_condition_is_the_sign_of_the_population_lds_slope():
     mid = cur.rises[:-1] * cur.rises[1:] + (1 - cur.rises[:-1]) * (1 - cur.rises[1:])
     agree = (slope > 0) == (cur.rises[:-1] > 0.5)
     assert agree[mid > 0.5].all()  # where (*) keeps its sign over the step
+
+
+def test_the_centred_condition_is_the_sign_of_the_population_lds_slope_anywhere():
+    """Away from a stationary point (sum_i g_i != 0) the centred (*) still gives the sign of the
+    population LDS slope: the finite difference of the exact population Pearson."""
+    G, _, path, masks, outputs, _ = problem(seed=4, m=1)
+    assert float((G.sum(0)).norm()) > 1.0
+    lams = np.logspace(-4, 1, 30)
+    cur = condition_curves(path, masks, outputs, lams)
+    slope = np.diff(cur.population)
+    steady = cur.rises_centered[:-1] == cur.rises_centered[1:]
+    assert steady.sum() > 20
+    assert ((slope > 0) == (cur.rises_centered[:-1] > 0.5))[steady].all()
 
 
 def test_a_path_that_is_not_a_fisher_eigenbasis_is_refused():

@@ -42,6 +42,7 @@ import torch
 
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.evaluate.lds import spearman_rows
+from tdatune.select.centered import centered_indicator
 from tdatune.utils.checks import check_shape
 
 ORTHOGONALITY_RTOL = 1e-6
@@ -56,6 +57,8 @@ class ConditionCurves:
     pearson: np.ndarray         # [L] sample Pearson LDS over the same subsets
     population: np.ndarray      # [L] population Pearson LDS (the derivation's)
     rises: np.ndarray           # [L] fraction of examples with (*) > 0
+    rises_centered: np.ndarray  # [L] the same for (*) keeping P = I - 1 1^T / n (no collapse)
+    xi_centered: np.ndarray     # [L] xi_c on the explained examples' own gradients
     corr_b: np.ndarray          # [L] corr_B(s, r), r^T B r split-half (mean where defined)
     corr_b_defined: np.ndarray  # [L] fraction of examples whose split-half r^T B r is > 0
     xi: np.ndarray              # [L] xi on the explained examples' own gradients
@@ -63,8 +66,8 @@ class ConditionCurves:
     def to_dict(self) -> dict[str, list[float]]:
         """JSON-friendly curves."""
         return {k: [float(x) for x in getattr(self, k)] for k in
-                ("lambdas", "spearman", "pearson", "population", "rises", "corr_b",
-                 "corr_b_defined", "xi")}
+                ("lambdas", "spearman", "pearson", "population", "rises", "rises_centered",
+                 "corr_b", "corr_b_defined", "xi", "xi_centered")}
 
 
 def retraining_signal(masks: torch.Tensor, outputs: np.ndarray) -> np.ndarray:
@@ -125,6 +128,11 @@ def condition_curves(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
     ssj = [cs.pow(2) @ inv.pow(j) for j in (1, 2, 3)]
     rbr = (rho1 * rho2) @ inv + r_perp[:, None] / lam[None, :]
     star = srj[0] * ssj[2] - srj[1] * ssj[1]
+    # keeping P = I - 1 1^T / n in Var(tau^T 1_S): s^T B P B^j s = s^T B^(j+1) s - T_1 T_j / n
+    ones = a.sum(dim=0)
+    t1, t2 = ((c * ones) @ inv.pow(j) for j in (1, 2))
+    n = a.shape[0]
+    star_c = srj[0] * (ssj[2] - t1 * t2 / n) - srj[1] * (ssj[1] - t1.pow(2) / n)
     with np.errstate(invalid="ignore", divide="ignore"):
         defined = rbr > 0  # the split-half estimate can be <= 0 when noise swamps the signal
         corr_b = torch.where(defined, srj[0] / (ssj[0] * rbr.clamp_min(1e-300)).sqrt(),
@@ -136,7 +144,6 @@ def condition_curves(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
     pear = _pearson_rows(preds, f.T[None])
     tau = torch.stack([path.sign * ((c / (sigma + float(x))) @ a.T) for x in lam])  # [L, m, n]
     tau_c = tau - tau.mean(dim=2, keepdim=True)
-    n = a.shape[0]
     alpha = float(masks.double().mean())
     c0 = alpha * (1 - alpha) * n / (n - 1)  # Var(1_S) = c0 (I - 1 1^T / n), uniform fixed size
     var_f = f.var(axis=0, ddof=1)                               # [m]
@@ -146,6 +153,8 @@ def condition_curves(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
     return ConditionCurves(lambdas=lam.numpy(), spearman=np.nanmean(spear, axis=1),
                            pearson=np.nanmean(pear, axis=1), population=np.nanmean(pop, axis=1),
                            rises=np.nanmean((star > 0).double().numpy(), axis=0),
+                           rises_centered=(star_c > 0).double().mean(dim=0).numpy(),
+                           xi_centered=_nanmean0(centered_indicator(sigma, c, a, lam).numpy()),
                            corr_b=_nanmean0(corr_b), corr_b_defined=defined.double().mean(0).numpy(),
                            xi=np.nanmean(xi, axis=0))
 
@@ -202,6 +211,8 @@ def decompose(curves: ConditionCurves, selected: float) -> dict[str, float]:
     falls = np.nonzero(curves.rises < 0.5)[0]                      # (*) turns negative for most
     star_zero = float(lam[int(falls[0])]) if falls.size else float(lam[-1])
     best_population = float(lam[int(np.nanargmax(curves.population))])
+    falls_c = np.nonzero(curves.rises_centered < 0.5)[0]
+    star_c_zero = float(lam[int(falls_c[0])]) if falls_c.size else float(lam[-1])
     best_pearson = float(lam[int(np.nanargmax(curves.pearson))])
     i_best = int(np.nanargmax(curves.spearman))
     best_spearman = float(lam[i_best])
@@ -213,7 +224,9 @@ def decompose(curves: ConditionCurves, selected: float) -> dict[str, float]:
            "collapse": lg(star_zero / best_population),
            "sampling": lg(best_population / best_pearson),
            "spearman": lg(best_pearson / best_spearman),
-           "threshold": math.nan, "cauchy_schwarz": math.nan}
+           "threshold": math.nan, "cauchy_schwarz": math.nan,
+           "lambda_star_centered_zero": star_c_zero,
+           "centered_vs_population": lg(star_c_zero / best_population)}
     if not math.isnan(at_corr):
         out |= {"threshold": lg(selected / at_corr), "cauchy_schwarz": lg(at_corr / star_zero)}
     return out

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from tdatune.evaluate.condition import first_crossing
+from tdatune.evaluate.condition import ConditionCurves, decompose, first_crossing
 from tdatune.select.reliability import crossing_slope
 
 Cell = dict[str, Any]
@@ -64,6 +64,20 @@ def xi_rule(t: float) -> Rule:
     return rule
 
 
+def centered_rule(t: float) -> Rule:
+    """The first crossing of ``t`` by the stored validation mean of xi_c (the centred
+    indicator); the grid's last lambda when it never crosses."""
+    def rule(cell: Cell) -> float | None:
+        curve = cell.get("xi_centered_curve")
+        if not curve:
+            return None
+        lam = np.array(curve["lambdas"])
+        xi = np.nan_to_num(np.array(curve["xi_mean"], dtype=np.float64), nan=0.0)
+        at = first_crossing(lam, xi, t)
+        return float(lam[-1]) if math.isnan(at) else at
+    return rule
+
+
 def quantile_rule(q: float) -> Rule:
     """The q-quantile of the validation spectrum."""
     def rule(cell: Cell) -> float | None:
@@ -105,6 +119,8 @@ class RuleFamily:
 
 RULE_FAMILIES = (
     RuleFamily("xi threshold", xi_rule, THRESHOLDS, 0.5, lambda t: f"xi >= {t:g}"),
+    RuleFamily("centred xi threshold", centered_rule, THRESHOLDS, 0.5,
+               lambda t: f"centred xi_c >= {t:g}"),
     RuleFamily("spectrum quantile", quantile_rule, (0.1, 0.5, 0.9), 0.9, lambda q: f"q = {q:g}"),
     RuleFamily("c x top eigenvalue", top_rule, FACTORS, 0.01, lambda c: f"{c:.3g} x top"),
     RuleFamily("c x mean eigenvalue", mean_rule, FACTORS, 0.1, lambda c: f"{c:.3g} x mean"),
@@ -289,9 +305,10 @@ def _seed_lines(cells: list[Cell], gaps: dict[str, np.ndarray]) -> list[str]:
 
 
 def _diagnosis_lines(cells: list[Cell]) -> list[str]:
-    diag = [c for c in cells if "decomposition" in c.get("condition", {})]
+    diag = [c for c in cells if "curves" in c.get("condition", {})]
     if not diag:
         return []
+    parts_of = {id(c): decompose(stored_curves(c), xi_rule(0.5)(c) or math.nan) for c in diag}
     lines = ["", "## Where the selection's error comes from", "",
              "Per setting, medians over its cells (log10 decades; positive: the selection lies "
              "above). `condition`: selected lambda against the zero of the exact condition (*) "
@@ -306,9 +323,9 @@ def _diagnosis_lines(cells: list[Cell]) -> list[str]:
              "threshold (min – max) | corr_B measurable |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in sorted({setting_key(c) for c in diag}):
         group = [c for c in diag if setting_key(c) == setting]
-        parts = {k: np.median([c["condition"]["decomposition"].get(k, math.nan) for c in group])
+        parts = {k: np.median([parts_of[id(c)][k] for c in group])
                  for k in ("total", "condition", "collapse", "sampling", "spearman")}
-        oracle = [c["condition"]["decomposition"]["oracle_threshold"] for c in group]
+        oracle = [parts_of[id(c)]["oracle_threshold"] for c in group]
         measurable = []
         for c in group:
             cur = c["condition"]["curves"]
@@ -320,6 +337,14 @@ def _diagnosis_lines(cells: list[Cell]) -> list[str]:
                      f"{np.median(oracle):.2f} ({min(oracle):.2f} – "
                      f"{max(oracle):.2f}) | {np.mean(measurable):.2f} |")
     return lines
+
+
+def stored_curves(cell: Cell) -> ConditionCurves:
+    """The condition curves a cell stored."""
+    cur = cell["condition"]["curves"]
+    return ConditionCurves(**{f.name: np.asarray(cur.get(f.name, np.full(len(cur["lambdas"]),
+                                                                       np.nan)), dtype=np.float64)
+                              for f in fields(ConditionCurves)})
 
 
 def _reliability_lines(cells: list[Cell], gap: np.ndarray) -> list[str]:
