@@ -9,7 +9,13 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from tdatune.attributors.lambda_path import LambdaPath
-from tdatune.evaluate.condition import condition_curves, decompose, first_crossing
+from tdatune.evaluate.condition import (
+    condition_curves,
+    decompose,
+    first_crossing,
+    peak,
+    sign_change,
+)
 
 
 def problem(n=24, p=6, m=3, M=40, seed=0):
@@ -44,7 +50,7 @@ def test_curves_match_dense_kernel_algebra():
     for li, lam in enumerate(lams):
         B = np.linalg.inv(K + lam * np.eye(n))
         P = np.eye(n) - np.ones((n, n)) / n
-        want = {k: [] for k in ("corr", "xi", "rise", "pop", "sp", "pe", "rise_c", "xi_c")}
+        want = {k: [] for k in ("corr", "xi", "rise", "pop", "sp", "pe", "rise_c", "xi_c", "col")}
         for j in range(m):
             s = (G @ V[j]).numpy()
             f = outputs[:, j]
@@ -65,6 +71,8 @@ def test_curves_match_dense_kernel_algebra():
             want["xi_c"].append(math.sqrt(s @ B @ B @ B @ s) * bpb / (math.sqrt(s @ B @ s) * bpb2))
             tau = -B @ s
             want["pop"].append(tau @ b / math.sqrt((tau @ C @ tau) * f.var(ddof=1)))
+            want["col"].append(tau @ b / math.sqrt(C[0, 0] * n / (n - 1) * (tau @ tau)
+                                                   * f.var(ddof=1)))
             pred = X @ tau
             want["sp"].append(spearmanr(pred, f).statistic)
             want["pe"].append(pearsonr(pred, f).statistic)
@@ -74,6 +82,7 @@ def test_curves_match_dense_kernel_algebra():
         assert cur.rises_centered[li] == pytest.approx(np.mean(want["rise_c"]))
         assert cur.xi_centered[li] == pytest.approx(np.mean(want["xi_c"]), abs=1e-9)
         assert cur.population[li] == pytest.approx(np.mean(want["pop"]), abs=1e-9)
+        assert cur.collapsed[li] == pytest.approx(np.mean(want["col"]), abs=1e-9)
         assert cur.spearman[li] == pytest.approx(np.mean(want["sp"]), abs=1e-12)
         assert cur.pearson[li] == pytest.approx(np.mean(want["pe"]), abs=1e-12)
 
@@ -132,5 +141,17 @@ def test_the_decomposition_telescopes_to_the_total_error():
         == pytest.approx(parts["total"])
     if not math.isnan(parts["threshold"]):
         assert parts["threshold"] + parts["cauchy_schwarz"] == pytest.approx(parts["condition"])
-    i = int(np.argmin(np.abs(cur.lambdas - parts["lambda_best_spearman"])))
-    assert parts["oracle_threshold"] == pytest.approx(cur.xi[i])
+    x = np.log(cur.lambdas)
+    assert parts["oracle_threshold"] == pytest.approx(
+        np.interp(math.log(parts["lambda_best_spearman"]), x, cur.xi))
+
+
+def test_peak_and_sign_change_by_hand():
+    lam = np.array([1e-2, 1e-1, 1.0, 10.0])
+    # a parabola in log10 lambda peaking at log10 = -0.7: values -(x + 0.7)^2 at x = -2..1
+    y = -((np.log10(lam) + 0.7) ** 2)
+    assert peak(lam, y) == pytest.approx(10 ** -0.7)
+    assert peak(lam, np.array([3.0, 2.0, 1.0, 0.0])) == 1e-2  # at the end: the grid point
+    assert sign_change(lam, np.array([0.9, 0.7, 0.3, 0.1])) == pytest.approx(10 ** -0.5)
+    assert sign_change(lam, np.array([0.4, 0.7, 0.3, 0.1])) == 1e-2
+    assert sign_change(lam, np.array([0.9, 0.8, 0.7, 0.6])) == 10.0

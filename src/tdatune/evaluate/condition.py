@@ -56,6 +56,7 @@ class ConditionCurves:
     spearman: np.ndarray        # [L] Spearman LDS
     pearson: np.ndarray         # [L] sample Pearson LDS over the same subsets
     population: np.ndarray      # [L] population Pearson LDS (the derivation's)
+    collapsed: np.ndarray       # [L] the same with ||tau||^2 for Var(tau^T 1_S): (*) is its slope
     rises: np.ndarray           # [L] fraction of examples with (*) > 0
     rises_centered: np.ndarray  # [L] the same for (*) keeping P = I - 1 1^T / n (no collapse)
     xi_centered: np.ndarray     # [L] xi_c on the explained examples' own gradients
@@ -66,7 +67,8 @@ class ConditionCurves:
     def to_dict(self) -> dict[str, list[float]]:
         """JSON-friendly curves."""
         return {k: [float(x) for x in getattr(self, k)] for k in
-                ("lambdas", "spearman", "pearson", "population", "rises", "rises_centered",
+                ("lambdas", "spearman", "pearson", "population", "collapsed", "rises",
+                 "rises_centered",
                  "corr_b", "corr_b_defined", "xi", "xi_centered")}
 
 
@@ -148,10 +150,12 @@ def condition_curves(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
     c0 = alpha * (1 - alpha) * n / (n - 1)  # Var(1_S) = c0 (I - 1 1^T / n), uniform fixed size
     var_f = f.var(axis=0, ddof=1)                               # [m]
     with np.errstate(invalid="ignore", divide="ignore"):
-        pop = ((tau * b[None]).sum(dim=2).numpy()
-               / np.sqrt(c0 * tau_c.pow(2).sum(dim=2).numpy() * var_f[None]))
+        cov = (tau * b[None]).sum(dim=2).numpy()
+        pop = cov / np.sqrt(c0 * tau_c.pow(2).sum(dim=2).numpy() * var_f[None])
+        collapsed = cov / np.sqrt(c0 * tau.pow(2).sum(dim=2).numpy() * var_f[None])
     return ConditionCurves(lambdas=lam.numpy(), spearman=np.nanmean(spear, axis=1),
                            pearson=np.nanmean(pear, axis=1), population=np.nanmean(pop, axis=1),
+                           collapsed=np.nanmean(collapsed, axis=1),
                            rises=np.nanmean((star > 0).double().numpy(), axis=0),
                            rises_centered=(star_c > 0).double().mean(dim=0).numpy(),
                            xi_centered=_nanmean0(centered_indicator(sigma, c, a, lam).numpy()),
@@ -192,6 +196,34 @@ def first_crossing(lambdas: np.ndarray, values: np.ndarray, level: np.ndarray | 
     return math.exp(lo + t * (hi - lo))
 
 
+def peak(lambdas: np.ndarray, values: np.ndarray) -> float:
+    """The lambda of the curve's maximum, refined by a parabola through the grid maximum and its
+    two neighbours in log lambda (the grid maximum itself at an end of the grid)."""
+    i = int(np.nanargmax(values))
+    if not 0 < i < len(values) - 1 or not np.isfinite(values[i - 1: i + 2]).all():
+        return float(lambdas[i])
+    x = np.log(np.asarray(lambdas[i - 1: i + 2], dtype=np.float64))
+    y = np.asarray(values[i - 1: i + 2], dtype=np.float64)
+    a, b, _ = np.polyfit(x, y, 2)
+    vertex = -b / (2 * a) if a < 0 else x[1]
+    return float(math.exp(min(max(vertex, x[0]), x[2])))
+
+
+def sign_change(lambdas: np.ndarray, rising: np.ndarray) -> float:
+    """Where the fraction of examples whose LDS rises first drops below one half, interpolated
+    in log lambda (the grid's first lambda when it starts below, its last when it never
+    drops)."""
+    below = np.nonzero(rising < 0.5)[0]
+    if below.size == 0:
+        return float(lambdas[-1])
+    i = int(below[0])
+    if i == 0:
+        return float(lambdas[0])
+    t = (rising[i - 1] - 0.5) / (rising[i - 1] - rising[i])
+    lo, hi = math.log(lambdas[i - 1]), math.log(lambdas[i])
+    return math.exp(lo + t * (hi - lo))
+
+
 def decompose(curves: ConditionCurves, selected: float) -> dict[str, float]:
     """The selection's error, log10(selected / best Spearman lambda), split into links that
     telescope to it:
@@ -204,22 +236,24 @@ def decompose(curves: ConditionCurves, selected: float) -> dict[str, float]:
     - ``sampling``: population against sample Pearson optimum (M subsets, not the population);
     - ``spearman``: sample Pearson against Spearman optimum.
 
-    ``oracle_threshold`` is the mean xi at the best Spearman lambda: the threshold that would
-    have selected it."""
+    The zero of (*) is taken as the peak of the mean collapsed population LDS (whose slope
+    per example has the sign of (*)). Optima are refined by :func:`peak`. ``oracle_threshold`` is
+    the mean xi at the best Spearman lambda: the threshold that would have selected it."""
     lam = curves.lambdas
     at_corr = first_crossing(lam, curves.xi, curves.corr_b)        # xi reaches corr_B
-    falls = np.nonzero(curves.rises < 0.5)[0]                      # (*) turns negative for most
-    star_zero = float(lam[int(falls[0])]) if falls.size else float(lam[-1])
-    best_population = float(lam[int(np.nanargmax(curves.population))])
-    falls_c = np.nonzero(curves.rises_centered < 0.5)[0]
-    star_c_zero = float(lam[int(falls_c[0])]) if falls_c.size else float(lam[-1])
-    best_pearson = float(lam[int(np.nanargmax(curves.pearson))])
-    i_best = int(np.nanargmax(curves.spearman))
-    best_spearman = float(lam[i_best])
+    # (*) is the slope of the collapsed population LDS per example: the zero of the mean slope
+    # is that curve's peak (per-example fractions of rising examples are kept as ``rises``)
+    star_zero = (peak(lam, curves.collapsed) if np.isfinite(curves.collapsed).any()
+                 else sign_change(lam, curves.rises))  # cells stored before ``collapsed``
+    star_c_zero = sign_change(lam, curves.rises_centered)
+    best_population = peak(lam, curves.population)
+    best_pearson = peak(lam, curves.pearson)
+    best_spearman = peak(lam, curves.spearman)
     lg = math.log10
     out = {"lambda_xi_at_corr": at_corr, "lambda_star_zero": star_zero,
            "lambda_best_population": best_population, "lambda_best_pearson": best_pearson,
-           "lambda_best_spearman": best_spearman, "oracle_threshold": float(curves.xi[i_best]),
+           "lambda_best_spearman": best_spearman,
+           "oracle_threshold": float(np.interp(math.log(best_spearman), np.log(lam), curves.xi)),
            "total": lg(selected / best_spearman), "condition": lg(selected / star_zero),
            "collapse": lg(star_zero / best_population),
            "sampling": lg(best_population / best_pearson),
