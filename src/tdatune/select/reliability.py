@@ -57,10 +57,16 @@ class Reliability:
                        f"(> {DISTANCE_MAX})")
         return out
 
+    def line(self) -> str:
+        """The three signals and the verdict in one line."""
+        return (f"xi slope {self.slope:.2f}/decade, crossings spread {self.spread:.1f} dec, "
+                f"{self.distance:.1f} dec from {TOP_FRACTION:g} x top: "
+                + ("UNSURE" if self.unsure else "consistent"))
+
     def to_dict(self) -> dict[str, object]:
         """JSON-friendly summary."""
         return {"slope": self.slope, "spread": self.spread, "distance": self.distance,
-                "unsure": self.unsure, "reasons": self.reasons()}
+                "unsure": self.unsure, "reasons": self.reasons(), "line": self.line()}
 
 
 def crossing_slope(lambdas: np.ndarray, xi_mean: np.ndarray, threshold: float) -> float:

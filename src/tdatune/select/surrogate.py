@@ -24,6 +24,7 @@ import torch
 
 from tdatune.select.compressed import CompressedSpectrum
 from tdatune.select.compressed import check_spectrum as _check_spectrum
+from tdatune.select.reliability import Reliability, reliability
 from tdatune.utils.checks import check_nonempty, check_open_unit, check_positive_lambdas
 
 ZERO_RTOL = 1e-10
@@ -87,17 +88,23 @@ class Selection:
     status: str  # "crossed", "below-grid" (already above threshold), "above-grid" (never reached)
     grid: torch.Tensor = field(repr=False)
     xi_mean: torch.Tensor = field(repr=False)
+    reliability: Reliability | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-friendly summary."""
-        return {"lambda": self.lam, "threshold": self.threshold, "n_used": self.n_used,
-                "n_dropped": self.n_dropped, "status": self.status}
+        """JSON-friendly summary (with the reliability signals when computed)."""
+        out: dict[str, object] = {"lambda": self.lam, "threshold": self.threshold,
+                                  "n_used": self.n_used, "n_dropped": self.n_dropped,
+                                  "status": self.status}
+        if self.reliability is not None:
+            out["reliability"] = self.reliability.to_dict()
+        return out
 
 
 def select_lambda(sigma: torch.Tensor, c_val: torch.Tensor, threshold: float = 0.5,
                   grid: torch.Tensor | None = None, bisection_steps: int = 60) -> Selection:
     """Algorithm 1: the smallest lambda where mean xi over the *validation* examples reaches
     ``threshold``, refined by bisection in log lambda inside the first bracketing interval.
+    ``Selection.reliability`` says how far to trust it (``tdatune.select.reliability``).
 
     The spectrum is compressed once (``CompressedSpectrum``), so the grid scan and every
     bisection step cost O(m x bins), not O(m k); mean xi is within ~2e-9 of the exact formula."""
@@ -108,8 +115,11 @@ def select_lambda(sigma: torch.Tensor, c_val: torch.Tensor, threshold: float = 0
     spectrum = CompressedSpectrum(sigma, c_val)
     if not bool(spectrum.defined.any()):
         raise ValueError("xi is undefined for every validation example (all gradients are zero)")
-    return _bracket_and_bisect(spectrum.mean_xi, grid, threshold, bisection_steps,
-                               int(spectrum.defined.sum()), int((~spectrum.defined).sum()))
+    selection = _bracket_and_bisect(spectrum.mean_xi, grid, threshold, bisection_steps,
+                                    int(spectrum.defined.sum()), int((~spectrum.defined).sum()))
+    selection.reliability = reliability(grid.numpy(), spectrum.xi(grid).numpy(), threshold,
+                                        selection.lam, float(sigma.max()))
+    return selection
 
 
 def _select_lambda_exact(sigma: torch.Tensor, c_val: torch.Tensor, threshold: float = 0.5,

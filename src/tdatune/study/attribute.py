@@ -117,6 +117,13 @@ def attribute(
         grid = default_lambda_grid(sigma, num=81, below=1e-2, above=1e2)
         selection = select_lambda(sigma, c_val, threshold=threshold, grid=grid)
         lam = selection.lam
+        trust = selection.reliability
+        if trust is not None and trust.unsure:
+            warnings.warn(
+                f"the selected lambda {lam:.3g} may be far from the best: "
+                + "; ".join(trust.reasons()) + ". Check it with a few retrained models "
+                "(tdatune.evaluate.calibrate.calibrate_lambda) before relying on it",
+                UserWarning, stacklevel=2)
     scores = att.score(explained_d, **({"lam": lam} if damped else {}))
     figure = None
     if plot is not None and selection is not None:
@@ -145,7 +152,8 @@ def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "") ->
     ax.set_xlabel("lambda")
     ax.set_ylabel("mean surrogate xi (validation)")
     ax.set_ylim(0, 1.02)
-    ax.set_title(title or "surrogate indicator")
+    note = "" if selection.reliability is None else "\n" + selection.reliability.line()
+    ax.set_title((title or "surrogate indicator") + note, fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")

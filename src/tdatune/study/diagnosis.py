@@ -11,7 +11,6 @@ and diagnosed from stored cells without refitting anything.
   draws of K of the ground truth's subsets.
 - ``xi_centered_curve``: the validation mean of xi_c (``tdatune.select.centered``) on the
   mean-xi curve's grid.
-- ``reliability``: the retraining-free signals of each selection (``tdatune.select.reliability``).
 - ``blockwise``: for a path of several blocks (LoGra's layers), LDS with one damping per block,
   by Kronfluence's heuristic (0.1 x the block's mean eigenvalue) and by xi on each block's own
   coordinates.
@@ -31,8 +30,7 @@ from tdatune.evaluate.condition import condition_curves, decompose
 from tdatune.evaluate.groundtruth import GroundTruth
 from tdatune.evaluate.lds import spearman_rows
 from tdatune.select.centered import centered_indicator
-from tdatune.select.reliability import reliability
-from tdatune.select.surrogate import ZERO_RTOL, Selection, select_lambda, surrogate_indicator
+from tdatune.select.surrogate import ZERO_RTOL, Selection, select_lambda
 
 STAT_QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))
 CALIBRATION_K = (3, 5, 10)
@@ -58,14 +56,10 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
     out: dict[str, Any] = {"spectrum_stats": spectrum_stats(val_path.sigma)}
     outputs = np.asarray(gt.mean_outputs, dtype=np.float64)
     sigma_val, c_val = val_path.sigma, val_path.explained_coords
-    xi_rows = surrogate_indicator(sigma_val, c_val, xi_grid).numpy()
     centered = centered_indicator(sigma_val, c_val, val_path.train_coords, xi_grid).numpy()
     with np.errstate(invalid="ignore"):
         out["xi_centered_curve"] = {"lambdas": xi_grid.tolist(),
                                     "xi_mean": np.nanmean(centered, axis=0).tolist()}
-    out["reliability"] = {f"{s.threshold:g}": reliability(
-        xi_grid.numpy(), xi_rows, s.threshold, s.lam, float(sigma_val.max())).to_dict()
-        for s in selections}
     if len(grid):
         chosen = next((s for s in selections if s.threshold == threshold), None)
         try:

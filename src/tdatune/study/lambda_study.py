@@ -19,13 +19,7 @@ from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_lambda
 from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.lds import lds_path
 from tdatune.select.quantile import quantile_lambda
-from tdatune.select.reliability import reliability
-from tdatune.select.surrogate import (
-    default_lambda_grid,
-    mean_indicator,
-    select_lambda,
-    surrogate_indicator,
-)
+from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
 from tdatune.study.spec import is_eigen
@@ -130,9 +124,7 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     baselines = {str(q): [lam, res.mean] for q, lam, res in
                  zip(config.quantiles, lam_q, results[len(grid) + 1 :], strict=True)}
     best = int(np.nanargmax([c.mean for c in curve]))
-    xi_rows = surrogate_indicator(sigma, c_val, selection.grid).numpy()
-    trust = reliability(selection.grid.numpy(), xi_rows, config.threshold, selection.lam,
-                        float(sigma.max()))
+    trust = selection.reliability
     calibrated = _calibrate(config.calibrate, test_path, gt, grid, curve) if config.calibrate else None
 
     summary = {
@@ -144,7 +136,7 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         "lds_selected": lds_sel.mean,
         "lds_selected_sem": lds_sel.sem,
         "selection": selection.to_dict(),
-        "reliability": trust.to_dict(),
+        "reliability": trust.to_dict() if trust else None,
         "calibrated": calibrated,
         "lambda_best": float(grid[best]),
         "lds_best": curve[best].mean,
@@ -178,17 +170,10 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         best=float(grid[best]), baselines={q: tuple(v) for q, v in baselines.items()},
         threshold=config.threshold,
         title=f"{setting.name} / {config.attributor}: LDS and surrogate xi vs lambda",
-        note=reliability_note(trust.to_dict()),
+        note=trust.line() if trust else None,
         calibrated=None if calibrated is None else (calibrated["lambda"], calibrated["lds"]),
     )
     return summary
-
-
-def reliability_note(trust: dict[str, Any]) -> str:
-    """One line on how far to trust the selection."""
-    head = (f"xi slope {trust['slope']:.2f}/decade, crossings spread {trust['spread']:.1f} dec, "
-            f"{trust['distance']:.1f} dec from 0.01 x top")
-    return head + (": UNSURE" if trust["unsure"] else ": consistent")
 
 
 def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[Any]
@@ -232,7 +217,7 @@ def format_summary(summary: dict[str, Any]) -> str:
               f"{sel['n_dropped']} dropped (xi undefined); {summary['seconds']:.1f} s"]
     trust = summary.get("reliability")
     if trust:
-        lines.append("reliability: " + reliability_note(trust))
+        lines.append("reliability: " + trust["line"])
         lines += [f"  - {reason}" for reason in trust["reasons"]]
         if trust["unsure"]:
             lines.append("  check the LDS along lambda with a few retrained models "

@@ -169,7 +169,9 @@ def reliability_signals(cell: Cell, threshold: float = 0.5) -> dict[str, float]:
     out = {"slope": crossing_slope(np.array(curve["lambdas"]), np.array(curve["xi_mean"]),
                                    threshold),
            "distance": abs(math.log10(lam / (0.01 * float(curve["top_eigenvalue"]))))}
-    stored = cell.get("reliability", {}).get(f"{threshold:g}")
+    stored = next((s.get("reliability") for s in cell.get("selections", [])
+                   if math.isclose(s["threshold"], threshold)), None)
+    stored = stored or cell.get("reliability", {}).get(f"{threshold:g}")  # first study cells
     if stored:
         out["spread"] = float(stored["spread"])
     return out
