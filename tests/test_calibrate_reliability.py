@@ -9,7 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 from tdatune.attributors.lambda_path import LambdaPath
-from tdatune.evaluate.calibrate import calibrate_lambda, calibration_draws, smooth
+from tdatune.evaluate.calibrate import calibrate_lambda, calibration_draws, smooth, window_mask
 from tdatune.select.reliability import (
     crossing_slope,
     crossing_spread,
@@ -43,8 +43,19 @@ def test_calibration_picks_the_smoothed_best_lambda_of_a_dense_solve():
     assert lam == pytest.approx(lams[int(np.argmax(by_hand))])
     lam_raw, _ = calibrate_lambda(path, masks, outputs, lams, smoothed=False)
     assert lam_raw == pytest.approx(lams[int(np.argmax(raw))])
+    inside = (lams >= 1e-4) & (lams <= 1e-2)
+    lam_w, _ = calibrate_lambda(path, masks, outputs, lams, window=(1e-4, 1e-2))
+    assert lam_w == pytest.approx(lams[int(np.argmax(np.where(inside, by_hand, -np.inf)))])
     with pytest.raises(ValueError, match="at least 3"):
         calibrate_lambda(path, masks[:2], outputs[:2], lams)
+
+
+def test_window_mask_by_hand():
+    lam = np.array([1.0, 10.0, 100.0, 1000.0])
+    assert window_mask(lam, (20.0, 50.0)).tolist() == [False, True, True, False]  # widened
+    assert window_mask(lam, (10.0, 100.0)).tolist() == [False, True, True, False]
+    assert window_mask(lam, (0.1, 1e4)).tolist() == [True] * 4
+    assert window_mask(lam, None) is None
 
 
 def test_smooth_by_hand():

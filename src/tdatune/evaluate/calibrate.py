@@ -16,6 +16,7 @@ from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.evaluate.lds import spearman_rows
 
 MAX_CALIBRATION_MODELS = 10
+XI_WINDOW = (0.3, 0.8)  # mean-xi levels bounding the lambdas a windowed calibration considers
 
 
 def _lds_curve(preds: np.ndarray, outputs: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -33,16 +34,34 @@ def smooth(curve: np.ndarray) -> np.ndarray:
         return np.nanmean(stacked, axis=0)
 
 
-def pick(curve: np.ndarray, smoothed: bool = True) -> int:
-    """The grid index a calibration selects from its LDS curve."""
-    return int(np.nanargmax(smooth(curve) if smoothed else curve))
+def pick(curve: np.ndarray, smoothed: bool = True, allowed: np.ndarray | None = None) -> int:
+    """The grid index a calibration selects from its LDS curve (among the ``allowed`` mask)."""
+    values = smooth(curve) if smoothed else np.asarray(curve, dtype=np.float64)
+    if allowed is not None and bool(allowed.any()):
+        values = np.where(allowed, values, -np.inf)
+    return int(np.nanargmax(values))
+
+
+def window_mask(lambdas: np.ndarray, window: tuple[float, float] | None) -> np.ndarray | None:
+    """The grid points inside ``window`` (lo, hi), widened to the grid points just outside it so
+    that a narrow window still holds at least two; None for no window."""
+    if window is None:
+        return None
+    lam = np.asarray(lambdas, dtype=np.float64)
+    lo = max(int(np.searchsorted(lam, window[0], side="right")) - 1, 0)
+    hi = min(int(np.searchsorted(lam, window[1], side="left")), len(lam) - 1)
+    mask = np.zeros(len(lam), dtype=bool)
+    mask[lo: hi + 1] = True
+    return mask
 
 
 def calibrate_lambda(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
-                     lambdas: torch.Tensor | list[float], smoothed: bool = True
-                     ) -> tuple[float, np.ndarray]:
+                     lambdas: torch.Tensor | list[float], smoothed: bool = True,
+                     window: tuple[float, float] | None = None) -> tuple[float, np.ndarray]:
     """The grid lambda with the highest LDS (``smoothed``: after :func:`smooth`) on the given
-    retrained subsets (masks [K, n], mean outputs [K, m], 3 <= K), and the raw LDS curve."""
+    retrained subsets (masks [K, n], mean outputs [K, m], 3 <= K), and the raw LDS curve.
+    ``window`` (lo, hi) limits the search, e.g. to where mean xi lies between 0.3 and 0.8
+    (:data:`XI_WINDOW`): a few models then choose the threshold, not any lambda."""
     k = int(masks.shape[0])
     if k < 3:
         raise ValueError(f"calibration needs at least 3 retrained models (got {k}): a rank "
@@ -50,25 +69,30 @@ def calibrate_lambda(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
     lam = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
     preds = path.subset_predictions(masks, lam).numpy()
     curve = _lds_curve(preds, np.asarray(outputs, dtype=np.float64), np.arange(k))
-    return float(lam[pick(curve, smoothed)]), curve
+    allowed = window_mask(lam.numpy(), window)
+    return float(lam[pick(curve, smoothed, allowed)]), curve
 
 
 def calibration_draws(preds: np.ndarray, outputs: np.ndarray, k: int, draws: int = 200,
-                      seed: int = 0) -> dict[str, list[float]]:
-    """Out-of-sample gaps of :func:`calibrate_lambda` with ``k`` models, raw (``argmax``) and
-    ``smoothed``: for each draw, select on ``k`` random subsets of the M and return (best LDS
-    on the other M - k) minus (their LDS at the selected lambda). ``preds`` [L, m, M] are the
+                      seed: int = 0, window: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Out-of-sample gaps of :func:`calibrate_lambda` with ``k`` models, raw (``argmax``),
+    ``smoothed`` and (given a ``window`` mask over the grid) ``windowed`` (smoothed, inside the
+    window): for each draw, select on ``k`` random subsets of the M and return (best LDS on
+    the other M - k) minus (their LDS at the selected lambda). ``preds`` [L, m, M] are the
     subset predictions along the grid."""
     total = preds.shape[2]
     if not 3 <= k <= total - 3:
         raise ValueError(f"k must be between 3 and M - 3 = {total - 3} (got {k})")
     outputs = np.asarray(outputs, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    gaps: dict[str, list[float]] = {"argmax": [], "smoothed": []}
+    variants = [("argmax", False, None), ("smoothed", True, None)]
+    if window is not None:
+        variants.append(("windowed", True, window))
+    gaps: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     for _ in range(draws):
         order = rng.permutation(total)
         seen = _lds_curve(preds, outputs, order[:k])
         rest = _lds_curve(preds, outputs, order[k:])
-        for name, smoothed in (("argmax", False), ("smoothed", True)):
-            gaps[name].append(float(np.nanmax(rest) - rest[pick(seen, smoothed)]))
+        for name, smoothed, allowed in variants:
+            gaps[name].append(float(np.nanmax(rest) - rest[pick(seen, smoothed, allowed)]))
     return gaps

@@ -19,18 +19,19 @@ and diagnosed from stored cells without refitting anything.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
 from tdatune.attributors.lambda_path import LambdaPath
-from tdatune.evaluate.calibrate import calibration_draws
-from tdatune.evaluate.condition import condition_curves, decompose
+from tdatune.evaluate.calibrate import XI_WINDOW, calibration_draws, window_mask
+from tdatune.evaluate.condition import condition_curves, decompose, first_crossing
 from tdatune.evaluate.groundtruth import GroundTruth
 from tdatune.evaluate.lds import spearman_rows
 from tdatune.select.centered import centered_indicator
-from tdatune.select.surrogate import ZERO_RTOL, Selection, select_lambda
+from tdatune.select.surrogate import ZERO_RTOL, Selection, mean_indicator, select_lambda
 
 STAT_QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))
 CALIBRATION_K = (3, 5, 10)
@@ -72,12 +73,26 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
                                    if chosen is not None else {})}
         preds = test_path.subset_predictions(gt.masks, grid).numpy()
         total = preds.shape[2]
+        window = window_mask(grid.numpy(), xi_window(xi_grid.numpy(), xi_mean_of(val_path,
+                                                                               xi_grid)))
         out["calibration"] = {str(k): calibration_draws(preds, outputs, k, CALIBRATION_DRAWS,
-                                                        seed=k)
+                                                        seed=k, window=window)
                               for k in CALIBRATION_K if k <= total - 3}
     if blockwise and len(test_path.block_sizes()) > 1:
         out["blockwise"] = _blockwise(test_path, val_path, gt, threshold)
     return out
+
+
+def xi_mean_of(val_path: LambdaPath, lambdas: torch.Tensor) -> np.ndarray:
+    """The validation mean of xi on ``lambdas``."""
+    return mean_indicator(val_path.sigma, val_path.explained_coords, lambdas)[0].numpy()
+
+
+def xi_window(lambdas: np.ndarray, xi_mean: np.ndarray) -> tuple[float, float]:
+    """The lambdas where mean xi first reaches the two levels of ``XI_WINDOW``."""
+    lo, hi = (first_crossing(lambdas, xi_mean, t) for t in XI_WINDOW)
+    return (float(lambdas[0]) if math.isnan(lo) else lo,
+            float(lambdas[-1]) if math.isnan(hi) else hi)
 
 
 def _blockwise(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth,

@@ -20,6 +20,7 @@ from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.lds import lds_path
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
+from tdatune.study.diagnosis import xi_window
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
 from tdatune.study.spec import is_eigen
@@ -125,7 +126,9 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
                  zip(config.quantiles, lam_q, results[len(grid) + 1 :], strict=True)}
     best = int(np.nanargmax([c.mean for c in curve]))
     trust = selection.reliability
-    calibrated = _calibrate(config.calibrate, test_path, gt, grid, curve) if config.calibrate else None
+    window = xi_window(selection.grid.numpy(), selection.xi_mean.numpy())
+    calibrated = (_calibrate(config.calibrate, test_path, gt, grid, curve, window)
+                  if config.calibrate else None)
 
     summary = {
         "setting": setting.name,
@@ -176,14 +179,14 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     return summary
 
 
-def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[Any]
-               ) -> dict[str, Any]:
-    """Lambda chosen by the first ``k`` retrained subsets; its LDS on all subsets and on the
-    subsets it did not see."""
+def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[Any],
+               window: tuple[float, float]) -> dict[str, Any]:
+    """Lambda chosen by the first ``k`` retrained subsets inside the mean-xi ``window``; its LDS
+    on all subsets and on the subsets it did not see."""
     outputs = np.asarray(gt.mean_outputs)
-    lam, _ = calibrate_lambda(test_path, gt.masks[:k], outputs[:k], grid)
+    lam, _ = calibrate_lambda(test_path, gt.masks[:k], outputs[:k], grid, window=window)
     i = int(torch.argmin((grid - lam).abs()))
-    out: dict[str, Any] = {"k": k, "lambda": lam, "lds": curve[i].mean}
+    out: dict[str, Any] = {"k": k, "lambda": lam, "lds": curve[i].mean, "window": list(window)}
     if gt.masks.shape[0] - k >= 3:
         rest = lds_path(test_path, gt.masks[k:], outputs[k:], grid)
         values = [r.mean for r in rest]
