@@ -71,8 +71,13 @@ def test_calibration_draws_are_exact_when_every_subset_agrees():
     outputs = rng.normal(size=(M, m))
     preds = rng.normal(size=(L, m, M))
     preds[1:4] = outputs.T
-    for name, gaps in calibration_draws(preds, outputs, 5, draws=30).items():
-        assert len(gaps) == 30 and max(gaps) == pytest.approx(0.0), name
+    window = np.array([False, True, True, True, False])
+    draws = calibration_draws(preds, outputs, 5, draws=30, window=window,
+                              fixed={"at 2": 2, "at 0": 0})
+    assert set(draws) == {"argmax", "smoothed", "windowed", "at 2", "at 0"}
+    for name in ("argmax", "smoothed", "windowed", "at 2"):
+        assert len(draws[name]) == 30 and max(draws[name]) == pytest.approx(0.0), name
+    assert min(draws["at 0"]) > 0  # random predictions are worse than perfect ones
     noisy = calibration_draws(rng.normal(size=(L, m, M)), outputs, 3, draws=30)
     assert min(noisy["argmax"]) >= 0 and max(noisy["argmax"]) > 0
 

@@ -74,12 +74,15 @@ def calibrate_lambda(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
 
 
 def calibration_draws(preds: np.ndarray, outputs: np.ndarray, k: int, draws: int = 200,
-                      seed: int = 0, window: np.ndarray | None = None) -> dict[str, list[float]]:
+                      seed: int = 0, window: np.ndarray | None = None,
+                      fixed: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Out-of-sample gaps of :func:`calibrate_lambda` with ``k`` models, raw (``argmax``),
     ``smoothed`` and (given a ``window`` mask over the grid) ``windowed`` (smoothed, inside the
     window): for each draw, select on ``k`` random subsets of the M and return (best LDS on
     the other M - k) minus (their LDS at the selected lambda). ``preds`` [L, m, M] are the
-    subset predictions along the grid."""
+    subset predictions along the grid. ``fixed`` (name: grid index) adds the gaps, on the same
+    unseen subsets, of lambdas chosen without retraining: a paired comparison, since the gap
+    measured on M - k subsets is itself noisy (their grid best is an optimistic maximum)."""
     total = preds.shape[2]
     if not 3 <= k <= total - 3:
         raise ValueError(f"k must be between 3 and M - 3 = {total - 3} (got {k})")
@@ -95,4 +98,6 @@ def calibration_draws(preds: np.ndarray, outputs: np.ndarray, k: int, draws: int
         rest = _lds_curve(preds, outputs, order[k:])
         for name, smoothed, allowed in variants:
             gaps[name].append(float(np.nanmax(rest) - rest[pick(seen, smoothed, allowed)]))
+        for name, index in (fixed or {}).items():
+            gaps.setdefault(name, []).append(float(np.nanmax(rest) - rest[index]))
     return gaps

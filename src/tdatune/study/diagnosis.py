@@ -75,8 +75,11 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
         total = preds.shape[2]
         window = window_mask(grid.numpy(), xi_window(xi_grid.numpy(), xi_mean_of(val_path,
                                                                                xi_grid)))
+        fixed = {}
+        if chosen is not None:  # the retraining-free selection, judged on the same subsets
+            fixed["xi"] = int(np.argmin(np.abs(np.log(grid.numpy()) - math.log(chosen.lam))))
         out["calibration"] = {str(k): calibration_draws(preds, outputs, k, CALIBRATION_DRAWS,
-                                                        seed=k, window=window)
+                                                        seed=k, window=window, fixed=fixed)
                               for k in CALIBRATION_K if k <= total - 3}
     if blockwise and len(test_path.block_sizes()) > 1:
         out["blockwise"] = _blockwise(test_path, val_path, gt, threshold)

@@ -256,11 +256,13 @@ def _calibration_lines(cells: list[Cell], by_family: np.ndarray, fams: list[str]
              "grid point with the highest LDS on those K (`argmax`), on its three-point "
              "moving average along the grid (`smoothed`), or on that average among the lambdas "
              "where the validation mean xi lies between 0.3 and 0.8 (`windowed`, what "
-             "`--calibrate` does); its gap is measured on the other subsets. "
+             "`--calibrate` does); its gap is measured on the other subsets. `xi`: the "
+             "retraining-free selection (nearest grid point) measured on the same unseen "
+             "subsets, for a paired comparison (a gap on M - K subsets is noisy itself). "
              "Per family: mean over cells of the median draw / worst draw over all cells.", "",
              "| K, selection | cells | all | " + " | ".join(fams) + " |",
              "|---|---|---|" + "---|" * len(fams)]
-    for variant, k in [(v, k) for v in ("argmax", "smoothed", "windowed") for k in ks]:
+    for variant, k in [(v, k) for v in ("argmax", "smoothed", "windowed", "xi") for k in ks]:
         med = np.full(len(cells), math.nan)
         worst = np.full(len(cells), math.nan)
         for i in with_cal:
