@@ -99,6 +99,9 @@ def test_example_spec_validates_and_expands_to_its_cells(path: Path) -> None:
     raw = tomllib.loads(path.read_text())
     spec = load_spec(path)
     for entry in raw["settings"]:
+        if isinstance(entry, dict) and "task" in entry:  # a user task: module:function, labelled
+            assert re.fullmatch(r"[\w.]+:\w+", entry["task"]) and entry.get("label")
+            continue
         name = entry if isinstance(entry, str) else entry["name"]
         assert name in SETTINGS and get_setting(name).name == name
     assert all(m["name"] in ATTRIBUTORS for m in raw["methods"])

@@ -368,3 +368,21 @@ def test_a_tied_weight_saved_once_is_filled_in(tmp_path: Path) -> None:
     assert torch.equal(got["out.weight"], state["emb.weight"])
     with pytest.raises(ValueError, match=r"missing keys \['emb\.weight', 'out\.weight'\]"):  # no twin saved
         as_checkpoints(Task(make_model=TiedNet), {"other": torch.zeros(5, 3)})
+
+
+def test_checkpoints_hold_what_state_dict_holds() -> None:
+    """A non-persistent buffer (Hugging Face's position_ids) is rebuilt by the constructor and
+    is not saved: the saved state has exactly torch's state_dict() keys, so it loads back."""
+    from tdatune.models.task import model_state
+
+    class WithPositions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+            self.norm = torch.nn.BatchNorm1d(2)
+            self.register_buffer("position_ids", torch.arange(4), persistent=False)
+
+    model = WithPositions()
+    state = model_state(model)
+    assert set(state) == set(model.state_dict())
+    WithPositions().load_state_dict(state)  # strict: neither missing nor unexpected keys

@@ -354,9 +354,12 @@ def model_params(model: nn.Module) -> Params:
 
 
 def model_state(model: nn.Module) -> Params:
-    """Detached copies of parameters and buffers (BatchNorm statistics), by name."""
+    """Detached copies of parameters and persistent buffers (BatchNorm statistics), by name:
+    what ``state_dict()`` holds. Non-persistent buffers (Hugging Face's ``position_ids``) are
+    rebuilt by the model's constructor and are not part of a checkpoint."""
+    persistent = set(model.state_dict().keys())
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
-    state.update({k: v.detach().clone() for k, v in model.named_buffers()})
+    state.update({k: v.detach().clone() for k, v in model.named_buffers() if k in persistent})
     return state
 
 
