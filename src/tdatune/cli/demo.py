@@ -14,6 +14,7 @@ from tdatune.cli.options import (
     backend_options,
     setting_request,
 )
+from tdatune.select.default import DEFAULT_RULE, RULES
 from tdatune.study.lambda_study import LambdaStudyConfig, format_summary, run_lambda_study
 from tdatune.study.spec import is_eigen
 
@@ -28,6 +29,9 @@ def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="subset fraction (default 0.5)")
     p.add_argument("--seeds", type=int, default=1, help="retraining seeds per subset (averaged)")
     p.add_argument("--threshold", type=float, default=0.5, help="surrogate threshold (default 0.5)")
+    p.add_argument("--rule", default=DEFAULT_RULE, choices=RULES,
+                   help=f"how lambda is selected without retraining: xi (Algorithm 1 at the "
+                        f"threshold) or top (0.01 x the top eigenvalue); default {DEFAULT_RULE}")
     p.add_argument("--grid-points", type=int, default=41, help="lambda grid size for the curve")
     p.add_argument("--calibrate", type=int, default=None, metavar="K",
                    help="also choose lambda with K <= 10 retrained models (the first K subsets "
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         setting=request.name, attributor=args.attributor,
         attributor_params=parse_params(args.params),
         n_subsets=args.subsets, alpha=args.alpha, seeds_per_subset=args.seeds,
-        threshold=args.threshold, grid_points=args.grid_points, seed=args.seed,
+        threshold=args.threshold, rule=args.rule, grid_points=args.grid_points, seed=args.seed,
         data_dir=args.data_dir, device=args.device, show_progress=not args.quiet,
         backend=args.backend, backend_options=backend_options(args), sizes=request.sizes,
         recipe_overrides=request.recipe_overrides, task_options=request.task_options,

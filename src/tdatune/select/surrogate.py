@@ -85,16 +85,21 @@ class Selection:
     threshold: float
     n_used: int
     n_dropped: int
-    status: str  # "crossed", "below-grid" (already above threshold), "above-grid" (never reached)
+    status: str  # "crossed", "below-grid" (already above threshold), "above-grid" (never reached);
+    # "spectrum" for the rule "top"
     grid: torch.Tensor = field(repr=False)
     xi_mean: torch.Tensor = field(repr=False)
     reliability: Reliability | None = field(default=None, repr=False)
+    rule: str = "xi"                 # "xi" (Algorithm 1) or "top" (select.default)
+    xi_lambda: float | None = None   # Algorithm 1's lambda when the rule is another
 
     def to_dict(self) -> dict[str, object]:
         """JSON-friendly summary (with the reliability signals when computed)."""
         out: dict[str, object] = {"lambda": self.lam, "threshold": self.threshold,
                                   "n_used": self.n_used, "n_dropped": self.n_dropped,
-                                  "status": self.status}
+                                  "status": self.status, "rule": self.rule}
+        if self.xi_lambda is not None:
+            out["xi_lambda"] = self.xi_lambda
         if self.reliability is not None:
             out["reliability"] = self.reliability.to_dict()
         return out

@@ -17,7 +17,8 @@ from tdatune.data.base import as_dataset
 from tdatune.models.checkpoints import as_checkpoints
 from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, train_model
-from tdatune.select.surrogate import Selection, default_lambda_grid, select_lambda
+from tdatune.select.default import DEFAULT_RULE, choose_lambda
+from tdatune.select.surrogate import Selection, default_lambda_grid
 
 
 @dataclass
@@ -56,6 +57,7 @@ def attribute(
     task: Task, train: Any, explained: Any, *, val: Any = None, checkpoints: Any = None,
     training: TrainRecipe | TrainFunction | None = None, attributor: str = "iffim",
     params: dict[str, Any] | None = None, lam: float | None = None, threshold: float = 0.5,
+    rule: str = DEFAULT_RULE,
     weight_decay: float | None = None, learning_rates: list[float] | None = None,
     seed: int = 0, device: str | torch.device | None = None, plot: str | Path | None = None,
     show_progress: bool = False,
@@ -69,7 +71,9 @@ def attribute(
     :class:`TrainRecipe` or your :class:`TrainFunction`) to train here. ``weight_decay`` is
     the L2 coefficient of your training objective (default: the training recipe's, else 0).
     ``lam`` skips the selection (TracIn has no lambda), and ``val`` is needed only for the
-    selection. ``plot`` writes a PNG of mean xi against lambda.
+    selection; ``rule`` chooses it (``tdatune.select.default``: ``"xi"``, Algorithm 1 at
+    ``threshold``, or ``"top"``, 0.01 x the top eigenvalue). ``plot`` writes a PNG of mean xi
+    against lambda.
     The attributor must be eigen-based for the selection: iffim, if_explicit, trak or logra.
     TracIn weighs each checkpoint by its ``learning_rates`` (from ``training`` when given);
     without them every checkpoint weighs 1, with a warning.
@@ -115,7 +119,7 @@ def attribute(
     if lam is None and damped and val_d is not None:  # (val_d is given: checked above)
         sigma, c_val = att.surrogate_spectrum(val_d)
         grid = default_lambda_grid(sigma, num=81, below=1e-2, above=1e2)
-        selection = select_lambda(sigma, c_val, threshold=threshold, grid=grid)
+        selection = choose_lambda(sigma, c_val, rule=rule, threshold=threshold, grid=grid)
         lam = selection.lam
         trust = selection.reliability
         if trust is not None and trust.unsure:
@@ -148,7 +152,10 @@ def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "") ->
     ax.semilogx(selection.grid.numpy(), selection.xi_mean.numpy(), color="C0", label="mean xi")
     ax.axhline(selection.threshold, color="grey", ls=":", label=f"threshold {selection.threshold}")
     ax.axvline(selection.lam, color="C3", ls="--",
-               label=f"selected lambda {selection.lam:.3g} ({selection.status})")
+               label=f"selected lambda {selection.lam:.3g} ({selection.rule}, {selection.status})")
+    if selection.xi_lambda is not None:
+        ax.axvline(selection.xi_lambda, color="C1", ls=":",
+                   label=f"xi >= {selection.threshold:g}: {selection.xi_lambda:.3g}")
     ax.set_xlabel("lambda")
     ax.set_ylabel("mean surrogate xi (validation)")
     ax.set_ylim(0, 1.02)

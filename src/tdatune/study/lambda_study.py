@@ -18,14 +18,16 @@ from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
 from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_lambda
 from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.lds import lds_path
+from tdatune.select.default import DEFAULT_RULE, RULES, choose_lambda
 from tdatune.select.quantile import quantile_lambda
-from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
+from tdatune.select.reliability import TOP_FRACTION
+from tdatune.select.surrogate import default_lambda_grid, mean_indicator
 from tdatune.study.diagnosis import xi_window
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
 from tdatune.study.spec import is_eigen
 from tdatune.utils.atomic import atomic_write_json, atomic_write_text
-from tdatune.utils.checks import check_open_unit
+from tdatune.utils.checks import check_choice, check_open_unit
 from tdatune.utils.fingerprint import fingerprint_config
 
 
@@ -40,6 +42,7 @@ class LambdaStudyConfig:
     alpha: float = 0.5
     seeds_per_subset: int = 1
     threshold: float = 0.5
+    rule: str = DEFAULT_RULE  # which retraining-free rule selects (select.default)
     quantiles: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)
     grid_points: int = 41
     seed: int = 0
@@ -56,6 +59,7 @@ class LambdaStudyConfig:
 
     def __post_init__(self) -> None:
         check_open_unit("threshold", self.threshold)
+        check_choice("selection rule", self.rule, RULES)
         if self.calibrate is not None and not (
                 3 <= self.calibrate <= min(MAX_CALIBRATION_MODELS, self.n_subsets)):
             raise ValueError(
@@ -116,14 +120,19 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
 
     say("selecting lambda on validation, scoring LDS on test")
     xi_mean, _ = mean_indicator(sigma, c_val, grid)
-    selection = select_lambda(sigma, c_val, threshold=config.threshold)
+    selection = choose_lambda(sigma, c_val, rule=config.rule, threshold=config.threshold)
     lam_q = [quantile_lambda(sigma, q) for q in config.quantiles]
-    # one pass over the lambda-path: the grid, the selected lambda, the baselines
-    extra = torch.tensor([selection.lam, *lam_q], dtype=grid.dtype)
+    other_rule = "xi" if selection.rule == "top" else "top"
+    other_lam = (selection.xi_lambda if selection.rule == "top"
+                 else TOP_FRACTION * float(sigma.max()))
+    # one pass over the lambda-path: the grid, the selected lambda, the other rule, the baselines
+    extra = torch.tensor([selection.lam, other_lam, *lam_q], dtype=grid.dtype)
     results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([grid, extra]))
     curve, lds_sel = results[: len(grid)], results[len(grid)]
+    other = {"rule": other_rule, "threshold": config.threshold, "lambda": other_lam,
+             "lds": results[len(grid) + 1].mean}
     baselines = {str(q): [lam, res.mean] for q, lam, res in
-                 zip(config.quantiles, lam_q, results[len(grid) + 1 :], strict=True)}
+                 zip(config.quantiles, lam_q, results[len(grid) + 2 :], strict=True)}
     best = int(np.nanargmax([c.mean for c in curve]))
     trust = selection.reliability
     window = xi_window(selection.grid.numpy(), selection.xi_mean.numpy())
@@ -139,6 +148,7 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         "lds_selected": lds_sel.mean,
         "lds_selected_sem": lds_sel.sem,
         "selection": selection.to_dict(),
+        "other_rule": other,
         "reliability": trust.to_dict() if trust else None,
         "calibrated": calibrated,
         "lambda_best": float(grid[best]),
@@ -194,6 +204,13 @@ def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[
     return out
 
 
+def selection_label(selection: dict[str, Any]) -> str:
+    """How the table names the selection's rule."""
+    if selection.get("rule", "xi") == "top":
+        return "0.01 x top eigenvalue"
+    return f"surrogate xi >= {selection['threshold']}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable table of the study's result."""
     lines = [
@@ -203,8 +220,11 @@ def format_summary(summary: dict[str, Any]) -> str:
            else f", test accuracy {summary['test_accuracy']:.3f}"),
         "",
         f"{'method':<26} {'lambda':>11} {'LDS (test)':>11}",
-        f"{'surrogate xi >= ' + str(summary['selection']['threshold']):<26} "
+        f"{selection_label(summary['selection']):<26} "
         f"{summary['lambda_selected']:>11.3e} {summary['lds_selected']:>11.4f}",
+        *([f"{selection_label(summary['other_rule']):<26} "
+           f"{summary['other_rule']['lambda']:>11.3e} {summary['other_rule']['lds']:>11.4f}"]
+          if summary.get("other_rule") else []),
         f"{'grid best (oracle)':<26} {summary['lambda_best']:>11.3e} {summary['lds_best']:>11.4f}",
         f"{'smallest grid lambda':<26} {summary['lds_curve'][0][0]:>11.3e} "
         f"{summary['lds_smallest_lambda']:>11.4f}",

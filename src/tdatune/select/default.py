@@ -1,0 +1,36 @@
+"""The lambda tdatune uses when none is given: one of two retraining-free rules.
+
+- ``"xi"``: Algorithm 1, the smallest lambda where the validation mean of xi reaches the
+  threshold (``select_lambda``);
+- ``"top"``: ``TOP_FRACTION`` x the largest eigenvalue of the validation spectrum.
+
+Which one is the default (``DEFAULT_RULE``) is decided by the out-of-sample comparison over
+every stored study cell (``tdatune rules``; the numbers are in ``docs/study.md``). Whatever
+the rule, the returned ``Selection`` keeps Algorithm 1's curve, its lambda (``xi_lambda``) and
+its reliability signals, whose ``distance`` is the disagreement of the two rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from tdatune.select.reliability import TOP_FRACTION
+from tdatune.select.surrogate import Selection, select_lambda
+from tdatune.utils.checks import check_choice
+
+RULES = ("xi", "top")
+DEFAULT_RULE = "xi"
+
+
+def choose_lambda(sigma: torch.Tensor, c_val: torch.Tensor, *, rule: str = DEFAULT_RULE,
+                  threshold: float = 0.5, grid: torch.Tensor | None = None) -> Selection:
+    """The lambda of ``rule`` (``"xi"`` or ``"top"``) with Algorithm 1's diagnostics."""
+    check_choice("selection rule", rule, RULES)
+    selection = select_lambda(sigma, c_val, threshold=threshold, grid=grid)
+    if rule == "xi":
+        return selection
+    top = float(torch.as_tensor(sigma, dtype=torch.float64).max())
+    return replace(selection, lam=TOP_FRACTION * top, status="spectrum", rule="top",
+                   xi_lambda=selection.lam)

@@ -1,0 +1,36 @@
+"""The default-rule front end: each rule's lambda by hand, Algorithm 1's diagnostics kept."""
+
+import pytest
+import torch
+
+from tdatune.select import choose_lambda, select_lambda
+
+
+def spectrum():
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.logspace(-6, 1, 40, dtype=torch.float64)
+    c = torch.randn(7, 40, generator=g, dtype=torch.float64)
+    return sigma, c
+
+
+def test_top_rule_is_a_hundredth_of_the_largest_eigenvalue():
+    sigma, c = spectrum()
+    sel = choose_lambda(sigma, c, rule="top")
+    assert sel.lam == pytest.approx(0.01 * 10.0)
+    assert sel.rule == "top" and sel.status == "spectrum"
+    xi = select_lambda(sigma, c)
+    assert sel.xi_lambda == pytest.approx(xi.lam)
+    assert sel.reliability is not None and sel.to_dict()["xi_lambda"] == pytest.approx(xi.lam)
+
+
+def test_xi_rule_is_algorithm_one():
+    sigma, c = spectrum()
+    for t in (0.3, 0.5, 0.7):
+        assert choose_lambda(sigma, c, rule="xi", threshold=t).lam == \
+            pytest.approx(select_lambda(sigma, c, threshold=t).lam)
+
+
+def test_an_unknown_rule_is_refused():
+    sigma, c = spectrum()
+    with pytest.raises(ValueError, match="selection rule"):
+        choose_lambda(sigma, c, rule="median")
