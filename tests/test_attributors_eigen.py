@@ -296,3 +296,29 @@ def test_layerwise_refuses_a_layer_run_twice():
     layers = linear_layers(model)
     with pytest.raises(ValueError, match="linear layer lin ran twice"):
         layerwise_grads(task, model, data, layer_factors(layers, None), layers)
+
+
+def test_blockwise_predictions_use_each_blocks_own_damping():
+    """Two Fisher blocks with different dampings against dense solves of each block."""
+    from tdatune.attributors.lambda_path import EnsembleLambdaPath, LambdaPath
+
+    g = torch.Generator().manual_seed(7)
+    n, m, M = 20, 3, 6
+    blocks, paths = [], []
+    for p, scale in ((4, 1.0), (3, 1e-3)):
+        G = torch.randn(n, p, generator=g, dtype=torch.float64) * scale
+        V = torch.randn(m, p, generator=g, dtype=torch.float64) * scale
+        F = G.T @ G / n
+        sigma, U = torch.linalg.eigh(F)
+        blocks.append((G, V, F))
+        paths.append(LambdaPath(sigma, V @ U, G @ U))
+    path = EnsembleLambdaPath(paths, [1.0, 1.0])
+    masks = torch.rand(M, n, generator=g) < 0.5
+    lams = (1e-1, 1e-7)
+    want = sum(-(V @ torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=torch.float64),
+                                        G.T)) @ masks.double().T
+               for (G, V, F), lam in zip(blocks, lams, strict=True))
+    got = path.blockwise_predictions(masks, lams)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="2 blocks"):
+        path.blockwise_predictions(masks, [1.0])

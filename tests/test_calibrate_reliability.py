@@ -43,8 +43,11 @@ def test_calibration_picks_the_smoothed_best_lambda_of_a_dense_solve():
     assert lam == pytest.approx(lams[int(np.argmax(by_hand))])
     lam_raw, _ = calibrate_lambda(path, masks, outputs, lams, smoothed=False)
     assert lam_raw == pytest.approx(lams[int(np.argmax(raw))])
-    inside = (lams >= 1e-4) & (lams <= 1e-2)
-    lam_w, _ = calibrate_lambda(path, masks, outputs, lams, window=(1e-4, 1e-2))
+    best = int(np.argmax(by_hand))
+    lo, hi = (lams[0], lams[best - 2]) if best >= 3 else (lams[best + 2], lams[-1])
+    inside = (lams >= lo) & (lams <= hi)  # a window that excludes the best grid point
+    lam_w, _ = calibrate_lambda(path, masks, outputs, lams, window=(lo, hi))
+    assert lam_w != pytest.approx(lams[best])
     assert lam_w == pytest.approx(lams[int(np.argmax(np.where(inside, by_hand, -np.inf)))])
     with pytest.raises(ValueError, match="at least 3"):
         calibrate_lambda(path, masks[:2], outputs[:2], lams)

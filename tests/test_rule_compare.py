@@ -75,6 +75,16 @@ def test_leave_one_setting_out_picks_the_constant_of_the_other_settings():
     assert chosen["a"] == 1e-2 and gaps[0] == pytest.approx(0.0)
 
 
+def test_the_setting_left_out_never_chooses_its_own_constant():
+    """Two cells of a (best at 1e-2) and one of b (best at 1e0): left out, a gets the constant b
+    prefers (1, gap 0.2 on each cell of a), although a's own cells outnumber b's."""
+    cells = [cell("a", -2), cell("a", -2), cell("b", 0)]
+    fam = RuleFamily("c x top", top_rule, (1e-2, 1.0), 1e-2, str)
+    gaps, chosen = loso(cells, fam, lambda c: c["setting"])
+    assert chosen == {"a": 1.0, "b": 1e-2}
+    np.testing.assert_allclose(gaps, [0.2, 0.2, 0.2])
+
+
 def test_reliability_signals_of_a_stored_cell():
     c = cell("a", -2, top=1.0, xi_at=1e-2)
     sig = reliability_signals(c)
