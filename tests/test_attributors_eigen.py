@@ -322,3 +322,22 @@ def test_blockwise_predictions_use_each_blocks_own_damping():
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="2 blocks"):
         path.blockwise_predictions(masks, [1.0])
+
+
+def test_a_block_of_tiny_curvature_takes_a_tiny_damping():
+    """Each block's damping is checked against that block's eigenvalues: a block whose
+    eigenvalues are 1e-20 of the other's may take lambda = 1e-22 (not singular for it)."""
+    from tdatune.attributors.lambda_path import EnsembleLambdaPath, LambdaPath
+
+    big = LambdaPath(torch.tensor([1.0, 2.0], dtype=torch.float64),
+                     torch.ones(1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    tiny = LambdaPath(torch.tensor([1e-20], dtype=torch.float64),
+                      torch.ones(1, 1, dtype=torch.float64),
+                      torch.tensor([[1.0], [0.0]], dtype=torch.float64))
+    path = EnsembleLambdaPath([big, tiny], [1.0, 1.0])
+    masks = torch.tensor([[True, False]])
+    got = path.blockwise_predictions(masks, [0.5, 1e-22])
+    want = -(1.0 / 1.5 + 1.0 / (1e-20 + 1e-22))
+    torch.testing.assert_close(got, torch.tensor([[want]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=">= 0"):
+        path.blockwise_predictions(masks, [0.5, -1e-20])

@@ -107,8 +107,10 @@ class LambdaPath:
                              "block lambdas were given")
         lam = torch.repeat_interleave(torch.tensor([float(x) for x in block_lambdas],
                                                    dtype=torch.float64), torch.tensor(sizes))
-        for x in block_lambdas:
-            check_path_lambdas(self.sigma, float(x))
+        start = 0
+        for size, x in zip(sizes, block_lambdas, strict=True):  # each against its own block
+            check_path_lambdas(self.sigma[start: start + size], float(x))
+            start += size
         b = self.project_masks(masks) if projected is None else projected
         return self.sign * ((self.explained_coords / (self.sigma + lam)) @ b.T)
 

@@ -82,7 +82,10 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
                                                         seed=k, window=window, fixed=fixed)
                               for k in CALIBRATION_K if k <= total - 3}
     if blockwise and len(test_path.block_sizes()) > 1:
-        out["blockwise"] = _blockwise(test_path, val_path, gt, threshold)
+        try:
+            out["blockwise"] = _blockwise(test_path, val_path, gt, threshold)
+        except ValueError as err:  # the other blocks of the diagnosis stand without it
+            out["blockwise_error"] = str(err)
     return out
 
 

@@ -195,8 +195,10 @@ def _mean_max(g: np.ndarray) -> str:
 
 
 def setting_key(cell: Cell) -> str:
-    """The group a setting is left out by: its setting name."""
-    return str(cell.get("setting_name") or cell["setting"])
+    """The group a setting is left out by: its setting name (a user task's label, since its
+    name is the ``module:function`` it was built by)."""
+    name = str(cell.get("setting_name") or cell["setting"])
+    return str(cell["setting"]) if ":" in name else name
 
 
 def seed_of(cell: Cell) -> int:
