@@ -23,6 +23,18 @@ def test_top_rule_is_a_hundredth_of_the_largest_eigenvalue():
     assert sel.reliability is not None and sel.to_dict()["xi_lambda"] == pytest.approx(xi.lam)
 
 
+def test_quantile_rule_is_the_spectrum_quantile():
+    sigma, c = spectrum()
+    sel = choose_lambda(sigma, c, rule="quantile")
+    # 40 eigenvalues log-spaced over 7 decades: the 0.9 quantile by linear interpolation
+    # between the 36th and 37th (0-based 35.1)
+    pos = 0.9 * 39
+    lo = float(sigma[int(pos)])
+    hi = float(sigma[int(pos) + 1])
+    assert sel.lam == pytest.approx(lo + (pos - int(pos)) * (hi - lo))
+    assert sel.rule == "quantile"
+
+
 def test_xi_rule_is_algorithm_one():
     sigma, c = spectrum()
     for t in (0.3, 0.5, 0.7):

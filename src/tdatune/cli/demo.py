@@ -31,7 +31,8 @@ def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="surrogate threshold (default 0.5)")
     p.add_argument("--rule", default=DEFAULT_RULE, choices=RULES,
                    help=f"how lambda is selected without retraining: xi (Algorithm 1 at the "
-                        f"threshold) or top (0.01 x the top eigenvalue); default {DEFAULT_RULE}")
+                        f"threshold), top (0.01 x the top eigenvalue) or quantile (the 0.9 "
+                        f"quantile of the spectrum); default {DEFAULT_RULE}")
     p.add_argument("--grid-points", type=int, default=41, help="lambda grid size for the curve")
     p.add_argument("--calibrate", type=int, default=None, metavar="K",
                    help="also choose lambda with K <= 10 retrained models (the first K subsets "

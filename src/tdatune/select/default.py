@@ -2,7 +2,8 @@
 
 - ``"xi"``: Algorithm 1, the smallest lambda where the validation mean of xi reaches the
   threshold (``select_lambda``);
-- ``"top"``: ``TOP_FRACTION`` x the largest eigenvalue of the validation spectrum.
+- ``"top"``: ``TOP_FRACTION`` x the largest eigenvalue of the validation spectrum;
+- ``"quantile"``: the ``QUANTILE`` quantile of the non-zero eigenvalues.
 
 Which one is the default (``DEFAULT_RULE``) is decided by the out-of-sample comparison over
 every stored study cell (``tdatune rules``; the numbers are in ``docs/study.md``). Whatever
@@ -16,21 +17,25 @@ from dataclasses import replace
 
 import torch
 
+from tdatune.select.quantile import quantile_lambda
 from tdatune.select.reliability import TOP_FRACTION
 from tdatune.select.surrogate import Selection, select_lambda
 from tdatune.utils.checks import check_choice
 
-RULES = ("xi", "top")
+RULES = ("xi", "top", "quantile")
 DEFAULT_RULE = "xi"
+QUANTILE = 0.9
 
 
 def choose_lambda(sigma: torch.Tensor, c_val: torch.Tensor, *, rule: str = DEFAULT_RULE,
                   threshold: float = 0.5, grid: torch.Tensor | None = None) -> Selection:
-    """The lambda of ``rule`` (``"xi"`` or ``"top"``) with Algorithm 1's diagnostics."""
+    """The lambda of ``rule`` (one of ``RULES``) with Algorithm 1's diagnostics."""
     check_choice("selection rule", rule, RULES)
     selection = select_lambda(sigma, c_val, threshold=threshold, grid=grid)
     if rule == "xi":
         return selection
-    top = float(torch.as_tensor(sigma, dtype=torch.float64).max())
-    return replace(selection, lam=TOP_FRACTION * top, status="spectrum", rule="top",
-                   xi_lambda=selection.lam)
+    if rule == "top":
+        lam = TOP_FRACTION * float(torch.as_tensor(sigma, dtype=torch.float64).max())
+    else:
+        lam = quantile_lambda(sigma, QUANTILE)
+    return replace(selection, lam=lam, status="spectrum", rule=rule, xi_lambda=selection.lam)

@@ -72,7 +72,8 @@ def attribute(
     the L2 coefficient of your training objective (default: the training recipe's, else 0).
     ``lam`` skips the selection (TracIn has no lambda), and ``val`` is needed only for the
     selection; ``rule`` chooses it (``tdatune.select.default``: ``"xi"``, Algorithm 1 at
-    ``threshold``, or ``"top"``, 0.01 x the top eigenvalue). ``plot`` writes a PNG of mean xi
+    ``threshold``; ``"top"``, 0.01 x the top eigenvalue; ``"quantile"``, the spectrum's 0.9
+    quantile). ``plot`` writes a PNG of mean xi
     against lambda.
     The attributor must be eigen-based for the selection: iffim, if_explicit, trak or logra.
     TracIn weighs each checkpoint by its ``learning_rates`` (from ``training`` when given);

@@ -122,8 +122,8 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     xi_mean, _ = mean_indicator(sigma, c_val, grid)
     selection = choose_lambda(sigma, c_val, rule=config.rule, threshold=config.threshold)
     lam_q = [quantile_lambda(sigma, q) for q in config.quantiles]
-    other_rule = "xi" if selection.rule == "top" else "top"
-    other_lam = (selection.xi_lambda if selection.rule == "top"
+    other_rule = "xi" if selection.rule != "xi" else "top"
+    other_lam = (selection.xi_lambda if selection.rule != "xi"
                  else TOP_FRACTION * float(sigma.max()))
     # one pass over the lambda-path: the grid, the selected lambda, the other rule, the baselines
     extra = torch.tensor([selection.lam, other_lam, *lam_q], dtype=grid.dtype)
@@ -206,8 +206,11 @@ def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[
 
 def selection_label(selection: dict[str, Any]) -> str:
     """How the table names the selection's rule."""
-    if selection.get("rule", "xi") == "top":
+    rule = selection.get("rule", "xi")
+    if rule == "top":
         return "0.01 x top eigenvalue"
+    if rule == "quantile":
+        return "spectrum quantile 0.9 (rule)"
     return f"surrogate xi >= {selection['threshold']}"
 
 
