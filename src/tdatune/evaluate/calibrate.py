@@ -61,7 +61,8 @@ def calibrate_lambda(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
     """The grid lambda with the highest LDS (``smoothed``: after :func:`smooth`) on the given
     retrained subsets (masks [K, n], mean outputs [K, m], 3 <= K), and the raw LDS curve.
     ``window`` (lo, hi) limits the search, e.g. to where mean xi lies between 0.3 and 0.8
-    (:data:`XI_WINDOW`): a few models then choose the threshold, not any lambda."""
+    (:data:`XI_WINDOW`): a few models then choose the threshold, not any lambda (over the
+    study's cells this did worse than the whole grid where xi is far off, e.g. on BERT)."""
     k = int(masks.shape[0])
     if k < 3:
         raise ValueError(f"calibration needs at least 3 retrained models (got {k}): a rank "

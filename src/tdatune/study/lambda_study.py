@@ -22,7 +22,6 @@ from tdatune.select.default import DEFAULT_RULE, RULES, choose_lambda
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.reliability import TOP_FRACTION
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator
-from tdatune.study.diagnosis import xi_window
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
 from tdatune.study.spec import is_eigen
@@ -135,8 +134,7 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
                  zip(config.quantiles, lam_q, results[len(grid) + 2 :], strict=True)}
     best = int(np.nanargmax([c.mean for c in curve]))
     trust = selection.reliability
-    window = xi_window(selection.grid.numpy(), selection.xi_mean.numpy())
-    calibrated = (_calibrate(config.calibrate, test_path, gt, grid, curve, window)
+    calibrated = (_calibrate(config.calibrate, test_path, gt, grid, curve)
                   if config.calibrate else None)
 
     summary = {
@@ -189,14 +187,15 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     return summary
 
 
-def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[Any],
-               window: tuple[float, float]) -> dict[str, Any]:
-    """Lambda chosen by the first ``k`` retrained subsets inside the mean-xi ``window``; its LDS
-    on all subsets and on the subsets it did not see."""
+def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[Any]
+               ) -> dict[str, Any]:
+    """Lambda chosen by the first ``k`` retrained subsets (the smoothed LDS curve over the whole
+    grid: limiting it to where mean xi lies in 0.3-0.8 did worse out of sample, docs/study.md);
+    its LDS on all subsets and on the subsets it did not see."""
     outputs = np.asarray(gt.mean_outputs)
-    lam, _ = calibrate_lambda(test_path, gt.masks[:k], outputs[:k], grid, window=window)
+    lam, _ = calibrate_lambda(test_path, gt.masks[:k], outputs[:k], grid)
     i = int(torch.argmin((grid - lam).abs()))
-    out: dict[str, Any] = {"k": k, "lambda": lam, "lds": curve[i].mean, "window": list(window)}
+    out: dict[str, Any] = {"k": k, "lambda": lam, "lds": curve[i].mean}
     if gt.masks.shape[0] - k >= 3:
         rest = lds_path(test_path, gt.masks[k:], outputs[k:], grid)
         values = [r.mean for r in rest]

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from tdatune.evaluate.condition import ConditionCurves, decompose, first_crossing
-from tdatune.select.reliability import crossing_slope
+from tdatune.select.reliability import DISTANCE_MAX, crossing_slope
 
 Cell = dict[str, Any]
 Rule = Callable[[Cell], float | None]
@@ -256,9 +256,9 @@ def _calibration_lines(cells: list[Cell], by_family: np.ndarray, fams: list[str]
     lines = ["", "## Few retrained models (`--calibrate K`)", "",
              "K of the ground truth's subsets drawn at random (100 draws per cell): lambda = the "
              "grid point with the highest LDS on those K (`argmax`), on its three-point "
-             "moving average along the grid (`smoothed`), or on that average among the lambdas "
-             "where the validation mean xi lies between 0.3 and 0.8 (`windowed`, what "
-             "`--calibrate` does); its gap is measured on the other subsets. `xi`: the "
+             "moving average along the grid (`smoothed`, what `--calibrate` does), or on that "
+             "average among the lambdas where the validation mean xi lies between 0.3 and 0.8 "
+             "(`windowed`); its gap is measured on the other subsets. `xi`: the "
              "retraining-free selection (nearest grid point) measured on the same unseen "
              "subsets, for a paired comparison (a gap on M - K subsets is noisy itself). "
              "Per family: mean over cells of the median draw / worst draw over all cells.", "",
@@ -364,4 +364,11 @@ def _reliability_lines(cells: list[Cell], gap: np.ndarray) -> list[str]:
         x = np.array([s.get(name, math.nan) for s in signals])
         rho, n = rank_correlation(x, gap)
         lines.append(f"| {name} | {n} | {_fmt(rho)} |")
+    distance = np.array([s.get("distance", math.nan) for s in signals])
+    flagged = distance > DISTANCE_MAX
+    ok = np.isfinite(distance) & np.isfinite(gap)
+    if ok.any():
+        lines += ["", f"`unsure` (distance > {DISTANCE_MAX:g} decade): {int((flagged & ok).sum())} "
+                  f"of {int(ok.sum())} cells, mean / max gap {_mean_max(gap[flagged & ok])}; "
+                  f"the others {_mean_max(gap[~flagged & ok])}."]
     return lines
