@@ -101,14 +101,14 @@ def test_crossing_slope_and_spread_by_hand():
 def test_reliability_flags_by_hand():
     lam = np.logspace(-4, 0, 5)
     steep = np.array([[0.0, 0.1, 0.9, 1.0, 1.0]] * 4)
-    r = reliability(lam, steep, 0.5, selected=1e-2, top_eigenvalue=1.0)
+    r = reliability(lam, steep, 0.5, selected=1e-2, reference=1e-2)
     assert r.distance == pytest.approx(0.0) and r.slope == pytest.approx(0.8)
     assert not r.unsure and r.reasons() == []
-    far = reliability(lam, steep, 0.5, selected=1e-2, top_eigenvalue=1e3)
+    far = reliability(lam, steep, 0.5, selected=1e-2, reference=10.0)
     assert far.distance == pytest.approx(3.0) and far.unsure
-    assert any("decades from" in x for x in far.reasons())
+    assert any("decades apart" in x for x in far.reasons())
     flat = np.array([[0.45, 0.47, 0.49, 0.51, 0.53]] * 4)
-    shallow = reliability(lam, flat, 0.5, 1e-2, 1.0)
+    shallow = reliability(lam, flat, 0.5, 1e-2, 1e-2)
     assert not shallow.unsure  # a shallow curve alone did not predict large gaps
     assert any("per decade" in x for x in shallow.reasons())  # but it is reported
     assert math.isfinite(shallow.spread)

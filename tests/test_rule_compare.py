@@ -86,10 +86,10 @@ def test_the_setting_left_out_never_chooses_its_own_constant():
 
 
 def test_reliability_signals_of_a_stored_cell():
-    c = cell("a", -2, top=1.0, xi_at=1e-2)
+    c = cell("a", -2, top=1.0, xi_at=1e-2, stats={"quantiles": {"0.9": 1e-4}, "mean": 1.0})
     sig = reliability_signals(c)
     assert sig["slope"] == pytest.approx(1 / 8)  # xi rises 1/8 per decade
-    assert sig["distance"] == pytest.approx(0.0)  # 1e-2 = 0.01 x top
+    assert sig["distance"] == pytest.approx(2.0)  # xi at 1e-2, the 0.9 quantile at 1e-4
     assert "spread" not in sig
 
 

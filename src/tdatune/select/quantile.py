@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tdatune.select.surrogate import ZERO_RTOL
 from tdatune.utils.checks import check_open_unit
+
+ZERO_RTOL = 1e-10  # eigenvalues below this fraction of the largest count as zero
 
 
 def quantile_lambda(sigma: torch.Tensor, q: float) -> float:

@@ -24,10 +24,9 @@ import torch
 
 from tdatune.select.compressed import CompressedSpectrum
 from tdatune.select.compressed import check_spectrum as _check_spectrum
-from tdatune.select.reliability import Reliability, reliability
+from tdatune.select.quantile import ZERO_RTOL, quantile_lambda
+from tdatune.select.reliability import REFERENCE_QUANTILE, Reliability, reliability
 from tdatune.utils.checks import check_nonempty, check_open_unit, check_positive_lambdas
-
-ZERO_RTOL = 1e-10
 
 
 def surrogate_indicator(sigma: torch.Tensor, c: torch.Tensor,
@@ -123,7 +122,7 @@ def select_lambda(sigma: torch.Tensor, c_val: torch.Tensor, threshold: float = 0
     selection = _bracket_and_bisect(spectrum.mean_xi, grid, threshold, bisection_steps,
                                     int(spectrum.defined.sum()), int((~spectrum.defined).sum()))
     selection.reliability = reliability(grid.numpy(), spectrum.xi(grid).numpy(), threshold,
-                                        selection.lam, float(sigma.max()))
+                                        selection.lam, quantile_lambda(sigma, REFERENCE_QUANTILE))
     return selection
 
 

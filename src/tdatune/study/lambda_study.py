@@ -18,9 +18,8 @@ from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
 from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_lambda
 from tdatune.evaluate.groundtruth import GroundTruthConfig
 from tdatune.evaluate.lds import lds_path
-from tdatune.select.default import DEFAULT_RULE, RULES, choose_lambda
+from tdatune.select.default import DEFAULT_RULE, QUANTILE, RULES, choose_lambda
 from tdatune.select.quantile import quantile_lambda
-from tdatune.select.reliability import TOP_FRACTION
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
@@ -121,9 +120,9 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     xi_mean, _ = mean_indicator(sigma, c_val, grid)
     selection = choose_lambda(sigma, c_val, rule=config.rule, threshold=config.threshold)
     lam_q = [quantile_lambda(sigma, q) for q in config.quantiles]
-    other_rule = "xi" if selection.rule != "xi" else "top"
+    other_rule = "xi" if selection.rule != "xi" else "quantile"
     other_lam = (selection.xi_lambda if selection.rule != "xi"
-                 else TOP_FRACTION * float(sigma.max()))
+                 else quantile_lambda(sigma, QUANTILE))
     # one pass over the lambda-path: the grid, the selected lambda, the other rule, the baselines
     extra = torch.tensor([selection.lam, other_lam, *lam_q], dtype=grid.dtype)
     results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([grid, extra]))

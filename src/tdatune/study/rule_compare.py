@@ -19,7 +19,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from tdatune.evaluate.condition import ConditionCurves, decompose, first_crossing
-from tdatune.select.reliability import DISTANCE_MAX, crossing_slope
+from tdatune.select.reliability import DISTANCE_MAX, REFERENCE_QUANTILE, crossing_slope
 
 Cell = dict[str, Any]
 Rule = Callable[[Cell], float | None]
@@ -160,15 +160,16 @@ def loso(cells: list[Cell], fam: RuleFamily, key: Callable[[Cell], str]) -> tupl
 
 def reliability_signals(cell: Cell, threshold: float = 0.5) -> dict[str, float]:
     """The retraining-free signals of the selection at ``threshold``: slope of the stored mean-xi
-    curve at the crossing, distance in decades to 0.01 x top, and (new cells) the spread of the
-    per-example crossings."""
+    curve at the crossing, distance in decades to the spectrum's 0.9 quantile, and (new cells)
+    the spread of the per-example crossings."""
     curve = cell.get("xi_curve")
     lam = xi_rule(threshold)(cell)
+    reference = quantile_rule(REFERENCE_QUANTILE)(cell)
     if not curve or lam is None:
         return {}
     out = {"slope": crossing_slope(np.array(curve["lambdas"]), np.array(curve["xi_mean"]),
                                    threshold),
-           "distance": abs(math.log10(lam / (0.01 * float(curve["top_eigenvalue"]))))}
+           "distance": math.nan if reference is None else abs(math.log10(lam / reference))}
     stored = next((s.get("reliability") for s in cell.get("selections", [])
                    if math.isclose(s["threshold"], threshold)), None)
     stored = stored or cell.get("reliability", {}).get(f"{threshold:g}")  # first study cells
