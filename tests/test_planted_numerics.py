@@ -489,7 +489,7 @@ def test_attribute_selects_algorithm_1_lambda_at_the_given_threshold() -> None:
     for threshold in (0.9, 0.97):
         want = _algorithm1(sigma, c_val, threshold)
         res = attribute(_lr_task(), TRAIN, EXPLAINED, val=VAL, training=training,
-                        attributor="if_explicit", threshold=threshold)
+                        attributor="if_explicit", threshold=threshold, rule="xi")
         assert res.selection is not None and res.selection.status == "crossed"
         assert math.isclose(res.lam, want, rel_tol=1e-6), (threshold, res.lam, want)
         assert _close(res.scores, _dense_scores(h, g, v, want), 1e-5), threshold

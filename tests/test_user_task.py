@@ -327,7 +327,7 @@ def test_attribute_selects_on_validation_like_a_by_hand_pipeline(tmp_path):
     torch.manual_seed(0)
     model = make_linear()
     result = attribute(task, (x, y), (xt, yt), val=(xv, yv), checkpoints=[model.state_dict()],
-                       plot=tmp_path / "xi.png")
+                       plot=tmp_path / "xi.png", rule="xi")
     w, b = model.weight.detach()[0], model.bias.detach()[0]
     g = 2 * (x @ w + b - y)[:, None] * torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     fisher = g.T @ g / len(x)
@@ -340,6 +340,13 @@ def test_attribute_selects_on_validation_like_a_by_hand_pipeline(tmp_path):
     dense = -(torch.linalg.solve(fisher + result.lam * torch.eye(5, dtype=x.dtype), v.T).T @ g.T)
     torch.testing.assert_close(result.scores.double(), dense, rtol=1e-5, atol=1e-8)
     assert (tmp_path / "xi.png").stat().st_size > 1000
+    # the default rule: the 0.9 quantile of the dense Fisher's non-zero eigenvalues (numpy's
+    # linear interpolation), Algorithm 1's lambda kept beside it
+    default = attribute(task, (x, y), (xt, yt), val=(xv, yv), checkpoints=[model.state_dict()])
+    nonzero = sigma[sigma > 1e-10 * sigma.max()].numpy()
+    assert default.lam == pytest.approx(float(np.quantile(nonzero, 0.9)), rel=1e-9)
+    assert default.selection.rule == "quantile"
+    assert default.selection.xi_lambda == pytest.approx(by_hand.lam, rel=1e-6)
 
 
 def test_train_model_refuses_a_mean_loss_before_training():
