@@ -245,7 +245,7 @@ def comparison_lines(cells: list[Cell]) -> list[str]:
     lines += _calibration_lines(cells, by_family, fams)
     lines += _seed_lines(cells, gaps)
     lines += _diagnosis_lines(cells)
-    lines += _reliability_lines(cells, gaps["xi >= 0.5"])
+    lines += _reliability_lines(cells, gaps)
     return lines
 
 
@@ -355,21 +355,25 @@ def stored_curves(cell: Cell) -> ConditionCurves:
                               for f in fields(ConditionCurves)})
 
 
-def _reliability_lines(cells: list[Cell], gap: np.ndarray) -> list[str]:
+def _reliability_lines(cells: list[Cell], gaps: dict[str, np.ndarray]) -> list[str]:
     signals = [reliability_signals(c) for c in cells]
+    judged = {"q = 0.9 (the default)": gaps["q = 0.9"], "xi >= 0.5": gaps["xi >= 0.5"]}
     lines = ["", "## Does the reliability diagnostic predict the gap?", "",
-             "Spearman rank correlation over cells between each retraining-free signal of the "
-             "selection at xi >= 0.5 and its gap to the grid best.", "",
-             "| signal | cells | rank correlation with the gap |", "|---|---|---|"]
+             "Spearman rank correlation over cells between each retraining-free signal (of xi's "
+             "selection at 0.5; distance: decades between it and the spectrum's 0.9 quantile) "
+             "and the gap to the grid best of each rule.", "",
+             "| signal | cells | " + " | ".join(f"with the gap of {k}" for k in judged) + " |",
+             "|---|---|" + "---|" * len(judged)]
     for name in ("slope", "spread", "distance"):
         x = np.array([s.get(name, math.nan) for s in signals])
-        rho, n = rank_correlation(x, gap)
-        lines.append(f"| {name} | {n} | {_fmt(rho)} |")
+        cols = [rank_correlation(x, g) for g in judged.values()]
+        lines.append(f"| {name} | {cols[0][1]} | " + " | ".join(_fmt(r) for r, _ in cols) + " |")
     distance = np.array([s.get("distance", math.nan) for s in signals])
     flagged = distance > DISTANCE_MAX
-    ok = np.isfinite(distance) & np.isfinite(gap)
-    if ok.any():
-        lines += ["", f"`unsure` (distance > {DISTANCE_MAX:g} decade): {int((flagged & ok).sum())} "
-                  f"of {int(ok.sum())} cells, mean / max gap {_mean_max(gap[flagged & ok])}; "
-                  f"the others {_mean_max(gap[~flagged & ok])}."]
+    for name, gap in judged.items():
+        ok = np.isfinite(distance) & np.isfinite(gap)
+        if ok.any():
+            lines += ["", f"`unsure` (distance > {DISTANCE_MAX:g} decade), gap of {name}: "
+                      f"{int((flagged & ok).sum())} of {int(ok.sum())} cells flagged, mean / max "
+                      f"{_mean_max(gap[flagged & ok])}; the others {_mean_max(gap[~flagged & ok])}."]
     return lines
