@@ -11,6 +11,7 @@ import torch
 from torch.func import functional_call
 
 from tdatune.attributors.base import AttributionContext
+from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.data.base import ArrayDataset
 from tdatune.data.digits import load_digits_splits
 from tdatune.models.small import MLP, LogisticRegression
@@ -111,3 +112,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max())
+
+
+def fisher_problem(n: int, p: int, m: int, generator: torch.Generator, decades: float = 2.0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LambdaPath]:
+    """Random gradients G [n, p] (column scales spanning ``decades``), explained gradients V
+    [m, p], their Fisher F = G^T G / n and its lambda-path (eigenbasis by a dense eigh)."""
+    G = torch.randn(n, p, generator=generator, dtype=torch.float64) * torch.logspace(
+        0, -decades, p, dtype=torch.float64)
+    V = torch.randn(m, p, generator=generator, dtype=torch.float64)
+    F = G.T @ G / n
+    sigma, U = torch.linalg.eigh(F)
+    return G, V, F, LambdaPath(sigma, V @ U, G @ U)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from tdatune.attributors.lambda_path import LambdaPath
+from attr_problems import fisher_problem
 from tdatune.evaluate.calibrate import calibrate_lambda, calibration_draws, smooth, window_mask
 from tdatune.select.reliability import (
     crossing_slope,
@@ -20,12 +20,7 @@ from tdatune.select.reliability import (
 def test_calibration_picks_the_smoothed_best_lambda_of_a_dense_solve():
     g = torch.Generator().manual_seed(1)
     n, p, m, k = 30, 5, 4, 8
-    G = torch.randn(n, p, generator=g, dtype=torch.float64) * torch.logspace(0, -3, p,
-                                                                             dtype=torch.float64)
-    V = torch.randn(m, p, generator=g, dtype=torch.float64)
-    F = G.T @ G / n
-    sigma, U = torch.linalg.eigh(F)
-    path = LambdaPath(sigma, V @ U, G @ U)
+    G, V, F, path = fisher_problem(n, p, m, g, decades=3.0)
     masks = torch.rand(k, n, generator=g) < 0.5
     outputs = (masks.double() @ (-(G @ torch.linalg.solve(F + 1e-2 * torch.eye(p, dtype=torch.float64),
                                                           V.T)))

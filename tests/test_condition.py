@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
+from attr_problems import fisher_problem
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.evaluate.condition import (
     condition_curves,
@@ -20,12 +21,7 @@ from tdatune.evaluate.condition import (
 
 def problem(n=24, p=6, m=3, M=40, seed=0):
     g = torch.Generator().manual_seed(seed)
-    G = torch.randn(n, p, generator=g, dtype=torch.float64) * torch.logspace(0, -2, p,
-                                                                             dtype=torch.float64)
-    V = torch.randn(m, p, generator=g, dtype=torch.float64)
-    F = G.T @ G / n
-    sigma, U = torch.linalg.eigh(F)
-    path = LambdaPath(sigma, V @ U, G @ U)
+    G, V, F, path = fisher_problem(n, p, m, g)
     size = n // 2
     masks = torch.zeros(M, n, dtype=torch.bool)
     for i in range(M):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tdatune.attributors.lambda_path import LambdaPath
-from tdatune.evaluate.lds import spearman_rows
+from tdatune.evaluate.lds import pearson_rows, spearman_rows
 from tdatune.select.centered import centered_indicator
 from tdatune.utils.checks import check_shape
 
@@ -143,7 +143,7 @@ def condition_curves(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
     # LDS variants: predicted subset sums and the population Pearson of the derivation
     preds = path.subset_predictions(masks, lam).numpy()         # [L, m, M]
     spear = spearman_rows(preds, f.T[None])
-    pear = _pearson_rows(preds, f.T[None])
+    pear = pearson_rows(preds, f.T[None])
     tau = torch.stack([path.sign * ((c / (sigma + float(x))) @ a.T) for x in lam])  # [L, m, n]
     tau_c = tau - tau.mean(dim=2, keepdim=True)
     alpha = float(masks.double().mean())
@@ -168,16 +168,6 @@ def _nanmean0(x: np.ndarray) -> np.ndarray:
     ok = np.isfinite(x)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(ok, x, 0.0).sum(axis=0) / ok.sum(axis=0)
-
-
-def _pearson_rows(pred: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Pearson correlation along the last axis (NaN for a constant row)."""
-    p = pred - pred.mean(axis=-1, keepdims=True)
-    q = actual - actual.mean(axis=-1, keepdims=True)
-    num = (p * q).sum(axis=-1)
-    den = np.sqrt((p * p).sum(axis=-1) * (q * q).sum(axis=-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
 def first_crossing(lambdas: np.ndarray, values: np.ndarray, level: np.ndarray | float

@@ -25,8 +25,15 @@ INVALID_POLICIES = ("raise", "mask")
 def spearman_rows(pred: np.ndarray | torch.Tensor, actual: np.ndarray | torch.Tensor) -> np.ndarray:
     """Spearman correlation of each row of ``pred`` with the same row of ``actual`` (ties get
     average ranks); NaN for a row where either side is constant. Leading axes broadcast."""
-    p = rankdata(np.asarray(pred, dtype=np.float64), axis=-1)
-    a = rankdata(np.asarray(actual, dtype=np.float64), axis=-1)
+    return pearson_rows(rankdata(np.asarray(pred, dtype=np.float64), axis=-1),
+                        rankdata(np.asarray(actual, dtype=np.float64), axis=-1))
+
+
+def pearson_rows(pred: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``pred`` with the same row of ``actual``; NaN for a
+    row where either side is constant. Leading axes broadcast."""
+    p = np.asarray(pred, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
     p = p - p.mean(axis=-1, keepdims=True)
     a = a - a.mean(axis=-1, keepdims=True)
     num = (p * a).sum(axis=-1)

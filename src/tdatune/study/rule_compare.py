@@ -235,9 +235,7 @@ def comparison_lines(cells: list[Cell]) -> list[str]:
              "a constant is *left one setting out*: the constant best on every other setting is "
              "applied to the setting left out. Per-block rules exist only on LoGra cells (one "
              "block per layer); `–`: the rule does not apply to any cell of the family "
-             "(older cells stored no spectrum statistics).", "",
-             "| rule | cells | all | " + " | ".join(fams) + " |",
-             "|---|---|---|" + "---|" * len(fams)]
+             "(older cells stored no spectrum statistics).", "", *_family_header("rule", fams)]
     for name, g in gaps.items():
         cols = [_mean_max(g[by_family == f]) for f in fams]
         lines.append(f"| {name} | {int(np.isfinite(g).sum())} | {_mean_max(g)} | "
@@ -247,6 +245,12 @@ def comparison_lines(cells: list[Cell]) -> list[str]:
     lines += _diagnosis_lines(cells)
     lines += _reliability_lines(cells, gaps)
     return lines
+
+
+def _family_header(first: str, fams: list[str]) -> list[str]:
+    """The two header lines of a table with one column per model family."""
+    return [f"| {first} | cells | all | " + " | ".join(fams) + " |",
+            "|---|---|---|" + "---|" * len(fams)]
 
 
 def _calibration_lines(cells: list[Cell], by_family: np.ndarray, fams: list[str]) -> list[str]:
@@ -263,8 +267,7 @@ def _calibration_lines(cells: list[Cell], by_family: np.ndarray, fams: list[str]
              "retraining-free selection (nearest grid point) measured on the same unseen "
              "subsets, for a paired comparison (a gap on M - K subsets is noisy itself). "
              "Per family: mean over cells of the median draw / worst draw over all cells.", "",
-             "| K, selection | cells | all | " + " | ".join(fams) + " |",
-             "|---|---|---|" + "---|" * len(fams)]
+             *_family_header("K, selection", fams)]
     for variant, k in [(v, k) for v in ("argmax", "smoothed", "windowed", "xi") for k in ks]:
         med = np.full(len(cells), math.nan)
         worst = np.full(len(cells), math.nan)
