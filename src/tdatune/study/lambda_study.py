@@ -208,7 +208,7 @@ def selection_label(selection: dict[str, Any]) -> str:
     if rule == "top":
         return "0.01 x top eigenvalue"
     if rule == "quantile":
-        return "spectrum quantile 0.9 (rule)"
+        return "default: quantile q=0.9"
     return f"surrogate xi >= {selection['threshold']}"
 
 
