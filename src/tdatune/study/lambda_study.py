@@ -182,6 +182,7 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         title=f"{setting.name} / {config.attributor}: LDS and surrogate xi vs lambda",
         note=trust.line() if trust else None,
         calibrated=None if calibrated is None else (calibrated["lambda"], calibrated["lds"]),
+        other=(selection_label(other), other["lambda"], other["lds"]),
     )
     return summary
 

@@ -32,11 +32,13 @@ def plot_lambda_curve(
     xi_mean: Sequence[float], *, selected: float, lds_selected: float, best: float,
     baselines: dict[str, tuple[float, float]], threshold: float, title: str,
     note: str | None = None, calibrated: tuple[float, float] | None = None,
+    other: tuple[str, float, float] | None = None,
 ) -> Path:
     """LDS (with a standard-error band) and mean xi against lambda on a log axis, with the
     selected lambda, the grid best and the quantile baselines marked; ``note`` (the selection's
     reliability) is written under the title, ``calibrated`` (lambda, LDS) marks a few-retrain
-    selection."""
+    selection; ``other`` (name, lambda, LDS) marks the rule not used (xi's lambda beside the
+    default's)."""
     import numpy as np
 
     plt = _pyplot()
@@ -57,6 +59,9 @@ def plot_lambda_curve(
     ax.axvline(selected, color="tab:green", lw=2,
                label=f"selected {selected:.2e} (LDS {lds_selected:.3f})")
     ax.axvline(best, color="black", ls=":", lw=1.5, label=f"grid best {best:.2e}")
+    if other is not None:
+        ax.axvline(other[1], color="tab:orange", ls="-.", lw=1.2,
+                   label=f"{other[0]} {other[1]:.2e} (LDS {other[2]:.3f})")
     if calibrated is not None:
         ax.axvline(calibrated[0], color="tab:purple", ls="-.", lw=1.5,
                    label=f"calibrated {calibrated[0]:.2e} (LDS {calibrated[1]:.3f})")
