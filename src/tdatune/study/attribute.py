@@ -125,7 +125,8 @@ def attribute(
         trust = selection.reliability
         if trust is not None and trust.unsure:
             warnings.warn(
-                f"the selected lambda {lam:.3g} may be far from the best: "
+                f"the selected lambda {lam:.3g} ({selection.rule} rule) may be far from the "
+                "best: "
                 + "; ".join(trust.reasons()) + ". Check it with a few retrained models "
                 "(tdatune.evaluate.calibrate.calibrate_lambda) before relying on it",
                 UserWarning, stacklevel=2)

@@ -115,6 +115,7 @@ class RuleFamily:
     constants: tuple[float, ...]
     fixed: float
     label: Callable[[float], str]
+    new_cells_only: bool = False  # constants that only cells with spectrum statistics store
 
 
 RULE_FAMILIES = (
@@ -122,6 +123,9 @@ RULE_FAMILIES = (
     RuleFamily("centred xi threshold", centered_rule, THRESHOLDS, 0.5,
                lambda t: f"centred xi_c >= {t:g}"),
     RuleFamily("spectrum quantile", quantile_rule, (0.1, 0.5, 0.9), 0.9, lambda q: f"q = {q:g}"),
+    RuleFamily("spectrum quantile (0.05 steps; new cells)", quantile_rule,
+               tuple(round(0.05 * i, 2) for i in range(1, 20)), 0.9, lambda q: f"q = {q:g}",
+               new_cells_only=True),
     RuleFamily("c x top eigenvalue", top_rule, FACTORS, 0.01, lambda c: f"{c:.3g} x top"),
     RuleFamily("c x mean eigenvalue", mean_rule, FACTORS, 0.1, lambda c: f"{c:.3g} x mean"),
 )
@@ -211,9 +215,18 @@ def candidate_gaps(cells: list[Cell]) -> dict[str, np.ndarray]:
     """Gaps per cell of every fixed rule and every rule family left one setting out."""
     out: dict[str, np.ndarray] = {}
     for fam in RULE_FAMILIES:
-        out[fam.label(fam.fixed)] = cell_gaps(cells, fam.make(fam.fixed))
+        if not fam.new_cells_only:
+            out[fam.label(fam.fixed)] = cell_gaps(cells, fam.make(fam.fixed))
+    new = np.array(["spectrum_stats" in c for c in cells])
     for fam in RULE_FAMILIES:
-        out[f"{fam.name}, left one setting out"] = loso(cells, fam, setting_key)[0]
+        gaps = np.full(len(cells), math.nan)
+        if fam.new_cells_only:
+            if new.any():
+                gaps[new] = loso([c for c, k in zip(cells, new, strict=True) if k], fam,
+                                 setting_key)[0]
+        else:
+            gaps = loso(cells, fam, setting_key)[0]
+        out[f"{fam.name}, left one setting out"] = gaps
     out["per-block 0.1 x block mean (LoGra)"] = np.array(
         [float(grid_of(c)[1].max()) - c["blockwise"]["heuristic"]["lds"]
          if "blockwise" in c else math.nan for c in cells])
