@@ -46,3 +46,16 @@ def test_an_unknown_rule_is_refused():
     sigma, c = spectrum()
     with pytest.raises(ValueError, match="selection rule"):
         choose_lambda(sigma, c, rule="median")
+
+
+def test_reliability_distance_is_between_xi_and_the_spectrum_quantile():
+    import math
+
+    import numpy as np
+
+    sigma, c = spectrum()
+    sel = choose_lambda(sigma, c)
+    q90 = float(np.quantile(sigma.numpy(), 0.9))  # every eigenvalue is non-zero here
+    assert sel.rule == "quantile" and sel.lam == pytest.approx(q90)
+    assert sel.reliability.distance == pytest.approx(abs(math.log10(sel.xi_lambda / q90)))
+    assert sel.reliability.unsure == (sel.reliability.distance > 1.0)
