@@ -31,7 +31,7 @@ from tdatune.evaluate.condition import condition_curves, decompose, first_crossi
 from tdatune.evaluate.groundtruth import GroundTruth
 from tdatune.evaluate.lds import spearman_rows
 from tdatune.select.centered import centered_indicator
-from tdatune.select.surrogate import ZERO_RTOL, Selection, mean_indicator, select_lambda
+from tdatune.select.surrogate import ZERO_RTOL, Selection, select_lambda
 
 STAT_QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))
 CALIBRATION_K = (3, 5, 10)
@@ -49,7 +49,8 @@ def spectrum_stats(sigma: torch.Tensor) -> dict[str, Any]:
 
 
 def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid: torch.Tensor,
-             selections: list[Selection], xi_grid: torch.Tensor, threshold: float,
+             selections: list[Selection], xi_grid: torch.Tensor, xi_mean: torch.Tensor,
+             threshold: float,
              blockwise: bool = False) -> dict[str, Any]:
     """The diagnosis blocks of one eigen cell (``condition`` is left out, with the reason under
     ``condition_error``, where the path is not a single Fisher eigenbasis; ``blockwise`` only
@@ -73,8 +74,7 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
                                    if chosen is not None else {})}
         preds = test_path.subset_predictions(gt.masks, grid).numpy()
         total = preds.shape[2]
-        window = window_mask(grid.numpy(), xi_window(xi_grid.numpy(), xi_mean_of(val_path,
-                                                                               xi_grid)))
+        window = window_mask(grid.numpy(), xi_window(xi_grid.numpy(), xi_mean.numpy()))
         fixed = {}
         if chosen is not None:  # the retraining-free selection, judged on the same subsets
             fixed["xi"] = int(np.argmin(np.abs(np.log(grid.numpy()) - math.log(chosen.lam))))
@@ -87,11 +87,6 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
         except ValueError as err:  # the other blocks of the diagnosis stand without it
             out["blockwise_error"] = str(err)
     return out
-
-
-def xi_mean_of(val_path: LambdaPath, lambdas: torch.Tensor) -> np.ndarray:
-    """The validation mean of xi on ``lambdas``."""
-    return mean_indicator(val_path.sigma, val_path.explained_coords, lambdas)[0].numpy()
 
 
 def xi_window(lambdas: np.ndarray, xi_mean: np.ndarray) -> tuple[float, float]:
