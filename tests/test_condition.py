@@ -158,3 +158,10 @@ def test_peak_and_sign_change_by_hand():
     assert sign_change(lam, np.array([0.9, 0.6, 0.2, 0.1])) == pytest.approx(10 ** -0.75)
     assert sign_change(lam, np.array([0.4, 0.7, 0.3, 0.1])) == 1e-2
     assert sign_change(lam, np.array([0.9, 0.8, 0.7, 0.6])) == 10.0
+
+
+def test_a_path_of_the_other_sign_is_refused():
+    _, _, path, masks, outputs, _ = problem()
+    flipped = LambdaPath(path.sigma, path.explained_coords, path.train_coords, sign=1.0)
+    with pytest.raises(ValueError, match="sign -1"):
+        condition_curves(flipped, masks, outputs, [1.0])

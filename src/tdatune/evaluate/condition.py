@@ -104,6 +104,9 @@ def condition_curves(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
     a = path.train_coords.double()
     c = path.explained_coords.double()
     sigma = path.sigma.double()
+    if path.sign != -1.0:
+        raise ValueError("the condition is derived for influence scores tau = -B s (a path with "
+                         f"sign -1); this path has sign {path.sign:g}")
     if not _orthogonal_columns(a):
         raise ValueError("the path's training coordinates are not orthogonal (not a single "
                          "Fisher eigenbasis: TRAK's Q weighting, an ensemble, a Hessian); the "
