@@ -59,3 +59,14 @@ def test_reliability_distance_is_between_xi_and_the_spectrum_quantile():
     assert sel.rule == "quantile" and sel.lam == pytest.approx(q90)
     assert sel.reliability.distance == pytest.approx(abs(math.log10(sel.xi_lambda / q90)))
     assert sel.reliability.unsure == (sel.reliability.distance > 1.0)
+
+
+def test_several_thresholds_at_once_match_the_exact_path_for_each():
+    from tdatune.select.surrogate import _select_lambda_exact, select_lambdas
+
+    sigma, c = spectrum()
+    many = select_lambdas(sigma, c, [0.3, 0.5, 0.7])
+    for t, sel in zip((0.3, 0.5, 0.7), many, strict=True):
+        exact = _select_lambda_exact(sigma, c, threshold=t)
+        assert sel.threshold == t and sel.lam == pytest.approx(exact.lam, rel=1e-6)
+        assert sel.reliability is not None

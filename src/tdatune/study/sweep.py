@@ -33,7 +33,7 @@ from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig, manifes
 from tdatune.evaluate.lds import lds, lds_path
 from tdatune.models.task import Task
 from tdatune.select.quantile import quantile_lambda
-from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambda
+from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambdas
 from tdatune.settings.registry import Setting
 from tdatune.study.diagnosis import diagnose
 from tdatune.study.prepare import (
@@ -177,7 +177,7 @@ def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
     except ValueError as err:  # e.g. an indefinite Hessian: xi is defined for PSD matrices
         extra["surrogate_error"] = str(err)
     else:
-        selections = [select_lambda(sigma_val, c_val, threshold=t) for t in spec.thresholds]
+        selections = select_lambdas(sigma_val, c_val, list(spec.thresholds))
         lam_q = [quantile_lambda(sigma_val, q) for q in BASELINE_QUANTILES]
         xi_grid = default_lambda_grid(sigma_val, num=XI_POINTS)
         xi_mean, dropped = mean_indicator(sigma_val, c_val, xi_grid)
