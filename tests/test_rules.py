@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sweep_specs import TINY_SETTING
+from sweep_specs import tiny_head
 from tdatune.cli import main
 from tdatune.study.rules import leave_one_setting_out, quantiles_of, side, summarise, thresholds_of
 
@@ -67,11 +67,7 @@ def test_leave_one_setting_out_by_hand():
 
 def test_rules_cli_on_a_sweep_matches_its_cell_files(tmp_path):
     spec = tmp_path / "s.toml"
-    spec.write_text('''
-name = "tiny"
-grid_points = 6
-thresholds = [0.4, 0.6]
-''' + TINY_SETTING + '''
+    spec.write_text(tiny_head("tiny") + '''
 [[methods]]
 name = "iffim"
 vary = [{ lam = "spectrum" }, { proj_dim = [16] }]

@@ -23,7 +23,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from sweep_specs import TINY_SETTING
+from sweep_specs import TINY_SETTING, tiny_head
 from tdatune.attributors.iffim import IFFIM
 from tdatune.cli import main
 from tdatune.study.prepare import TrainedSetting, train_setting
@@ -35,11 +35,7 @@ ALPHAS = (0.25, 0.5)                     # 0.5 is the sweep's default alpha
 ALPHA_LAMS = (1e-3, 1e-2)
 LISTED = (1e-5, 2e-4, 1e-3, 1e-1, 10.0)  # a listed lambda sub-experiment; 2e-4 beats the default
 
-SPEC = '''
-name = "values"
-grid_points = 6
-thresholds = [0.4, 0.6]
-''' + TINY_SETTING + '''
+SPEC = tiny_head("values") + '''
 [[methods]]
 name = "iffim"
 vary = [{ lam = "spectrum" }, { lam = [1e-5, 2e-4, 1e-3, 1e-1, 10.0] }, { proj_dim = [16, "none"] },

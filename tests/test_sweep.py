@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sweep_specs import TINY_SETTING
+from sweep_specs import TINY_SETTING, tiny_head
 from tdatune.attributors.iffim import IFFIM
 from tdatune.cli import main
 from tdatune.evaluate.lds import lds
@@ -21,11 +21,7 @@ from tdatune.study.sweep import Workspace, expand_cells, load_spec, run_sweep, s
 
 SETTING = TINY_SETTING
 
-SPEC = '''
-name = "tiny"
-grid_points = 6
-thresholds = [0.4, 0.6]
-''' + SETTING + '''
+SPEC = tiny_head("tiny") + '''
 [[methods]]
 name = "iffim"
 vary = [{ lam = "spectrum" }, { proj_dim = [16, 32] },
