@@ -48,34 +48,31 @@ def lds_at(cell: Cell, lam: float) -> float:
     return float(np.interp(math.log(lam), np.log(grid), lds))
 
 
+def curve_crossing(curve: dict[str, Any] | None, t: float) -> float | None:
+    """The first crossing of ``t`` by a stored mean-indicator curve (NaN points count as 0),
+    the curve's last lambda when it never crosses, None without a curve."""
+    if not curve:
+        return None
+    lam = np.array(curve["lambdas"], dtype=np.float64)
+    values = np.nan_to_num(np.array(curve["xi_mean"], dtype=np.float64), nan=0.0)
+    at = first_crossing(lam, values, t)
+    return float(lam[-1]) if math.isnan(at) else at  # never reached
+
+
 def xi_rule(t: float) -> Rule:
     """Algorithm 1 at threshold ``t``: the stored selection if the cell ran at ``t``, else the
     first crossing of its stored validation mean-xi curve."""
     def rule(cell: Cell) -> float | None:
         stored = next((s["lambda"] for s in cell.get("selections", [])
                        if math.isclose(s["threshold"], t)), None)
-        if stored is not None:
-            return float(stored)
-        curve = cell.get("xi_curve")
-        if not curve:
-            return None
-        lam = first_crossing(np.array(curve["lambdas"]), np.array(curve["xi_mean"]), t)
-        return float(curve["lambdas"][-1]) if math.isnan(lam) else lam  # never reached
+        return float(stored) if stored is not None else curve_crossing(cell.get("xi_curve"), t)
     return rule
 
 
 def centered_rule(t: float) -> Rule:
     """The first crossing of ``t`` by the stored validation mean of xi_c (the centred
     indicator); the grid's last lambda when it never crosses."""
-    def rule(cell: Cell) -> float | None:
-        curve = cell.get("xi_centered_curve")
-        if not curve:
-            return None
-        lam = np.array(curve["lambdas"])
-        xi = np.nan_to_num(np.array(curve["xi_mean"], dtype=np.float64), nan=0.0)
-        at = first_crossing(lam, xi, t)
-        return float(lam[-1]) if math.isnan(at) else at
-    return rule
+    return lambda cell: curve_crossing(cell.get("xi_centered_curve"), t)
 
 
 def quantile_rule(q: float) -> Rule:
