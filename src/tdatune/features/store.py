@@ -321,6 +321,32 @@ def gradient_identity(task: Task, params: Params, data: ArrayDataset, *, target:
     }
 
 
+def open_gradient_store(
+    directory: str | Path, task: Task, params: Params, data: ArrayDataset, *,
+    target: str = "loss", projector: Projector | None = None, seed: int = 0,
+    checkpoint: int | str = "final", chunk_rows: int = 1024,
+) -> FeatureStore:
+    """The gradient store for this request at ``directory``: opened (and repaired) when it
+    exists and matches, created otherwise, refused when it holds another request. Every
+    builder (:func:`build_gradient_store`, :func:`tdatune.features.distributed
+    .build_gradient_store_ray`) opens stores here, so they build and resume the same store."""
+    width = projector.d if projector is not None else num_params(params)
+    identity = gradient_identity(task, params, data, target=target, projector=projector,
+                                 seed=seed, checkpoint=checkpoint)
+    return FeatureStore.open_or_create(directory, shape=(len(data), width), identity=identity,
+                                       dtype="float32", chunk_rows=chunk_rows)
+
+
+def gradient_rows(task: Task, model: nn.Module, params: Params, data: ArrayDataset,
+                  start: int, stop: int, *, target: str = "loss",
+                  projector: Projector | None = None, grad_chunk_size: int = 256
+                  ) -> torch.Tensor:
+    """Rows ``start:stop`` of a gradient store: the per-example gradients (projected when
+    ``projector`` is given) of ``data[start:stop]``."""
+    return per_example_grads(task, model, params, data.slice(start, stop), target=target,
+                             chunk_size=min(grad_chunk_size, stop - start), projector=projector)
+
+
 def build_gradient_store(
     directory: str | Path, task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
     target: str = "loss", projector: Projector | None = None, seed: int = 0,
@@ -330,19 +356,17 @@ def build_gradient_store(
     """Per-example gradients (projected by ``projector`` if given) of ``data`` in a store at
     ``directory``, computed chunk by chunk; resumes a partial store and refuses a different
     one. ``seed`` and ``checkpoint`` label which training run and epoch ``params`` are."""
-    width = projector.d if projector is not None else num_params(params)
-    identity = gradient_identity(task, params, data, target=target, projector=projector,
-                                 seed=seed, checkpoint=checkpoint)
-    store = FeatureStore.open_or_create(directory, shape=(len(data), width), identity=identity,
-                                        dtype="float32", chunk_rows=chunk_rows)
+    store = open_gradient_store(directory, task, params, data, target=target,
+                                projector=projector, seed=seed, checkpoint=checkpoint,
+                                chunk_rows=chunk_rows)
 
     def compute(start: int, stop: int) -> torch.Tensor:
-        part = data.slice(start, stop)
-        return per_example_grads(task, model, params, part, target=target,
-                                 chunk_size=min(grad_chunk_size, stop - start), projector=projector)
+        return gradient_rows(task, model, params, data, start, stop, target=target,
+                             projector=projector, grad_chunk_size=grad_chunk_size)
 
     store.fill(compute, show_progress=show_progress, desc=f"{target} gradients -> store")
     return store
 
 
-__all__ = ["FeatureStore", "StoreMismatch", "build_gradient_store", "gradient_identity"]
+__all__ = ["FeatureStore", "StoreMismatch", "build_gradient_store", "gradient_identity",
+           "gradient_rows", "open_gradient_store"]
