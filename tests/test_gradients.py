@@ -71,9 +71,10 @@ LINEAR_MODELS = [partial(LogisticRegression, 64, 10), partial(MLP, 64, (16, 8), 
 
 @pytest.mark.parametrize("factory", LINEAR_MODELS)
 @pytest.mark.parametrize("target", ["loss", "output"])
-def test_outer_product_path_alone_matches_autograd_loop(digits_small, factory, target):
-    """The linear-layer path on its own, with no vmap fallback behind it."""
-    from tdatune.features.gradients import _linear_layout, _OuterProductGrads, num_params
+def test_hooked_path_alone_matches_autograd_loop(digits_small, factory, target):
+    """The hooked path on its own, with no fallback behind it."""
+    from tdatune.features.capture import Hooks, capture, plan_capture, write_flat
+    from tdatune.features.gradients import num_params
 
     task = Task(make_model=factory, output="margin")
     model = init_model(task, seed=5)
@@ -81,34 +82,38 @@ def test_outer_product_path_alone_matches_autograd_loop(digits_small, factory, t
     params = dict(model.named_parameters())
     data = digits_small.train.subset(torch.arange(13))
     fn = task.loss_fn if target == "loss" else task.output_fn
-    layers = _linear_layout(model, list(params))
-    assert layers is not None
-    outer = _OuterProductGrads(task, model, {k: v.detach() for k, v in params.items()}, fn,
-                               layers)
+    plan = plan_capture(model, list(params), {k: v.shape for k, v in params.items()})
+    assert plan.leftover == [] and len(plan.layers) == len(params) // 2
+    with Hooks(plan) as hooks:
+        got = capture(plan, hooks, lambda: fn(model(data.inputs), data.targets), len(data))
     dest = torch.full((len(data), num_params(params)), float("nan"))
-    assert outer(data.inputs, data.targets, dest) is True
+    write_flat(plan, got, dest)
     torch.testing.assert_close(dest, _loop_grads(model, data, fn), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("factory", LINEAR_MODELS)
-def test_linear_models_take_the_outer_product_path(digits_small, factory, monkeypatch):
-    """LR and MLPs must not silently fall back to vmap: every chunk goes through the
-    outer-product path (the probe too), and none is refused."""
+def test_linear_models_take_the_hooked_path(digits_small, factory, monkeypatch):
+    """LR and MLPs must not silently fall back to vmap: every chunk goes through the hooks
+    (the probe too), and none is refused."""
     import tdatune.features.gradients as gradients
 
-    real = gradients._OuterProductGrads.__call__
-    answers: list[bool] = []
+    real = gradients.GradientSource._captured
+    calls: list[int] = []
 
-    def spy(self, x, y, dest):
-        answers.append(real(self, x, y, dest))
-        return answers[-1]
+    def spy(self, x, y, b):
+        calls.append(b)
+        return real(self, x, y, b)
 
-    monkeypatch.setattr(gradients._OuterProductGrads, "__call__", spy)
+    def no_vmap(*args, **kwargs):
+        raise AssertionError("vmap used")
+
+    monkeypatch.setattr(gradients.GradientSource, "_captured", spy)
+    monkeypatch.setattr(gradients.GradientSource, "_vmap_tree", no_vmap)
     task = Task(make_model=factory)
     model = init_model(task, seed=3)
     data = digits_small.train.subset(torch.arange(25))
     per_example_grads(task, model, dict(model.named_parameters()), data, chunk_size=7)
-    assert answers == [True] * (1 + 4)  # the probe, then chunks of 7, 7, 7, 4
+    assert calls == [4, 7, 7, 7, 4]  # the probe, then chunks of 7, 7, 7, 4
 
 
 def test_unknown_output_function_lists_choices():

@@ -1,32 +1,35 @@
-"""Per-example gradients with torch.func (vmap over grad), in chunks so memory stays bounded."""
+"""Per-example gradients in chunks so memory stays bounded: layer hooks where the layers allow
+(:mod:`tdatune.features.capture`), torch.func (vmap over grad) or single-example backward
+passes for the rest."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.func import grad, vmap
 
 from tdatune.data.base import ArrayDataset
-from tdatune.data.batches import Tree, batch_len, tree_map
-from tdatune.features.layerwise import LayerRanTwice, LinearTaps
+from tdatune.data.batches import Tree, batch_len, tree_map, tree_slice
+from tdatune.features.capture import (
+    Captured,
+    CaptureRefused,
+    Hooks,
+    ModifiedInPlace,
+    UncalledLayers,
+    capture,
+    plan_capture,
+    single_example_grads,
+    write_flat,
+)
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
+from tdatune.utils.atomic import notice
 from tdatune.utils.checks import check_choice, check_finite_rows
 from tdatune.utils.progress import progress
 
 GRADIENT_TARGETS = ("loss", "output")
-_VMAP_FIX = (
-    "per-example gradients call the model on one example at a time under torch.func.vmap, "
-    "and its forward used a tensor's value in Python control flow (an `if` on a tensor, "
-    ".item(), .all()), which vmap cannot do. Hugging Face models do this with a 2-D "
-    "attention_mask; give forward=, a module-level function that hands the model a 4-D "
-    "additive mask instead, e.g. model(input_ids=x['input_ids'], attention_mask=(1.0 - "
-    "x['attention_mask'][:, None, None, :].float()) * torch.finfo(torch.float32).min), or no "
-    "mask when nothing is padded")
-
 
 def num_params(params: Params) -> int:
     """Total number of scalars in a parameter dict."""
@@ -40,6 +43,167 @@ def flatten(tree: Params, names: list[str], batch: int,
     return torch.cat([tree[k].reshape(batch, -1) for k in names], dim=1, out=out)
 
 
+class GradientSource:
+    """Per-example gradients of one task's loss or output w.r.t. ``params``, a batch at a time.
+
+    The parameters of hooked layers (:mod:`tdatune.features.capture`) come from one batched
+    forward and backward pass; leftovers from vmap over grad, or single-example backward
+    passes when the model cannot run under vmap. On construction the hooked gradients of the
+    first examples are checked against single-example backward passes (any model, no vmap);
+    a model on which they disagree (a module coupling the examples of a batch, a parameter
+    also used outside its module) is differentiated without hooks, and ``reason`` says why.
+    """
+
+    def __init__(self, task: Task, model: nn.Module, params: Params, *, target: str = "loss",
+                 probe: ArrayDataset | None = None) -> None:
+        check_choice("gradient target", target, GRADIENT_TARGETS)
+        self.task, self.model, self.target = task, model, target
+        self.fn = task.loss_fn if target == "loss" else task.output_fn
+        model.eval()
+        self.names = list(params)
+        self.detached = {k: v.detach() for k, v in params.items()}
+        self.width = num_params(params)
+        self.dtype = next(iter(params.values())).dtype
+        self.device = next(iter(params.values())).device
+        self.plan = plan_capture(model, self.names, {k: v.shape for k, v in params.items()})
+        self.mode = "hooks" if self.plan.layers else "vmap"
+        self.reason = "" if self.plan.layers else "no layer of a hooked kind"
+        self._vmap_ok = True
+        if self.mode == "hooks" and probe is not None and len(probe) > 0:
+            self._verify(probe)
+
+    # -- the two reference paths ----------------------------------------------------------
+
+    def _loop(self, names: list[str], x: Tree, y: Tree, b: int) -> dict[str, torch.Tensor]:
+        req = {k: v.detach().requires_grad_(True) if k in names else v
+               for k, v in self.detached.items()}
+
+        def call(xy: tuple[Tree, Tree]) -> torch.Tensor:
+            return self.fn(self.task.call(self.model, req, xy[0]), xy[1])
+
+        return single_example_grads(call, (x, y), b, req, names,
+                                    lambda t, i: tree_slice(t, i, i + 1))
+
+    def _vmap(self, names: list[str], x: Tree, y: Tree, b: int) -> dict[str, torch.Tensor]:
+        fixed = {k: v for k, v in self.detached.items() if k not in names}
+
+        def single(p: Params, xi: Tree, yi: Tree) -> torch.Tensor:
+            o = self.task.call(self.model, {**fixed, **p}, tree_map(_unsqueeze, xi))
+            return self.fn(o, tree_map(_unsqueeze, yi))[0]
+
+        # Gradients are data here: no graph back to parameters outside ``params`` (grad
+        # transforms ignore an outer no_grad, so the per-example gradients are unaffected).
+        with torch.no_grad():
+            grads = vmap(grad(single), in_dims=(None, 0, 0))(
+                {k: self.detached[k] for k in names}, x, y)
+        return {k: grads[k].reshape(b, -1) for k in names}
+
+    def per_example(self, names: list[str], x: Tree, y: Tree, b: int
+                    ) -> dict[str, torch.Tensor]:
+        """{name: [b, numel]} without hooks: vmap over grad, or single-example passes when
+        the model cannot run under vmap (said once on stderr)."""
+        if self._vmap_ok:
+            try:
+                return self._vmap(names, x, y, b)
+            except RuntimeError as exc:
+                if "vmap" not in str(exc):
+                    raise
+                self._vmap_ok = False
+                notice(f"{self.task.name}: the model cannot run under torch.func.vmap "
+                       f"({str(exc).splitlines()[0][:120]}); the parameters the layer hooks "
+                       f"do not cover ({_short(names)}) are differentiated one example at a "
+                       "time, which is slow")
+        return self._loop(names, x, y, b)
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _captured(self, x: Tree, y: Tree, b: int) -> Captured:
+        req = {k: v.detach().requires_grad_(True) for k, v in self.detached.items()}
+        with Hooks(self.plan) as hooks:
+            return capture(self.plan, hooks,
+                           lambda: self.fn(self.task.call(self.model, req, x), y), b,
+                           lambda names: self.per_example(names, x, y, b))
+
+    def _verify(self, probe: ArrayDataset) -> None:
+        n = min(4, len(probe))
+        _, x, y = next(probe.slice(0, n).batches(n, self.device))
+        reference = self._loop(self.names, x, y, n)
+        for _ in range(2 * len(self.plan.layers) + 2):
+            try:
+                got = self._captured(x, y, n)
+            except UncalledLayers as exc:
+                self.plan = self.plan.without(exc.paths)
+                if not self.plan.layers:
+                    break
+                continue
+            except ModifiedInPlace as exc:
+                if exc.paths <= self.plan.copied:
+                    self.mode, self.reason = "vmap", str(exc)
+                    return
+                self.plan.copied |= exc.paths
+                continue
+            except CaptureRefused as exc:
+                self.mode, self.reason = "vmap", str(exc)
+                return
+            dest = torch.empty(n, self.width, dtype=self.dtype, device=self.device)
+            write_flat(self.plan, got, dest)
+            slow = torch.cat([reference[k] for k in self.names], dim=1)
+            if not _same(dest, slow):
+                self.mode = "vmap"
+                self.reason = ("hooked gradients differ from single-example backward passes "
+                               "(a module couples the examples of a batch, or a hooked "
+                               "parameter is also used outside its module)")
+            return
+        self.mode, self.reason = "vmap", "no hooked layer is called per example"
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def captured(self, x: Tree, y: Tree, b: int) -> Captured:
+        """One batch as :class:`Captured` (factors of hooked Kronecker layers, the rest
+        materialised); without hooks every parameter is materialised."""
+        if self.mode == "hooks":
+            try:
+                return self._captured(x, y, b)
+            except CaptureRefused:
+                pass
+        return Captured(b, [], self.per_example(self.names, x, y, b))
+
+    def write(self, x: Tree, y: Tree, dest: torch.Tensor) -> None:
+        """Fill ``dest`` [b, p] with the batch's per-example gradients (``names`` layout)."""
+        b = dest.shape[0]
+        if self.mode == "hooks":
+            try:
+                write_flat(self.plan, self._captured(x, y, b), dest)
+                return
+            except CaptureRefused:
+                pass
+        if self._vmap_ok:
+            try:
+                flatten(self._vmap_tree(x, y), self.names, b, out=dest)
+                return
+            except RuntimeError as exc:
+                if "vmap" not in str(exc):
+                    raise
+        grads = self.per_example(self.names, x, y, b)
+        torch.cat([grads[k] for k in self.names], dim=1, out=dest)
+
+    def _vmap_tree(self, x: Tree, y: Tree) -> Params:
+        def single(p: Params, xi: Tree, yi: Tree) -> torch.Tensor:
+            o = self.task.call(self.model, p, tree_map(_unsqueeze, xi))
+            return self.fn(o, tree_map(_unsqueeze, yi))[0]
+
+        with torch.no_grad():
+            return vmap(grad(single), in_dims=(None, 0, 0))(self.detached, x, y)
+
+
+def _unsqueeze(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(0)
+
+
+def _short(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
 def iter_per_example_grads(
     task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
     target: str = "loss", chunk_size: int = 256, projector: Projector | None = None,
@@ -51,66 +215,21 @@ def iter_per_example_grads(
     The model is put in eval mode, so normalisation layers use stored statistics and
     examples do not interact. Chunks are [b, p] in the parameters' dtype, or [b, d] after
     projection. With ``out`` ([n, p], unprojected only) each chunk is written into
-    ``out[start : start + b]`` and that view is yielded.
-
-    When every differentiated parameter belongs to an ``nn.Linear`` applied once to
-    [batch, features] inputs (logistic regression, MLPs), the gradients come from one
-    batched backward pass: example i's weight gradient is the outer product of its output
-    gradient and its layer input, written straight into the chunk. This is checked against
-    the generic vmap-over-grad path on the first examples; any other model uses that path.
+    ``out[start : start + b]`` and that view is yielded. How the gradients are computed:
+    :class:`GradientSource` (layer hooks, checked against single-example passes).
     """
     check_choice("gradient target", target, GRADIENT_TARGETS)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if out is not None and projector is not None:
         raise ValueError("out= holds unprojected gradients; it cannot be combined with a projector")
-    fn = task.loss_fn if target == "loss" else task.output_fn
-    model.eval()
-    names = list(params)
-    device = next(iter(params.values())).device
-    detached = {k: v.detach() for k, v in params.items()}
-    width = num_params(params)
-    dtype = next(iter(params.values())).dtype
-
-    def unsqueeze(t: torch.Tensor) -> torch.Tensor:
-        return t.unsqueeze(0)
-
-    def single(p: Params, x: Tree, y: Tree) -> torch.Tensor:
-        o = task.call(model, p, tree_map(unsqueeze, x))
-        return fn(o, tree_map(unsqueeze, y))[0]
-
-    per_example = vmap(grad(single), in_dims=(None, 0, 0))
-
-    def generic(x: Tree, y: Tree, dest: torch.Tensor) -> bool:
-        # Gradients are data here: no graph back to parameters outside ``params`` (grad
-        # transforms ignore an outer no_grad, so the per-example gradients are unaffected).
-        with torch.no_grad():
-            try:
-                grads = per_example(detached, x, y)
-            except RuntimeError as exc:
-                if "vmap" in str(exc) and "control flow" in str(exc):
-                    raise RuntimeError(f"{task.name}: {_VMAP_FIX}") from exc
-                raise
-            flatten(grads, names, dest.shape[0], out=dest)
-        return True
-
-    compute = generic
-    layers = _linear_layout(model, names)
-    if layers is not None and len(data) > 0:
-        outer = _OuterProductGrads(task, model, detached, fn, layers)
-        probe = min(4, len(data))
-        _, x, y = next(data.slice(0, probe).batches(probe, device))
-        fast, slow = (torch.empty(probe, width, dtype=dtype, device=device) for _ in range(2))
-        if outer(x, y, fast) and generic(x, y, slow) and _same(fast, slow):
-            compute = outer
-
-    for start, x, y in progress(data.batches(chunk_size, device), enabled=show_progress,
+    source = GradientSource(task, model, params, target=target, probe=data)
+    for start, x, y in progress(data.batches(chunk_size, source.device), enabled=show_progress,
                                 desc=desc, total=data.num_batches(chunk_size)):
         b = x.shape[0] if isinstance(x, torch.Tensor) else batch_len(x)
         g = (out[start : start + b] if out is not None
-             else torch.empty(b, width, dtype=dtype, device=device))
-        if not compute(x, y, g):  # the linear path refused this chunk's shapes
-            generic(x, y, g)
+             else torch.empty(b, source.width, dtype=source.dtype, device=source.device))
+        source.write(x, y, g)
         check_finite_rows(f"per-example {target} gradients", g, offset=start)
         if projector is not None:
             g = projector.project(g)
@@ -120,74 +239,6 @@ def iter_per_example_grads(
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     scale = float(b.abs().max()) if b.numel() else 0.0
     return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)))
-
-
-def _linear_layout(model: nn.Module, names: list[str]) -> list[_LinearColumns] | None:
-    """Where each nn.Linear owning differentiated parameters writes in the flat ``names``
-    layout; None when some differentiated parameter does not belong to an nn.Linear."""
-    owner: dict[str, tuple[str, nn.Linear, str]] = {}
-    for mod_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            for attr in ("weight", "bias"):
-                if getattr(module, attr) is not None:
-                    owner[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, module, attr)
-    if not names or any(k not in owner for k in names):
-        return None
-    layers: dict[str, _LinearColumns] = {}
-    col = 0
-    for k in names:
-        mod_name, module, attr = owner[k]
-        entry = layers.setdefault(mod_name, _LinearColumns(mod_name, module))
-        setattr(entry, f"{attr}_col", col)
-        col += getattr(module, attr).numel()
-    return list(layers.values())
-
-
-@dataclass
-class _LinearColumns:
-    """A linear layer and the first columns of its weight and bias in the flat gradient
-    (-1: that parameter is not differentiated)."""
-
-    name: str
-    layer: nn.Linear
-    weight_col: int = -1
-    bias_col: int = -1
-
-
-class _OuterProductGrads:
-    """Per-example gradients of linear-layer parameters from one batched backward pass."""
-
-    def __init__(self, task: Task, model: nn.Module, params: Params,
-                 fn: Callable[[object, Tree], torch.Tensor],
-                 layers: list[_LinearColumns]) -> None:
-        self.task, self.model, self.fn, self.layers = task, model, fn, layers
-        self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-
-    def __call__(self, x: Tree, y: Tree, dest: torch.Tensor) -> bool:
-        """Fill ``dest`` [b, p]; False (dest untouched) when a layer's input is not
-        [b, features] or a layer ran other than once."""
-        with LinearTaps([(c.name, c.layer) for c in self.layers]) as taps, torch.enable_grad():
-            try:
-                values = self.fn(self.task.call(self.model, self.params, x), y)
-            except LayerRanTwice:
-                return False
-            b = dest.shape[0]
-            acts = [taps.inputs.get(c.name) for c in self.layers]
-            if values.shape != (b,) or any(
-                    a is None or a.dim() != 2 or a.shape[0] != b for a in acts):
-                return False
-            # Examples do not interact (eval mode), so d(sum of values)/d(output row i) is
-            # example i's own output gradient.
-            deltas = taps.output_grads(values.sum())
-        with torch.no_grad():
-            for c, a, delta in zip(self.layers, acts, deltas, strict=True):
-                rows, cols = delta.shape[1], a.shape[1]
-                if c.weight_col >= 0:
-                    view = dest[:, c.weight_col : c.weight_col + rows * cols]
-                    torch.mul(delta[:, :, None], a[:, None, :], out=view.unflatten(1, (rows, cols)))
-                if c.bias_col >= 0:
-                    dest[:, c.bias_col : c.bias_col + rows] = delta
-        return True
 
 
 def per_example_grads(
