@@ -1,87 +1,130 @@
 """Per-example gradient throughput against plain training-step throughput, same model, same
 hardware, same run.
 
-* per-example  -- tdatune.features.gradients.iter_per_example_grads (vmap over grad) over the
-                  training set, optionally projected (``--proj-dim``);
-* train step   -- forward + backward + SGD step on minibatches of ``--batch-size`` (the
-                  setting's recipe batch size by default), the work one epoch of training does.
+Rows (examples per second over the training set, and the ratio to the training step):
 
-Both report examples per second; the ratio says how many training epochs one pass of
-per-example gradients costs.
+* train step      -- forward + backward + optimizer step on minibatches of ``--batch-size``
+                     (the setting's recipe batch size by default): the baseline;
+* vmap rows       -- the path before layer hooks: torch.func vmap over grad, rows formed;
+* hooked rows     -- layer hooks, per-example rows [b, p] formed (tdatune.features.gradients);
+* inner products  -- layer hooks, each training example's inner products with ``--explained``
+                     explained examples' gradients, from the factors or formed rows by the
+                     FLOP rule (tdatune.features.factored.inner_products): TracIn's and the
+                     kernel's work, no [n, p] matrix written;
+* kronecker d     -- layer hooks, Kronecker-projected features at total width <= d;
+* gaussian d      -- hooked rows then a dense Gaussian projection to d.
 
-    python bench/gradients.py                              # mnist-lr and mnist-mlp
-    python bench/gradients.py --proj-dim 512 --threads 1
+    python bench/gradients.py                                   # mnist-mlp and text-gpt2
+    python bench/gradients.py --settings mnist-mlp --threads 2 --proj-dim 512
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
 from common import add_machine_flags, rate, setup_machine
-from tdatune.features.gradients import iter_per_example_grads, num_params
+from tdatune.data.base import ArrayDataset
+from tdatune.data.batches import batch_len
+from tdatune.features.factored import KroneckerProjector, inner_products
+from tdatune.features.gradients import GradientSource, iter_per_example_grads, num_params
 from tdatune.features.projection import Projector
 from tdatune.models.training import init_model, objective
 from tdatune.settings.registry import get_setting
 
 
-def train_step_rate(task, train, batch_size: int, device: torch.device, repeats: int) -> float:
-    """Examples per second of SGD training steps (forward, backward, update)."""
+def train_step_rate(task, train: ArrayDataset, batch_size: int, device: torch.device,
+                    repeats: int) -> float:
+    """Examples per second of training steps (forward, backward, update)."""
     model = init_model(task, 0, device)
     params = dict(model.named_parameters())
     opt = torch.optim.SGD(params.values(), lr=0.01, momentum=0.9)
-    x, y = train.inputs.to(device), train.targets.to(device)
 
     def epoch() -> None:
-        for start in range(0, x.shape[0], batch_size):
+        for _, x, y in train.batches(batch_size, device):
             opt.zero_grad()
-            objective(task, model, params, x[start : start + batch_size],
-                      y[start : start + batch_size], 1e-3).backward()
+            objective(task, model, params, x, y, 1e-3).backward()
             opt.step()
 
-    return rate(epoch, x.shape[0], repeats, device)
+    return rate(epoch, len(train), repeats, device)
 
 
-def per_example_rate(task, train, chunk: int, proj_dim: int | None, device: torch.device,
-                     repeats: int) -> float:
-    """Examples per second of per-example loss gradients (projected when ``proj_dim``)."""
+def gradient_rates(task, train: ArrayDataset, explained: ArrayDataset, chunk: int,
+                   proj_dim: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Examples per second of each per-example row kind (see the module docstring)."""
     model = init_model(task, 0, device)
     params = {k: v.detach() for k, v in model.named_parameters()}
-    projector = (Projector(num_params(params), proj_dim, seed=0, device=device)
-                 if proj_dim else None)
+    n = len(train)
+    out: dict[str, float] = {}
 
-    def one_pass() -> None:
-        for _ in iter_per_example_grads(task, model, params, train, chunk_size=chunk,
-                                        projector=projector):
-            pass
+    def passes(projector=None):
+        def run() -> None:
+            for _ in iter_per_example_grads(task, model, params, train, chunk_size=chunk,
+                                            projector=projector):
+                pass
+        return run
 
-    return rate(one_pass, len(train), repeats, device)
+    source = GradientSource(task, model, params, probe=train)
+    out["hooked rows"] = rate(passes(), n, repeats, device)
+
+    width = num_params(params)
+    legacy = GradientSource(task, model, params)
+    legacy.mode = "vmap"  # the path before layer hooks
+
+    def vmap_rows() -> None:
+        for _, x, y in train.batches(chunk, device):
+            legacy.write(x, y, torch.empty(batch_len(x), width, device=device))
+
+    out["vmap rows (before)"] = rate(vmap_rows, n, 1, device)
+    layers = [c for c in source.plan.layers if c.factored]
+    _, ex, ey = next(explained.batches(len(explained), device))
+    query = source.captured(ex, ey, len(explained))
+
+    def products() -> None:
+        for _, x, y in train.batches(chunk, device):
+            inner_products(layers, query, source.captured(x, y, batch_len(x)))
+
+    out[f"inner products, {len(explained)} explained"] = rate(products, n, repeats, device)
+    kron = KroneckerProjector(model, params, proj_dim, seed=0)
+    out[f"kronecker d={kron.d}"] = rate(passes(kron), n, repeats, device)
+    gauss = Projector(width, proj_dim, seed=0, device=device)
+    out[f"gaussian d={proj_dim}"] = rate(passes(gauss), n, repeats, device)
+    return out
 
 
 def main() -> None:
-    """Parse flags and print one table row per setting."""
+    """Parse flags and print one table per setting."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="+", default=["mnist-lr", "mnist-mlp"])
+    parser.add_argument("--settings", nargs="+", default=["mnist-mlp", "text-gpt2"])
     parser.add_argument("--chunk", type=int, default=256, help="per-example gradient chunk")
     parser.add_argument("--batch-size", type=int, default=None, help="training minibatch")
-    parser.add_argument("--proj-dim", type=int, default=None, help="project gradients to d")
+    parser.add_argument("--proj-dim", type=int, default=512, help="projection dim d")
+    parser.add_argument("--explained", type=int, default=100,
+                        help="explained examples for the inner-product row")
+    parser.add_argument("--n", type=int, default=None, help="training examples (default all)")
     parser.add_argument("--repeats", type=int, default=2)
     add_machine_flags(parser)
     args = parser.parse_args()
     device = setup_machine(args)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, chunk {args.chunk}, "
-          f"projection {args.proj_dim or 'none'}")
-    print(f"{'setting':<12}{'p':>9}{'per-example ex/s':>19}{'train-step ex/s':>18}{'ratio':>8}")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}, chunk {args.chunk}")
     for name in args.settings:
         setting = get_setting(name)
         splits, task = setting.build()
+        train = splits.train if args.n is None else splits.train.slice(0, args.n)
+        explained = splits.test.slice(0, args.explained)
         batch = args.batch_size or setting.recipe.batch_size
         p = sum(q.numel() for q in task.make_model().parameters())
-        grads = per_example_rate(task, splits.train, args.chunk, args.proj_dim, device,
-                                 args.repeats)
-        steps = train_step_rate(task, splits.train, batch, device, args.repeats)
-        print(f"{name:<12}{p:>9}{grads:>19.0f}{steps:>18.0f}{grads / steps:>8.2f}")
+        steps = train_step_rate(task, train, batch, device, args.repeats)
+        rates = gradient_rates(task, train, explained, args.chunk, args.proj_dim, device,
+                               args.repeats)
+        print(f"\n{name}: p = {p}, n = {len(train)}, training batch {batch}")
+        print(f"{'rows':<34}{'examples/s':>12}{'x training':>12}")
+        print(f"{'train step (baseline)':<34}{steps:>12.0f}{1.0:>12.2f}")
+        for row, value in rates.items():
+            print(f"{row:<34}{value:>12.0f}{value / steps:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch import nn
 from tdatune.attributors.base import AttributionContext
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
+from tdatune.features.factored import KroneckerProjector
 from tdatune.features.gradients import iter_per_example_grads, num_params, per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
@@ -31,7 +32,7 @@ class TrainGradients:
     chunks on every use so memory stays bounded."""
 
     def __init__(self, task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
-                 target: str = "loss", projector: Projector | None = None,
+                 target: str = "loss", projector: Projector | KroneckerProjector | None = None,
                  normalize: bool = False, chunk_size: int = 256, show_progress: bool = False,
                  desc: str = "train gradients", limit: int = GRAD_CACHE_LIMIT) -> None:
         self.task, self.model, self.params, self.data = task, model, params, data

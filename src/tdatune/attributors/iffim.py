@@ -22,7 +22,8 @@ from tdatune.attributors.base import (
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
 from tdatune.data.base import ArrayDataset
-from tdatune.features.gradients import num_params, per_example_grads
+from tdatune.features.factored import KroneckerProjector, make_projector
+from tdatune.features.gradients import per_example_grads
 from tdatune.features.projection import Projector
 
 
@@ -33,19 +34,21 @@ class IFFIM(Attributor):
     hyperparameters = (
         HyperParameter("lam", 1e-3, "score", positive_float, "damping added to F (mean-loss scale)"),
         HyperParameter("proj_dim", None, "fit", optional_positive_int, "random projection dim"),
-        HyperParameter("proj_kind", "gaussian", "fit", one_of("gaussian", "rademacher", "identity"),
-                       "projection matrix entries"),
+        HyperParameter("proj_kind", "gaussian", "fit",
+                       one_of("gaussian", "rademacher", "identity", "kronecker"),
+                       "projection matrix entries, or kronecker: per layer from the hooks' "
+                       "factors (proj_dim = total width, at most)"),
         HyperParameter("proj_seed", 0, "fit", any_int, "projection seed"),
         HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
     )
 
     def _fit(self, context: AttributionContext) -> None:
         model, params = context.model_at(self.params["checkpoint"])
-        p = num_params(params)
-        self.projector: Projector | None = None
+        self.projector: Projector | KroneckerProjector | None = None
         if self.params["proj_dim"] is not None or self.params["proj_kind"] == "identity":
-            self.projector = Projector(p, self.params["proj_dim"], kind=self.params["proj_kind"],
-                                       seed=self.params["proj_seed"], device=context.device)
+            self.projector = make_projector(self.params["proj_kind"], model, params,
+                                            self.params["proj_dim"],
+                                            seed=self.params["proj_seed"], device=context.device)
         grads = per_example_grads(context.task, model, params, context.train, target="loss",
                                   chunk_size=context.chunk_size, projector=self.projector,
                                   show_progress=context.show_progress, desc="train gradients")

@@ -31,6 +31,7 @@ from tdatune.attributors.base import (
 )
 from tdatune.attributors.common import TrainGradients
 from tdatune.data.base import ArrayDataset
+from tdatune.features.factored import KroneckerProjector, make_projector
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
 
@@ -45,8 +46,10 @@ class TracIn(Attributor):
         HyperParameter("checkpoints", None, "fit", optional_int_list,
                        f"epochs summed over (default: the last {DEFAULT_LAST} available)"),
         HyperParameter("proj_dim", None, "fit", optional_positive_int, "random projection dim"),
-        HyperParameter("proj_kind", "gaussian", "fit", one_of("gaussian", "rademacher"),
-                       "projection matrix entries"),
+        HyperParameter("proj_kind", "gaussian", "fit",
+                       one_of("gaussian", "rademacher", "kronecker"),
+                       "projection matrix entries, or kronecker: per layer from the hooks' "
+                       "factors (proj_dim = total width, at most)"),
         HyperParameter("proj_seed", 0, "fit", any_int, "projection seed"),
         HyperParameter("normalize", False, "score", boolean,
                        "unit-normalise gradients (cosine products)"),
@@ -60,7 +63,7 @@ class TracIn(Attributor):
                              "give one learning rate per saved epoch (or None for weights of 1)")
         chosen = self.params["checkpoints"] or list(range(max(0, k - DEFAULT_LAST), k))
         self.train_grads: dict[int, TrainGradients] = {}
-        self._projectors: dict[int, Projector | None] = {}
+        self._projectors: dict[int, Projector | KroneckerProjector | None] = {}
         self._parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for c in chosen:
             self.add_checkpoint(c)
@@ -79,8 +82,8 @@ class TracIn(Attributor):
             if d > p:
                 raise ValueError(f"{self.name}: proj_dim={d} exceeds the number of parameters "
                                  f"p={p}; use proj_dim <= {p}, or None for full gradients")
-            projector = Projector(p, d, kind=self.params["proj_kind"],
-                                  seed=self.params["proj_seed"], device=ctx.device)
+            projector = make_projector(self.params["proj_kind"], model, params, d,
+                                       seed=self.params["proj_seed"], device=ctx.device)
         self._projectors[idx] = projector
         self.train_grads[idx] = TrainGradients(
             ctx.task, model, params, ctx.train, target="loss", projector=projector,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from tdatune.attributors.base import (
     AttributionContext,
@@ -41,6 +42,7 @@ from tdatune.attributors.base import (
 from tdatune.attributors.lambda_path import EnsembleLambdaPath, LambdaPath
 from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
 from tdatune.data.base import ArrayDataset
+from tdatune.features.factored import KroneckerProjector, make_projector
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.models.outputs import cross_entropy
@@ -53,7 +55,7 @@ class TRAKMember:
 
     model: int  # 0: the fitted context; k: the k-th context given to add_model
     checkpoint: int
-    projector: Projector | None
+    projector: Projector | KroneckerProjector | None
     eigen: Eigensystem
     q: torch.Tensor  # [n] 1 - p_y
 
@@ -79,8 +81,10 @@ class TRAK(Attributor):
                        "damping on Phi^T Phi / n (TRAK's native lambda is n * lam)"),
         HyperParameter("proj_dim", 512, "fit", optional_positive_int,
                        "projection dim d (default 512, capped at p; an explicit d > p is refused)"),
-        HyperParameter("proj_kind", "gaussian", "fit", one_of("gaussian", "rademacher"),
-                       "projection matrix entries"),
+        HyperParameter("proj_kind", "gaussian", "fit",
+                       one_of("gaussian", "rademacher", "kronecker"),
+                       "projection matrix entries, or kronecker: per layer from the hooks' "
+                       "factors (proj_dim = total width, at most)"),
         HyperParameter("proj_seed", 0, "fit", any_int, "projection seed"),
         HyperParameter("checkpoints", None, "fit", optional_int_list,
                        "epochs to ensemble (default: the last)"),
@@ -97,8 +101,10 @@ class TRAK(Attributor):
         for c in self.params["checkpoints"] or [-1]:
             self.add_checkpoint(c)
 
-    def _projector(self, p: int) -> Projector | None:
+    def _projector(self, model: nn.Module, params: Params
+                   ) -> Projector | KroneckerProjector | None:
         d = self.params["proj_dim"]
+        p = num_params(params)
         if d is None:
             return None
         if d > p:
@@ -107,8 +113,8 @@ class TRAK(Attributor):
                                  f"p={p}; use proj_dim <= {p}, or proj_dim=None for no projection")
             return None  # the default 512 on a model with p <= 512: no projection needed
         ctx = self._require_fit()
-        return Projector(p, d, kind=self.params["proj_kind"], seed=self.params["proj_seed"],
-                         device=ctx.device)
+        return make_projector(self.params["proj_kind"], model, params, d,
+                              seed=self.params["proj_seed"], device=ctx.device)
 
     def add_model(self, context: AttributionContext, checkpoint: int = -1) -> TRAKMember:
         """Add an independently trained model (same training set) as a member at ``checkpoint``."""
@@ -130,7 +136,7 @@ class TRAK(Attributor):
         if (model, idx) in self.members:
             return self.members[(model, idx)]
         model_, params = ctx.model_at(idx)
-        projector = self._projector(num_params(params))
+        projector = self._projector(model_, params)
         # Features are output gradients: the correct-class margin for cross-entropy tasks (as in
         # TRAK), the task's own output otherwise (e.g. a regression prediction).
         margin_task = (replace(ctx.task, output="margin") if ctx.task.loss_fn is cross_entropy

@@ -23,6 +23,7 @@ from tdatune.features.capture import (
     single_example_grads,
     write_flat,
 )
+from tdatune.features.factored import KroneckerProjector
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
 from tdatune.utils.atomic import notice
@@ -206,7 +207,8 @@ def _short(names: list[str]) -> str:
 
 def iter_per_example_grads(
     task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
-    target: str = "loss", chunk_size: int = 256, projector: Projector | None = None,
+    target: str = "loss", chunk_size: int = 256,
+    projector: Projector | KroneckerProjector | None = None,
     show_progress: bool = False, desc: str = "gradients", out: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, G_chunk)``: gradients of each example's loss or output w.r.t. ``params``.
@@ -227,6 +229,11 @@ def iter_per_example_grads(
     for start, x, y in progress(data.batches(chunk_size, source.device), enabled=show_progress,
                                 desc=desc, total=data.num_batches(chunk_size)):
         b = x.shape[0] if isinstance(x, torch.Tensor) else batch_len(x)
+        if isinstance(projector, KroneckerProjector):
+            g = projector.project_captured(source.captured(x, y, b))
+            check_finite_rows(f"projected per-example {target} gradients", g, offset=start)
+            yield start, g
+            continue
         g = (out[start : start + b] if out is not None
              else torch.empty(b, source.width, dtype=source.dtype, device=source.device))
         source.write(x, y, g)
@@ -243,7 +250,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def per_example_grads(
     task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
-    target: str = "loss", chunk_size: int = 256, projector: Projector | None = None,
+    target: str = "loss", chunk_size: int = 256,
+    projector: Projector | KroneckerProjector | None = None,
     show_progress: bool = False, desc: str = "gradients",
 ) -> torch.Tensor:
     """All per-example gradients as one [n, p] (or [n, d]) tensor on the CPU, in the
