@@ -91,10 +91,12 @@ def test_trak_default_projection_capped_on_small_models():
     prob = problem("lr")  # p = 650 > 512: projected; a tiny model keeps full gradients
     attr = make_attributor("trak").fit(prob.context)
     assert next(iter(attr.members.values())).projector.d == 512
-    assert attr._projector(300) is None  # default 512 on p = 300: no projection
+    small = torch.nn.Linear(29, 10)  # p = 300
+    params = dict(small.named_parameters())
+    assert attr._projector(small, params) is None  # default 512 on p = 300: no projection
     explicit = make_attributor("trak", proj_dim=512).fit(prob.context)
     with pytest.raises(ValueError, match="proj_dim=512 exceeds the number of parameters p=300"):
-        explicit._projector(300)
+        explicit._projector(small, params)
 
 
 def test_ensemble_path_sums_members_and_allows_zero_lambda():
@@ -197,6 +199,10 @@ def independent_spectrum(name: str, attr, prob):
     ``lambda_path``: scores = (c / (sigma + lam)) @ train.T."""
     if name == "iffim":
         v = loop_grads(prob, prob.explained, "output")
+        if attr.eigen.grads is None:  # kernel form from the hooks' factors: V G^T by the loop
+            g = loop_grads(prob, prob.train, "loss")
+            return (attr.eigen.sigma, attr.eigen.coords_from_products(v @ g.T),
+                    -attr.eigen.train_coords)
         return attr.eigen.sigma, attr.eigen.coords(v), -attr.eigen.train_coords
     if name == "logra":
         v = logra_dense_features(prob, prob.explained, "output", attr)

@@ -265,3 +265,25 @@ def test_a_hugging_face_task_needs_no_forward():
     source = GradientSource(task, model, dict(model.named_parameters()),
                             probe=ArrayDataset(batch))
     assert source.mode == "hooks" and source.plan.leftover == []
+
+
+def _gpt_lm_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1),
+                           reduction="none").view(y.shape[0], -1).mean(1)
+
+
+@pytest.mark.parametrize("length,chunk", [(6, 6), (4, 5)])
+def test_positions_without_a_batch_dimension(length, chunk):
+    """The project's GPT embeds positions [T] with no batch dimension: read once on the probe
+    and expanded per example. A chunk of T examples is not mistaken for T positions
+    (6, 6); a probe of T examples reads positions as batched, the check against single
+    passes catches it and the gradients stay right (4, 5)."""
+    from tdatune.models.gpt import GPT
+
+    torch.manual_seed(12)
+    model = GPT(vocab_size=13, block_len=8, d_model=8, n_layer=1, n_head=2, tie_head=True)
+    ids = torch.randint(0, 13, (12, length))
+    source = check(model, ids, ids, loss=_gpt_lm_loss, chunk_size=chunk,
+                   mode="hooks" if length != 4 else "vmap")
+    if length != 4:
+        assert source.plan.layouts["pos_emb"] == "shared"

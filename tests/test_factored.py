@@ -136,3 +136,36 @@ def test_budget_split_follows_the_sides():
     k_in, k_out = factored.split_sides(470, 785, 128)
     assert k_in * k_out <= 470 and k_out == round(math.sqrt(470 * 128 / 785))
     assert factored.split_sides(10**9, 5, 3) == (5, 3)
+
+
+def test_iffim_and_tracin_from_factors_equal_dense_formulas():
+    """Unprojected with n < p, IFFIM's kernel form and TracIn's products come from the
+    factors; scores equal -v (F + lam I)^-1 g and -sum_t eta_t v_t . g_t computed here from
+    loop gradients with a dense solve."""
+    from attr_problems import loop_grads as prob_loop_grads
+    from attr_problems import problem as attr_problem
+
+    from tdatune.attributors import make_attributor
+
+    prob = attr_problem("mlp", n_train=40)
+    g = prob_loop_grads(prob, prob.train, "loss")
+    v = prob_loop_grads(prob, prob.explained, "output")
+    n, p = g.shape
+    assert n < p
+    iffim = make_attributor("iffim").fit(prob.context)
+    assert iffim.factored is not None
+    lam = 1e-2
+    fisher = g.T @ g / n + lam * torch.eye(p, dtype=g.dtype)
+    want = -(v @ torch.linalg.solve(fisher, g.T))
+    got = iffim.score(prob.explained, lam=lam).double()
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+
+    tracin = make_attributor("tracin", checkpoints=[-1]).fit(prob.context)
+    assert type(tracin.train_grads[len(prob.context.checkpoints) - 1]).__name__ == \
+        "FactoredGradients"
+    want = -(v @ g.T)
+    torch.testing.assert_close(tracin.score(prob.explained).double(), want, rtol=1e-4,
+                               atol=1e-5 * float(want.abs().max()))
+    cos = want / (v.norm(dim=1)[:, None] * g.norm(dim=1)[None, :])
+    torch.testing.assert_close(tracin.score(prob.explained, normalize=True).double(), cos,
+                               rtol=1e-4, atol=1e-5)

@@ -2,6 +2,9 @@
 
 Optionally with a seeded random projection of all gradients. ``fit`` computes the training
 gradients and one eigendecomposition; every lambda afterwards is a small matrix product.
+Unprojected with fewer training examples than parameters, the eigensystem is the kernel
+form built from the layer hooks' factors (G G^T and V G^T by the FLOP rule of
+:mod:`tdatune.features.factored`), so the [n, p] gradient matrix is never formed.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from tdatune.attributors.base import (
     positive_float,
 )
 from tdatune.attributors.lambda_path import LambdaPath
-from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
+from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem, gram_eigensystem
 from tdatune.data.base import ArrayDataset
 from tdatune.features.factored import KroneckerProjector, make_projector
-from tdatune.features.gradients import per_example_grads
+from tdatune.features.gradients import num_params, per_example_grads
+from tdatune.features.kernel import FactoredGradients
 from tdatune.features.projection import Projector
 
 
@@ -49,11 +53,20 @@ class IFFIM(Attributor):
             self.projector = make_projector(self.params["proj_kind"], model, params,
                                             self.params["proj_dim"],
                                             seed=self.params["proj_seed"], device=context.device)
+        self._paths: dict[str, LambdaPath] = {}
+        self.factored: FactoredGradients | None = None
+        if self.projector is None and len(context.train) < num_params(params):
+            # kernel form from the factors: G G^T and V G^T, never the [n, p] matrix
+            self.factored = FactoredGradients(
+                context.task, model, params, context.train, target="loss",
+                chunk_size=context.chunk_size, show_progress=context.show_progress,
+                desc="train gradients")
+            self.eigen: Eigensystem = gram_eigensystem(self.factored.gram())
+            return
         grads = per_example_grads(context.task, model, params, context.train, target="loss",
                                   chunk_size=context.chunk_size, projector=self.projector,
                                   show_progress=context.show_progress, desc="train gradients")
-        self.eigen: Eigensystem = fisher_eigensystem(grads)
-        self._paths: dict[str, LambdaPath] = {}
+        self.eigen = fisher_eigensystem(grads)
 
     def explained_grads(self, explained: ArrayDataset) -> torch.Tensor:
         """Gradients of the output function for ``explained`` (projected like the training side)."""
@@ -67,7 +80,14 @@ class IFFIM(Attributor):
         self._require_fit()
         key = explained.fingerprint()
         if key not in self._paths:
-            coords = self.eigen.coords(self.explained_grads(explained))
+            if self.factored is not None:
+                ctx = self._require_fit()
+                model, params = ctx.model_at(self.params["checkpoint"])
+                v = FactoredGradients(ctx.task, model, params, explained, target="output",
+                                      chunk_size=ctx.chunk_size)
+                coords = self.eigen.coords_from_products(self.factored.products(v))
+            else:
+                coords = self.eigen.coords(self.explained_grads(explained))
             self._paths[key] = LambdaPath(self.eigen.sigma, coords, self.eigen.train_coords)
         return self._paths[key]
 

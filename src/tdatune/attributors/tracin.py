@@ -10,7 +10,9 @@ Checkpoints default to the last 10 epochs available; the weights eta_t come from
 ``context.learning_rates`` (one per saved epoch) or are 1. Work accumulates per checkpoint:
 each checkpoint's raw products (and gradient norms) are cached per explained set, so adding
 a checkpoint (``add_checkpoint``) or switching ``normalize`` costs at most one checkpoint's
-work. Training gradients are kept in memory only when small (see ``TrainGradients``).
+work. Training gradients are kept in memory only when small (see ``TrainGradients``);
+unprojected with fewer training examples than parameters, the products come from the layer
+hooks' factors (``FactoredGradients``), never forming the [n, p] matrix.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tdatune.attributors.common import TrainGradients
 from tdatune.data.base import ArrayDataset
 from tdatune.features.factored import KroneckerProjector, make_projector
 from tdatune.features.gradients import num_params, per_example_grads
+from tdatune.features.kernel import FactoredGradients
 from tdatune.features.projection import Projector
 
 DEFAULT_LAST = 10
@@ -62,7 +65,7 @@ class TracIn(Attributor):
                              f"{len(context.learning_rates)} entries but {k} epochs are saved; "
                              "give one learning rate per saved epoch (or None for weights of 1)")
         chosen = self.params["checkpoints"] or list(range(max(0, k - DEFAULT_LAST), k))
-        self.train_grads: dict[int, TrainGradients] = {}
+        self.train_grads: dict[int, TrainGradients | FactoredGradients] = {}
         self._projectors: dict[int, Projector | KroneckerProjector | None] = {}
         self._parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for c in chosen:
@@ -85,6 +88,11 @@ class TracIn(Attributor):
             projector = make_projector(self.params["proj_kind"], model, params, d,
                                        seed=self.params["proj_seed"], device=ctx.device)
         self._projectors[idx] = projector
+        if projector is None and len(ctx.train) < p:  # products from the hooks' factors
+            self.train_grads[idx] = FactoredGradients(
+                ctx.task, model, params, ctx.train, target="loss", chunk_size=ctx.chunk_size,
+                show_progress=ctx.show_progress, desc=f"TracIn train gradients ep{idx}")
+            return
         self.train_grads[idx] = TrainGradients(
             ctx.task, model, params, ctx.train, target="loss", projector=projector,
             chunk_size=ctx.chunk_size, show_progress=ctx.show_progress,
@@ -101,10 +109,16 @@ class TracIn(Attributor):
         key = (explained.fingerprint(), idx)
         if key not in self._parts:
             model, params = ctx.model_at(idx)
+            train = self.train_grads[idx]
+            if isinstance(train, FactoredGradients):
+                vf = FactoredGradients(ctx.task, model, params, explained, target="output",
+                                       chunk_size=ctx.chunk_size)
+                self._parts[key] = (train.products(vf), vf.row_norms())
+                return self._parts[key]
             v = per_example_grads(ctx.task, model, params, explained, target="output",
                                   chunk_size=ctx.chunk_size, projector=self._projectors[idx])
             v = v.double()
-            self._parts[key] = (self.train_grads[idx].products(v), v.norm(dim=1))
+            self._parts[key] = (train.products(v), v.norm(dim=1))
         return self._parts[key]
 
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:

@@ -57,7 +57,19 @@ class Eigensystem:
     @property
     def dim(self) -> int:
         """Width p (or d) of the gradients this eigensystem was built on."""
+        if self.basis is None and self.grads is None:
+            raise ValueError("this eigensystem was built from a Gram matrix: map explained "
+                             "gradients with coords_from_products(V G^T)")
         return int(self.basis.shape[0]) if self.basis is not None else int(self.grads.shape[1])
+
+    def coords_from_products(self, vg: torch.Tensor) -> torch.Tensor:
+        """Coordinates [m, k] of explained gradients given only their products with the
+        training gradients, ``vg`` = V G^T [m, n] (kernel form)."""
+        if self.kernel_vectors is None:
+            raise ValueError("coords_from_products needs the kernel form")
+        if vg.shape[-1] != self.n:
+            raise ValueError(f"products have {vg.shape[-1]} columns, training examples {self.n}")
+        return (vg.to(self.sigma.dtype) @ self.kernel_vectors) / torch.sqrt(self.n * self.sigma)
 
     def coords(self, v: torch.Tensor) -> torch.Tensor:
         """Coordinates of gradients ``v`` [m, p] in the eigenbasis: V U, shape [m, k]."""
@@ -117,10 +129,21 @@ def fisher_eigensystem(
             block = gi @ gj.T
             gram[i : i + gi.shape[0], j : j + gj.shape[0]] = block
             gram[j : j + gj.shape[0], i : i + gi.shape[0]] = block.T
-    gram /= n
-    sigma, w = torch.linalg.eigh(gram)
+    return gram_eigensystem(gram, grads=grads, rtol=rtol, chunk_rows=chunk_rows)
+
+
+def gram_eigensystem(gram: torch.Tensor, *, grads: RowSource | None = None,
+                     rtol: float = 1e-10, chunk_rows: int = 2048) -> Eigensystem:
+    """Kernel-form eigensystem from the Gram matrix G G^T [n, n] (any dtype; solved in
+    gram's). Without ``grads`` explained gradients are mapped by
+    :meth:`Eigensystem.coords_from_products`."""
+    n = int(gram.shape[0])
+    if n == 0:
+        raise ValueError("no training gradients: the training set is empty")
+    check_finite_rows("training Gram matrix", gram)
+    sigma, w = torch.linalg.eigh(gram / n)
     sigma, w = sigma.flip(0), w.flip(1)
-    keep = sigma > rtol * sigma[0].clamp_min(torch.finfo(dtype).tiny)
+    keep = sigma > rtol * sigma[0].clamp_min(torch.finfo(gram.dtype).tiny)
     sigma, w = sigma[keep], w[:, keep]
-    return Eigensystem(sigma=sigma, train_coords=w * torch.sqrt(n * sigma), form=form, n=n,
+    return Eigensystem(sigma=sigma, train_coords=w * torch.sqrt(n * sigma), form="kernel", n=n,
                        grads=grads, kernel_vectors=w, chunk_rows=chunk_rows)

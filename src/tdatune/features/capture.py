@@ -230,6 +230,7 @@ class CapturePlan:
     leftover: list[str]
     refused: dict[str, str] = field(default_factory=dict)  # module path -> why not hooked
     copied: set[str] = field(default_factory=set)  # outputs handed on as copies (see Hooks)
+    layouts: dict[str, str] = field(default_factory=dict)  # path -> batched/broadcast/shared
 
     @property
     def columns(self) -> dict[str, tuple[int, int]]:
@@ -255,7 +256,8 @@ class CapturePlan:
         leftover = [k for k in self.names if k in moved - still or k in self.leftover]
         return CapturePlan(self.names, self.shapes, layers, leftover,
                            {**self.refused, **{p: "not called per example" for p in paths}},
-                           self.copied - paths)
+                           self.copied - paths,
+                           {k: v for k, v in self.layouts.items() if k not in paths})
 
 
 def plan_capture(model: nn.Module, names: list[str], shapes: dict[str, torch.Size]
@@ -327,18 +329,34 @@ class Hooks:
                     output, torch.Tensor):
                 raise CaptureRefused(f"{path}: called without a tensor input and output")
             x = args[0].detach()
-            if x.dim() == 0 or x.shape[0] != self.b:
-                if x.dim() > 0 and x.shape[0] == 1 and output.shape[0] == 1 and self.b > 1:
-                    # broadcast over the batch (position ids): one row per example
-                    x = x.expand(self.b, *x.shape[1:])
-                    output = output.expand(self.b, *output.shape[1:])
-                else:
-                    raise CaptureRefused(
-                        f"{path}: input of leading size {tuple(x.shape[:1])} in a batch of "
-                        f"{self.b}")
+            layout = self.plan.layouts.get(path) or self._layout(x, output)
+            self.plan.layouts.setdefault(path, layout)
+            if layout == "broadcast":  # [1, ...] broadcast over the batch (position ids)
+                if x.shape[:1] != (1,) or output.shape[:1] != (1,):
+                    raise CaptureRefused(f"{path}: input of shape {tuple(x.shape)} in a batch "
+                                         f"of {self.b}, [1, ...] before")
+                x = x.expand(self.b, *x.shape[1:])
+                output = output.expand(self.b, *output.shape[1:])
+            elif layout == "shared":  # no batch dimension ([T] positions): one per example
+                x = x.expand(self.b, *x.shape)
+                output = output.expand(self.b, *output.shape)
+            elif x.shape[:1] != (self.b,) or output.shape[:1] != (self.b,):
+                raise CaptureRefused(f"{path}: input of shape {tuple(x.shape)} in a batch "
+                                     f"of {self.b}")
             self.calls.setdefault(path, []).append((x, output, output._version))
             return output.clone() if path in self.plan.copied else output
         return hook
+
+    def _layout(self, x: torch.Tensor, output: torch.Tensor) -> str:
+        """How a module's first call (on the probe batch) relates to the batch: batched
+        (leading size b), broadcast (leading size 1) or shared (no batch dimension). Recorded
+        once, so a later batch whose size happens to equal a sequence length is not misread;
+        a wrong reading is caught by the probe's check against single-example passes."""
+        if x.dim() > 0 and x.shape[0] == self.b and output.shape[:1] == (self.b,):
+            return "batched"
+        if x.dim() > 0 and x.shape[0] == 1 and output.shape[:1] == (1,):
+            return "broadcast"
+        return "shared"
 
     def start(self, b: int) -> None:
         """Forget the previous batch."""

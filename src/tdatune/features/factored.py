@@ -120,9 +120,13 @@ def _factored_inner(layer: CapturedLayer, x: tuple[torch.Tensor, torch.Tensor],
     return out
 
 
-def inner_products(layers: list[CapturedLayer], x: Captured, y: Captured) -> torch.Tensor:
+def inner_products(layers: list[CapturedLayer], x: Captured, y: Captured,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """[b_x, b_y] inner products of two batches' per-example gradients: each Kronecker layer
-    from its factors or its formed rows by the FLOP rule, the rest from their rows."""
+    from its factors or its formed rows by the FLOP rule, the rest from their rows; computed
+    in ``dtype`` (default: the gradients')."""
+    if dtype is not None:
+        x, y = _cast(x, dtype), _cast(y, dtype)
     out = torch.zeros(x.b, y.b, dtype=_dtype(x), device=_device(x))
     seen: set[str] = set()
     for layer in layers:
@@ -141,6 +145,13 @@ def inner_products(layers: list[CapturedLayer], x: Captured, y: Captured) -> tor
         if k not in seen:
             out += g @ y.dense[k].T
     return out
+
+
+def _cast(c: Captured, dtype: torch.dtype) -> Captured:
+    """Factors (not token ids) and rows in ``dtype``."""
+    return Captured(c.b, [(layer, a if isinstance(layer.rule, EmbeddingRule) else a.to(dtype),
+                           d.to(dtype)) for layer, a, d in c.factors],
+                    {k: g.to(dtype) for k, g in c.dense.items()})
 
 
 def _dtype(c: Captured) -> torch.dtype:

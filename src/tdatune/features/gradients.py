@@ -146,6 +146,9 @@ class GradientSource:
             except CaptureRefused as exc:
                 self.mode, self.reason = "vmap", str(exc)
                 return
+            except (RuntimeError, ValueError, IndexError) as exc:  # the model broke on hooks
+                self.mode, self.reason = "vmap", f"the model failed under the hooks: {exc}"
+                return
             dest = torch.empty(n, self.width, dtype=self.dtype, device=self.device)
             write_flat(self.plan, got, dest)
             slow = torch.cat([reference[k] for k in self.names], dim=1)
