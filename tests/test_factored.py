@@ -144,7 +144,6 @@ def test_iffim_and_tracin_from_factors_equal_dense_formulas():
     loop gradients with a dense solve."""
     from attr_problems import loop_grads as prob_loop_grads
     from attr_problems import problem as attr_problem
-
     from tdatune.attributors import make_attributor
 
     prob = attr_problem("mlp", n_train=40)

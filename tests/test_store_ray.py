@@ -189,3 +189,34 @@ def test_a_killed_ray_build_is_resumed_by_the_one_process_build(
     # And a Ray build of a finished store submits nothing.
     assert build_gradient_store_ray(tmp_path, task, model, params, digits_small.train,
                                     chunk_rows=CHUNK_ROWS, grad_chunk_size=16).complete
+
+
+def test_ray_store_with_a_kronecker_projection(ray_cluster, digits_small, trained, tmp_path):
+    """Workers rebuild the per-layer Kronecker projection from the model they rebuilt: the
+    store equals the one-process one, and each row the projected autograd gradient."""
+    from tdatune.features.distributed import build_gradient_store_ray
+    from tdatune.features.factored import KroneckerProjector
+
+    task, model, params = trained
+    projector = KroneckerProjector(model, params, 40, seed=2)
+    ray_dir, one_dir = tmp_path / "ray", tmp_path / "one"
+    build_gradient_store_ray(ray_dir, task, model, params, digits_small.train,
+                             projector=projector, chunk_rows=CHUNK_ROWS, grad_chunk_size=16,
+                             num_workers=2)
+    build_gradient_store(one_dir, task, model, params, digits_small.train, projector=projector,
+                         chunk_rows=CHUNK_ROWS, grad_chunk_size=16)
+    _same_store(one_dir, ray_dir)
+    rows = [3, 100]
+    grads = _autograd_rows(task, model, params, digits_small.train, rows)
+    cols, start, parts = [], 0, []
+    for v in params.values():
+        cols.append(grads[:, start : start + v.numel()])
+        start += v.numel()
+    for i, side in enumerate(projector.sides):  # layers in order: [W | b] per layer
+        w, b = cols[2 * i], cols[2 * i + 1]
+        m = torch.cat([w.reshape(len(rows), side.d_out, -1), b[:, :, None]], dim=2)
+        p_in = side.p_in if side.p_in is not None else torch.eye(side.d_in)
+        p_out = side.p_out if side.p_out is not None else torch.eye(side.d_out)
+        parts.append(torch.einsum("ok,boi,ij->bkj", p_out, m, p_in).reshape(len(rows), -1))
+    np.testing.assert_allclose(FeatureStore(ray_dir)[rows], torch.cat(parts, 1).numpy(),
+                               rtol=1e-4, atol=1e-6)

@@ -107,3 +107,35 @@ def test_cli_lambda_study_on_a_user_task(example, tmp_path, monkeypatch):
     assert summary["setting"] == "diabetes-mlp"
     assert summary["lambda_selected"] > 0 and len(summary["lds_curve"]) == 9
     assert (out / "iffim" / "lambda_curve.png").exists()
+
+
+def test_cli_lambda_on_a_padded_hugging_face_bert_with_its_own_forward(tmp_path, monkeypatch):
+    """examples.bert_classifier:small_padded_bert_setting: a BERT called as model(**batch)
+    with a padded 2-D attention mask, no forward=, through `tdatune lambda`; its per-example
+    gradients are the single-example passes' (checked on a few examples here)."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from tdatune.cli import main
+    from tdatune.features.gradients import per_example_grads
+    from tdatune.models.training import init_model
+    from tdatune.settings import get_setting
+
+    monkeypatch.chdir(ROOT)
+    ref = "examples.bert_classifier:small_padded_bert_setting"
+    splits, task = get_setting(ref).build()
+    assert task.forward is None and bool((splits.train.inputs["attention_mask"] == 0).any())
+    model = init_model(task, 0)
+    params = dict(model.named_parameters())
+    data = splits.train.slice(0, 5)
+    got = per_example_grads(task, model, params, data, chunk_size=5)
+    for i in (0, 3):
+        item = {k: v[i : i + 1] for k, v in data.inputs.items()}
+        loss = torch.nn.functional.cross_entropy(model(**item).logits, item["labels"])
+        want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))])
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    out = tmp_path / "bert"
+    assert main(["lambda", "--task", ref, "--out", str(out), "--subsets", "4",
+                 "--grid-points", "5", "--backend", "sequential", "--quiet"]) == 0
+    summary = json.loads((out / "iffim" / "summary.json").read_text())
+    assert summary["setting"] == "kjv-bert-padded" and summary["lambda_selected"] > 0

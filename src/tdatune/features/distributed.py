@@ -29,10 +29,13 @@ import torch
 from torch import nn
 
 from tdatune.data.base import ArrayDataset
+from tdatune.features.factored import KroneckerProjector
 from tdatune.features.projection import Projector
 from tdatune.features.store import FeatureStore, gradient_rows, open_gradient_store
 from tdatune.models.task import Params, Task
 from tdatune.utils.progress import progress
+
+AnyProjector = Projector | KroneckerProjector | None
 
 
 def require_ray() -> Any:
@@ -104,7 +107,7 @@ class GradientJob:
     threads: int
     token: str
 
-    def featurizer(self) -> tuple[nn.Module, Params, Projector | None]:
+    def featurizer(self) -> tuple[nn.Module, Params, AnyProjector]:
         """The model, its differentiated parameters and the projector, rebuilt here."""
         model = self.task.make_model()
         try:
@@ -116,8 +119,15 @@ class GradientJob:
                 f"the model task.make_model() returns ({exc})") from exc
         model.to(self.device)
         params = {k: self.state[k].to(self.device) for k in self.param_names}
-        projector = None
-        if self.projection is not None:
+        projector: Projector | KroneckerProjector | None = None
+        if self.projection is not None and self.projection["kind"] == "kronecker":
+            spec = self.projection
+            projector = KroneckerProjector(model, params, int(spec["requested"]),
+                                           seed=int(spec["seed"]))
+            if projector.describe() != spec:
+                raise RuntimeError(f"the worker's projection {projector.describe()} is not the "
+                                   f"driver's {spec} (different tdatune versions?)")
+        elif self.projection is not None:
             spec = self.projection
             projector = Projector(int(spec["p"]), int(spec["d"]), kind=str(spec["kind"]),
                                   seed=int(spec["seed"]), dtype=self.projection_dtype,
@@ -128,7 +138,7 @@ class GradientJob:
         return model, params, projector
 
 
-_WORKER_CACHE: dict[str, tuple[nn.Module, Params, Projector | None]] = {}
+_WORKER_CACHE: dict[str, tuple[nn.Module, Params, AnyProjector]] = {}
 
 
 def _chunk_task(job: GradientJob, part: ArrayDataset) -> np.ndarray:
@@ -177,7 +187,7 @@ def _drain_window(ray: Any, submit: Iterator[tuple[Any, int]], window: int,
 
 def build_gradient_store_ray(
     directory: str | Path, task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
-    target: str = "loss", projector: Projector | None = None, seed: int = 0,
+    target: str = "loss", projector: AnyProjector = None, seed: int = 0,
     checkpoint: int | str = "final", chunk_rows: int = 1024, grad_chunk_size: int = 256,
     show_progress: bool = False, address: str | None = None, num_workers: int | None = None,
     num_cpus_per_task: int = 1, num_gpus_per_task: float = 0,
@@ -209,7 +219,7 @@ def build_gradient_store_ray(
     job = GradientJob(
         task=task, state=state, param_names=tuple(params), target=target,
         projection=projector.describe() if projector is not None else None,
-        projection_dtype=projector.dtype if projector is not None else torch.float32,
+        projection_dtype=getattr(projector, "dtype", torch.float32),
         grad_chunk_size=grad_chunk_size, device="cuda" if num_gpus_per_task > 0 else "cpu",
         threads=int(num_cpus_per_task), token=uuid.uuid4().hex)
     local_cpus = num_workers * num_cpus_per_task if num_workers is not None else None

@@ -233,42 +233,47 @@ class KroneckerProjector:
         if q:
             self.dense = Projector(q, min(q, max(1, d * q // self.p)), seed=seed + 104_729)
         self.d = sum(s.width for s in self.sides) + (self.dense.d if self.dense else 0)
-        self.seed = int(seed)
+        self.requested, self.seed = int(d), int(seed)
 
     def describe(self) -> dict[str, object]:
         """Manifest entry identifying this projection."""
-        return {"kind": self.kind, "p": self.p, "d": self.d, "seed": self.seed,
+        return {"kind": self.kind, "p": self.p, "d": self.d, "requested": self.requested,
+                "seed": self.seed,
                 "layers": [[s.layer.path, s.width] for s in self.sides],
                 "rest": self.dense.d if self.dense else 0}
 
     def project_captured(self, captured: Captured) -> torch.Tensor:
         """[b, d] projected features of one captured batch."""
-        parts = []
-        for s in self.sides:
-            f = _factors(s.layer, captured)
-            if f is not None:
-                a, delta = f
-                if isinstance(s.layer.rule, EmbeddingRule):
-                    a = (s.p_in.to(delta)[a] if s.p_in is not None
-                         else nn.functional.one_hot(a, s.d_in).to(delta.dtype))
-                else:
-                    a = _augmented(s.layer, a, delta)
-                    if s.p_in is not None:
-                        a = a @ s.p_in.to(a)
-                if s.p_out is not None:
-                    delta = delta @ s.p_out.to(delta)
-                parts.append(torch.einsum("bto,bti->boi", delta, a).reshape(captured.b, -1))
-            else:
-                m = formed(s.layer, captured)
-                if s.p_in is not None:
-                    m = m @ s.p_in.to(m)
-                if s.p_out is not None:
-                    m = torch.einsum("boi,ok->bki", m, s.p_out.to(m))
-                parts.append(m.reshape(captured.b, -1))
+        parts = [project_layer(s.layer, captured, s.p_in, s.p_out) for s in self.sides]
         if self.dense is not None:
             rest = torch.cat([captured.dense[k] for k in self.rest], dim=1)
             parts.append(self.dense.project(rest).to(rest.dtype))
         return torch.cat(parts, dim=1)
+
+
+def project_layer(layer: CapturedLayer, captured: Captured, p_in: torch.Tensor | None,
+                  p_out: torch.Tensor | None) -> torch.Tensor:
+    """P_out^T M P_in [b, k_out * k_in] of one Kronecker layer (row-major; None: that side
+    whole), from its factors when the batch has them, else from its formed M."""
+    f = _factors(layer, captured)
+    if f is None:
+        m = formed(layer, captured)
+        if p_in is not None:
+            m = m @ p_in.to(m)
+        if p_out is not None:
+            m = torch.einsum("boi,ok->bki", m, p_out.to(m))
+        return m.reshape(captured.b, -1)
+    a, delta = f
+    if isinstance(layer.rule, EmbeddingRule):
+        a = (p_in.to(delta)[a] if p_in is not None
+             else nn.functional.one_hot(a, layer.module.weight.shape[0]).to(delta.dtype))
+    else:
+        a = _augmented(layer, a, delta)
+        if p_in is not None:
+            a = a @ p_in.to(a)
+    if p_out is not None:
+        delta = delta @ p_out.to(delta)
+    return torch.einsum("bto,bti->boi", delta, a).reshape(captured.b, -1)
 
 
 def make_projector(kind: str, model: nn.Module, params: dict[str, torch.Tensor],
@@ -291,5 +296,6 @@ __all__ = [
     "inner_products",
     "layer_sides",
     "make_projector",
+    "project_layer",
     "split_sides",
 ]

@@ -5,7 +5,8 @@ sequence inputs [B, T, in]) and output gradient delta = dl/dy, the per-example g
 [W | b] is sum_t delta_t [a_t, 1]^T (bias folded in as a constant-1 input column). LoGra
 projects it with two small factors, P_out^T delta and P_in^T [a, 1], so the projected
 gradient (P_out^T delta)(P_in^T a)^T = P_out^T (delta a^T) P_in is formed from activations and
-output gradients captured by hooks, without ever forming the full per-example gradient.
+output gradients captured by the layer hooks every attributor uses
+(:mod:`tdatune.features.capture`), without ever forming the full per-example gradient.
 
 Layout. Each layer contributes k_out * k_in numbers, flattened row-major ([out, in+1] with
 identity factors: W's entries in parameter order, then each row's bias in the last column),
@@ -14,15 +15,14 @@ permutation of the layers' full parameter gradients; Fisher-based influence is i
 permutations, so LoGra with identity factors equals IFFIM on those layers' gradients.
 
 Factors are seeded Gaussian matrices with entries N(0, 1/k). A side whose size is <= k is left
-unprojected (identity), so ``k`` only ever reduces dimensions. Only nn.Linear modules are
-hooked (convolutions are not), and each hooked module must run once per forward pass
-(a module reused within one pass, e.g. tied weights, is refused by name).
+unprojected (identity), so ``k`` only ever reduces dimensions. LoGra projects nn.Linear
+modules; a module called several times in one pass contributes every call.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,9 @@ from torch import nn
 
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import batch_len
+from tdatune.features.capture import plan_capture
+from tdatune.features.factored import project_layer
+from tdatune.features.gradients import GradientSource
 from tdatune.models.task import Task
 from tdatune.utils.checks import check_choice, check_finite_rows
 from tdatune.utils.progress import progress
@@ -97,84 +100,28 @@ def layer_factors(layers: list[tuple[str, nn.Linear]], k: int | None, seed: int 
     return out
 
 
-class LayerRanTwice(ValueError):
-    """A hooked linear layer ran more than once in one forward pass (shared weights)."""
-
-
-class LinearTaps:
-    """Forward hooks that keep each linear layer's input and output during one forward pass,
-    and the output gradients of a scalar built from that pass. Use as a context manager."""
-
-    def __init__(self, layers: list[tuple[str, nn.Linear]]) -> None:
-        self.layers = layers
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers]
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if name in self.inputs:
-                raise LayerRanTwice(
-                    f"linear layer {name} ran twice in one forward pass (shared weights); LoGra's "
-                    "hooks need each hooked layer to run once: leave it out with `layers`")
-            self.inputs[name] = args[0].detach()
-            self.outputs[name] = output
-        return hook
-
-    def clear(self) -> None:
-        """Forget the previous forward pass."""
-        self.inputs.clear()
-        self.outputs.clear()
-
-    def output_grads(self, total: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """d total / d(output) of each layer, in layer order, from the last forward pass."""
-        return torch.autograd.grad(total, [self.outputs[name] for name, _ in self.layers])
-
-    def close(self) -> None:
-        """Remove the hooks."""
-        for h in self.handles:
-            h.remove()
-
-    def __enter__(self) -> LinearTaps:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def iter_layerwise_grads(
     task: Task, model: nn.Module, data: ArrayDataset, factors: list[LayerFactors],
     layers: list[tuple[str, nn.Linear]], *, target: str = "loss", chunk_size: int = 256,
     show_progress: bool = False, desc: str = "layer-wise gradients",
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, chunk)`` of projected per-example gradients [b, sum_l k_out k_in] of the
-    loss or output function, from hooked activations and output gradients."""
+    loss or output function, from the layer hooks' factors (:mod:`tdatune.features.capture`;
+    a layer called several times in a pass adds up its calls)."""
     check_choice("gradient target", target, ("loss", "output"))
-    fn = task.loss_fn if target == "loss" else task.output_fn
-    model.eval()
-    device = next(model.parameters()).device
-    params = dict(model.named_parameters())
-    with LinearTaps(layers) as taps:
-        for start, x, y in progress(data.batches(chunk_size, device), enabled=show_progress,
-                                    desc=desc, total=data.num_batches(chunk_size)):
-            taps.clear()
-            with torch.enable_grad():
-                deltas = taps.output_grads(fn(task.call(model, params, x), y).sum())
-            parts = []
-            b = batch_len(x)
-            for (name, layer), f, delta in zip(layers, factors, deltas, strict=True):
-                a = taps.inputs[name].reshape(b, -1, layer.in_features)
-                d = delta.detach().reshape(b, -1, layer.out_features)
-                if layer.bias is not None:
-                    a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
-                if f.p_in is not None:
-                    a = a @ f.p_in.to(a.dtype)
-                if f.p_out is not None:
-                    d = d @ f.p_out.to(d.dtype)
-                parts.append(torch.einsum("bto,bti->boi", d, a).reshape(b, -1))
-            g = torch.cat(parts, dim=1)
-            check_finite_rows(f"layer-wise {target} gradients", g, offset=start)
-            yield start, g
+    named = dict(model.named_parameters())
+    wanted = {f"{name}.{attr}": named[f"{name}.{attr}"] for name, layer in layers
+              for attr in ("weight", "bias") if getattr(layer, attr, None) is not None}
+    source = GradientSource(task, model, wanted, target=target, probe=data)
+    plan = plan_capture(model, list(wanted), {k: v.shape for k, v in wanted.items()})
+    by_path = {c.path: c for c in plan.layers}
+    for start, x, y in progress(data.batches(chunk_size, source.device), enabled=show_progress,
+                                desc=desc, total=data.num_batches(chunk_size)):
+        captured = source.captured(x, y, batch_len(x))
+        g = torch.cat([project_layer(by_path[name], captured, f.p_in, f.p_out)
+                       for (name, _), f in zip(layers, factors, strict=True)], dim=1)
+        check_finite_rows(f"layer-wise {target} gradients", g, offset=start)
+        yield start, g
 
 
 def layerwise_grads(task: Task, model: nn.Module, data: ArrayDataset,
