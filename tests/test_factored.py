@@ -168,3 +168,28 @@ def test_iffim_and_tracin_from_factors_equal_dense_formulas():
     cos = want / (v.norm(dim=1)[:, None] * g.norm(dim=1)[None, :])
     torch.testing.assert_close(tracin.score(prob.explained, normalize=True).double(), cos,
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "seq", "conv", "tied"])
+def test_factored_gradients_gram_products_and_norms(name):
+    """FactoredGradients keeps factors or forms rows layer by layer (the sequence model's
+    layers form rows); G G^T, V G^T and the row norms equal the loop gradients'."""
+    from tdatune.features.kernel import FactoredGradients
+
+    model, x, y = problem(name)
+    model.eval()
+    task = Task(make_model=lambda: model, loss_fn=ce)
+    params = dict(model.named_parameters())
+    train, other = ArrayDataset(x, y), ArrayDataset(x[:3], y[:3])
+    fg = FactoredGradients(task, model, params, train, chunk_size=4)
+    vg = FactoredGradients(task, model, params, other, chunk_size=2)
+    g = loop_grads(model, plain_call, ce, x, y, len(x)).double()
+    scale = float((g @ g.T).abs().max())
+    torch.testing.assert_close(fg.gram(), g @ g.T, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(fg.products(vg), g[:3] @ g.T, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(fg.row_norms(), g.norm(dim=1), rtol=1e-4, atol=1e-6)
+    formed_rows = sum(len(c.factors) == 0 for _, c in fg.chunks)
+    if name == "seq":
+        assert formed_rows == len(fg.chunks)  # T = 7 positions: every layer forms its rows
+    if name == "mlp":
+        assert fg.stored < len(x) * sum(p.numel() for p in params.values())
