@@ -24,6 +24,7 @@ from tdatune.data.batches import (
     tree_slice,
     tree_to,
 )
+from tdatune.data.streaming import StreamingDataset, stream_dataset
 from tdatune.utils.checks import check_finite_examples
 from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
 
@@ -141,7 +142,8 @@ class ArrayDataset:
         return f"inputs {describe(self.inputs)}, targets {describe(self.targets)}"
 
 
-def as_dataset(data: Any, targets: Any = None, *, pairs: bool = True) -> ArrayDataset:
+def as_dataset(data: Any, targets: Any = None, *, pairs: bool = True,
+               stream: bool = False) -> ArrayDataset | StreamingDataset:
     """Turn what a user has into an :class:`ArrayDataset` (collated into tensors, in index order).
 
     Accepted: an ``ArrayDataset``; tensors or numpy arrays ``(inputs, targets)`` (as two
@@ -151,12 +153,25 @@ def as_dataset(data: Any, targets: Any = None, *, pairs: bool = True) -> ArrayDa
     ``(x, y)`` become inputs ``x`` and targets ``y`` (``pairs=False`` keeps the whole tuple as
     one batch); anything else (a dict such as ``{"input_ids", "attention_mask", "labels"}``, a
     longer tuple, a tensor) is a whole batch that the loss and output also see.
+
+    ``stream=True`` turns a map-style ``Dataset`` or a ``DataLoader`` over one into a
+    :class:`~tdatune.data.streaming.StreamingDataset` instead: nothing is collated up front,
+    batches are read and collated (padded) one at a time when gradients are computed. Data
+    already in tensors is returned as an ``ArrayDataset`` either way; a ``StreamingDataset``
+    given without ``stream=True`` is collated whole with its own collate function.
     """
     if isinstance(data, ArrayDataset):
         return data
+    if isinstance(data, StreamingDataset):
+        if stream:
+            return data
+        tree = _collate_dataset(data, data.collate)
+        return _as_array_dataset(tree, data.pairs)
     if (isinstance(data, DataLoader) and isinstance(data.dataset, ArrayDataset)
             and data.collate_fn is default_collate):
         return data.dataset  # already tensors: no per-example round trip
+    if stream and targets is None and isinstance(data, (Dataset, DataLoader)):
+        return stream_dataset(data, pairs=pairs)
     if targets is not None:
         return ArrayDataset(data, targets)
     if isinstance(data, DataLoader):
@@ -167,6 +182,11 @@ def as_dataset(data: Any, targets: Any = None, *, pairs: bool = True) -> ArrayDa
         tree = _collate_dataset(data, default_collate)
     else:
         tree = as_tensor_tree(data)
+    return _as_array_dataset(tree, pairs)
+
+
+def _as_array_dataset(tree: Tree, pairs: bool) -> ArrayDataset:
+    """Inputs and targets from a collated 2-tuple (with ``pairs``), else a whole batch."""
     if pairs and isinstance(tree, (tuple, list)) and len(tree) == 2:
         return ArrayDataset(tree[0], tree[1])
     if isinstance(tree, list):

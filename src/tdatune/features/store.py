@@ -38,6 +38,12 @@ import torch
 from torch import nn
 
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import (
+    allocated_bytes,
+    check_fits,
+    estimate_featurization,
+    estimate_gradients,
+)
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
@@ -215,7 +221,7 @@ class FeatureStore:
         start, stop = self.chunk_bounds(chunk)
         if record.get("rows") != [start, stop]:
             return f"its record names rows {record.get('rows')}, expected {[start, stop]}"
-        rows = np.ascontiguousarray(array[start:stop])
+        rows = self._read_rows(array, start, stop)
         if "sha256" in record:  # stores written before checksums were recorded have only a sum
             if hashlib.sha256(memoryview(rows)).hexdigest() != record["sha256"]:
                 return "its rows do not match their SHA-256 record"
@@ -224,6 +230,17 @@ class FeatureStore:
         if not np.isclose(total, record["sum"], rtol=1e-6, atol=1e-6):
             return f"its rows sum to {total}, the record says {record['sum']}"
         return None
+
+    def _read_rows(self, array: np.memmap, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` read from the file, not through the memory map: checking every
+        chunk then leaves no mapped pages behind (resident memory stays one chunk)."""
+        if not array.flags.c_contiguous:
+            return np.ascontiguousarray(array[start:stop])
+        width = self.shape[1]
+        with open(self.directory / ARRAY_NAME, "rb") as f:
+            rows = np.fromfile(f, dtype=self.dtype, count=(stop - start) * width,
+                               offset=array.offset + start * width * self.dtype.itemsize)
+        return rows.reshape(stop - start, width)
 
     def damaged_chunks(self) -> list[int]:
         """Completed chunks whose rows or record do not verify."""
@@ -306,6 +323,15 @@ def _check_manifest(directory: Path, stored: dict[str, Any], wanted: dict[str, A
         )
 
 
+def _on_disk(directory: str | Path) -> int:
+    """Bytes a (partial) store in ``directory`` already holds on disk: the allocated part of
+    ``features.npy`` (a sparse file grows as chunks are written) and the chunk records."""
+    directory = Path(directory)
+    records = directory / "chunks"
+    held = sum(allocated_bytes(r) for r in records.iterdir()) if records.is_dir() else 0
+    return allocated_bytes(directory / ARRAY_NAME) + held
+
+
 def gradient_identity(task: Task, params: Params, data: ArrayDataset, *, target: str,
                       projector: Projector | None, seed: int, checkpoint: int | str) -> dict:
     """What identifies a store of per-example gradients: task, gradient target, seed,
@@ -324,13 +350,22 @@ def gradient_identity(task: Task, params: Params, data: ArrayDataset, *, target:
 def open_gradient_store(
     directory: str | Path, task: Task, params: Params, data: ArrayDataset, *,
     target: str = "loss", projector: Projector | None = None, seed: int = 0,
-    checkpoint: int | str = "final", chunk_rows: int = 1024,
+    checkpoint: int | str = "final", chunk_rows: int = 1024, check_fit: bool = True,
 ) -> FeatureStore:
     """The gradient store for this request at ``directory``: opened (and repaired) when it
     exists and matches, created otherwise, refused when it holds another request. Every
     builder (:func:`build_gradient_store`, :func:`tdatune.features.distributed
-    .build_gradient_store_ray`) opens stores here, so they build and resume the same store."""
+    .build_gradient_store_ray`) opens stores here, so they build and resume the same store.
+
+    First (before the data's fingerprint, which may read every example of a stream) a store
+    that the free disk cannot hold is refused (:class:`~tdatune.features.budget.DoesNotFit`)
+    with the numbers and the fix; ``check_fit=False`` skips that."""
     width = projector.d if projector is not None else num_params(params)
+    if check_fit:
+        check_fits(estimate_featurization(len(data), width, grad_width=num_params(params),
+                                          store_chunk_rows=chunk_rows),
+                   directory=directory, check_memory=False,
+                   already_on_disk=_on_disk(directory), what="a gradient store")
     identity = gradient_identity(task, params, data, target=target, projector=projector,
                                  seed=seed, checkpoint=checkpoint)
     return FeatureStore.open_or_create(directory, shape=(len(data), width), identity=identity,
@@ -351,14 +386,25 @@ def build_gradient_store(
     directory: str | Path, task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
     target: str = "loss", projector: Projector | None = None, seed: int = 0,
     checkpoint: int | str = "final", chunk_rows: int = 1024, grad_chunk_size: int = 256,
-    show_progress: bool = False,
+    show_progress: bool = False, check_fit: bool = True,
 ) -> FeatureStore:
     """Per-example gradients (projected by ``projector`` if given) of ``data`` in a store at
     ``directory``, computed chunk by chunk; resumes a partial store and refuses a different
-    one. ``seed`` and ``checkpoint`` label which training run and epoch ``params`` are."""
+    one. ``seed`` and ``checkpoint`` label which training run and epoch ``params`` are.
+
+    ``data`` may be an ``ArrayDataset`` or a :class:`~tdatune.data.streaming.StreamingDataset`
+    (read and collated one gradient chunk at a time). Before any work the memory (one chunk of
+    gradients, the projection, one chunk of store rows) and the disk are estimated
+    (:mod:`tdatune.features.budget`) and a run that would not fit is refused with the fix
+    (:class:`~tdatune.features.budget.DoesNotFit`); ``check_fit=False`` skips that."""
+    if check_fit:
+        estimate = estimate_gradients(params, len(data), projector=projector,
+                                      chunk_size=grad_chunk_size, store_chunk_rows=chunk_rows)
+        check_fits(estimate, directory=directory, already_on_disk=_on_disk(directory),
+                   what="build_gradient_store")
     store = open_gradient_store(directory, task, params, data, target=target,
                                 projector=projector, seed=seed, checkpoint=checkpoint,
-                                chunk_rows=chunk_rows)
+                                chunk_rows=chunk_rows, check_fit=False)
 
     def compute(start: int, stop: int) -> torch.Tensor:
         return gradient_rows(task, model, params, data, start, stop, target=target,
