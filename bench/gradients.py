@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -105,6 +108,10 @@ def main() -> None:
                         help="explained examples for the inner-product row")
     parser.add_argument("--n", type=int, default=None, help="training examples (default all)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--streaming", type=int, default=0,
+                        help="then run bench/streaming.py on this many synthetic examples "
+                             "(kronecker projection at --proj-dim; killed and resumed) and "
+                             "print its peak memory (0: skip)")
     add_machine_flags(parser)
     args = parser.parse_args()
     device = setup_machine(args)
@@ -125,6 +132,23 @@ def main() -> None:
         print(f"{'train step (baseline)':<34}{steps:>12.0f}{1.0:>12.2f}")
         for row, value in rates.items():
             print(f"{row:<34}{value:>12.0f}{value / steps:>12.2f}")
+    if args.streaming:
+        streaming(args.streaming, args.proj_dim, torch.get_num_threads())
+
+
+def streaming(n: int, proj_dim: int, threads: int) -> None:
+    """bench/streaming.py in a subprocess; its lines on memory, resumption and the result."""
+    print(f"\nstreaming: {n:,} examples of the MLP 784-128-64-10 into a store, kronecker "
+          f"d <= {proj_dim} (bench/streaming.py)")
+    cmd = [sys.executable, str(Path(__file__).with_name("streaming.py")), "--n", str(n),
+           "--proj-dim", str(proj_dim), "--proj-kind", "kronecker", "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    keep = ("run ", "killed", "chunks computed", "peak resident", "result", "estimate")
+    for line in done.stdout.splitlines():
+        if any(k in line for k in keep):
+            print("  " + line.strip())
+    if done.returncode:
+        print(f"  bench/streaming.py failed ({done.returncode}): {done.stderr[-500:]}")
 
 
 if __name__ == "__main__":

@@ -343,3 +343,32 @@ def test_a_stream_collated_into_memory_uses_its_own_collate():
     assert as_dataset(stream, stream=True) is stream
     pairs = as_dataset(stream_dataset(TensorDataset(torch.zeros(4, 2), torch.arange(4))))
     assert not pairs.whole_batch and torch.equal(pairs.targets, torch.arange(4))
+
+
+def test_an_attributor_fits_on_a_stream_like_on_the_collated_data():
+    """IFFIM and TracIn fitted on a padded stream (the context's task check included) score
+    like on the same data collated in memory."""
+    from tdatune.attributors import AttributionContext, make_attributor
+
+    ds = Sequences(14)
+    task, model, _ = pool_setup()
+    state = model.state_dict()
+    streamed = stream_dataset(DataLoader(ds, batch_size=5, collate_fn=pad))
+    collated = as_dataset(DataLoader(ds, collate_fn=pad))
+    explained = as_dataset(DataLoader(Sequences(3, seed=9), collate_fn=pad))
+    for name in ("iffim", "tracin"):
+        scores = [make_attributor(name).fit(AttributionContext(task, data, [state],
+                                                               chunk_size=4)).score(explained)
+                  for data in (streamed, collated)]
+        torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-6)
+
+
+def test_in_memory_gradients_that_would_not_fit_are_refused_first(monkeypatch):
+    import tdatune.features.budget as budget
+    from tdatune.features.budget import DoesNotFit
+
+    ds = Sequences(13)
+    task, model, params = pool_setup()
+    monkeypatch.setattr(budget, "available_memory", lambda: 1000)
+    with pytest.raises(DoesNotFit, match="proj_dim|chunk"):
+        per_example_grads(task, model, params, stream_dataset(DataLoader(ds, collate_fn=pad)))

@@ -12,6 +12,7 @@ from torch.func import grad, vmap
 
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import Tree, batch_len, tree_map, tree_slice
+from tdatune.features.budget import check_fits, estimate_gradients
 from tdatune.features.capture import (
     Captured,
     CaptureRefused,
@@ -258,9 +259,13 @@ def per_example_grads(
     show_progress: bool = False, desc: str = "gradients",
 ) -> torch.Tensor:
     """All per-example gradients as one [n, p] (or [n, d]) tensor on the CPU, in the
-    parameters' dtype (the projection's after projection)."""
+    parameters' dtype (the projection's after projection). A run whose memory would not fit
+    is refused first, with the projection dimension or chunk size that would
+    (:func:`tdatune.features.budget.check_fits`)."""
     first = next(iter(params.values()))
     width = projector.d if projector is not None else num_params(params)
+    check_fits(estimate_gradients(params, len(data), projector=projector, chunk_size=chunk_size,
+                                  in_memory=True), what=desc)
     if projector is None and first.device.type == "cpu":  # chunks written in place
         out = torch.empty(len(data), width, dtype=first.dtype)
         for _ in iter_per_example_grads(task, model, params, data, target=target,

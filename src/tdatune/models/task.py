@@ -264,6 +264,7 @@ def check_task(task: Task, data: ArrayDataset, *, model: nn.Module | None = None
             "the form your model's forward takes"
         ) from exc
     if (task.loss_fn is cross_entropy and isinstance(outputs, torch.Tensor)
+            and isinstance(data, ArrayDataset)  # a stream's labels are checked per batch
             and isinstance(data.targets, torch.Tensor) and not data.whole_batch):
         # Every label, not only the probe's: a label 12 for 10 classes anywhere in the data.
         check_class_targets(f"{task.name}: the {what} targets", data.targets,
@@ -300,8 +301,9 @@ def check_task(task: Task, data: ArrayDataset, *, model: nn.Module | None = None
 def _batch_labels(task: Task, data: ArrayDataset, x: Tree) -> torch.Tensor | None:
     """The integer ``'labels'`` entry of a dict batch when it holds class indices for this
     task: read by the built-in cross-entropy, or handed to the model itself (no custom
-    forward), as Hugging Face models take them. None otherwise."""
-    inputs = data.inputs
+    forward), as Hugging Face models take them. None otherwise. A stream holds no tensors:
+    the probe batch's labels are checked (the rest when their batch is read)."""
+    inputs = data.inputs if isinstance(data, ArrayDataset) else x
     if not isinstance(inputs, Mapping) or not isinstance(inputs.get("labels"), torch.Tensor):
         return None
     builtin = task.loss_fn is cross_entropy and data.whole_batch
