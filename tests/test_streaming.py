@@ -370,5 +370,5 @@ def test_in_memory_gradients_that_would_not_fit_are_refused_first(monkeypatch):
     ds = Sequences(13)
     task, model, params = pool_setup()
     monkeypatch.setattr(budget, "available_memory", lambda: 1000)
-    with pytest.raises(DoesNotFit, match="proj_dim|chunk"):
+    with pytest.raises(DoesNotFit, match=r"proj_dim|chunk"):
         per_example_grads(task, model, params, stream_dataset(DataLoader(ds, collate_fn=pad)))

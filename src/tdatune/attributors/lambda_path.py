@@ -18,7 +18,7 @@ block-diagonal matrix diag(F_1, ..., F_C). ``EnsembleLambdaPath`` stores exactly
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -159,3 +159,65 @@ class EnsembleLambdaPath(LambdaPath):
     def block_sizes(self) -> list[int]:
         """One block per member path."""
         return [int(m.sigma.numel()) for m in self.members]
+
+
+class StreamedLambdaPath(LambdaPath):
+    """A lambda-path whose training coordinates are held when small (``keep``) and otherwise
+    recomputed chunk by chunk on every use (``chunks()`` yields ``(start, [b, k])``), so a path
+    over all p parameters of a model (K-FAC, EK-FAC) never holds n x p numbers: scores stream
+    the training side once per call, subset predictions once per set of masks.
+    ``sizes`` are the blocks (layers) for per-block damping."""
+
+    def __init__(self, sigma: torch.Tensor, explained_coords: torch.Tensor,
+                 chunks: Callable[[], Iterator[tuple[int, torch.Tensor]]], n_train: int, *,
+                 sign: float = -1.0, sizes: Sequence[int] | None = None, keep: bool = False
+                 ) -> None:
+        check_shape("explained_coords", explained_coords, [None, sigma.shape[0]])
+        self.sigma, self.explained_coords, self.sign = sigma, explained_coords, float(sign)
+        self._chunks, self._n = chunks, int(n_train)
+        self._sizes = [int(sigma.numel())] if sizes is None else [int(s) for s in sizes]
+        if sum(self._sizes) != sigma.numel():
+            raise ValueError(f"block sizes {self._sizes} do not add up to {sigma.numel()}")
+        self._held: torch.Tensor | None = None
+        if keep:
+            self._held = torch.cat([c for _, c in chunks()]) if n_train else torch.empty(
+                0, sigma.numel(), dtype=sigma.dtype)
+
+    @property  # type: ignore[override]
+    def train_coords(self) -> torch.Tensor:
+        """[n, k] (computed now when not held: n x k numbers)."""
+        if self._held is None:
+            self._held = torch.cat([c for _, c in self._chunks()])
+        return self._held
+
+    @property
+    def n_train(self) -> int:
+        """Number of training examples."""
+        return self._n
+
+    def _stream(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self._held is not None:
+            yield 0, self._held
+        else:
+            yield from self._chunks()
+
+    def scores(self, lam: float) -> torch.Tensor:
+        """Score matrix [m, n] at one lambda (one pass over the training side)."""
+        lam_t = check_path_lambdas(self.sigma, lam)
+        w = self._weighted(float(lam_t[0]))
+        out = torch.empty(w.shape[0], self._n, dtype=w.dtype)
+        for start, c in self._stream():
+            out[:, start : start + c.shape[0]] = self.sign * (w @ c.to(w.dtype).T)
+        return out
+
+    def project_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks @ a [M, k], in one pass over the training side."""
+        check_shape("subset masks", masks, [None, self._n])
+        out = torch.zeros(masks.shape[0], self.sigma.numel(), dtype=self.sigma.dtype)
+        for start, c in self._stream():
+            out += masks[:, start : start + c.shape[0]].to(out.dtype) @ c.to(out.dtype)
+        return out
+
+    def block_sizes(self) -> list[int]:
+        """The blocks given at construction."""
+        return list(self._sizes)

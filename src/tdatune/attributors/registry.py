@@ -9,12 +9,13 @@ from tdatune.attributors.if_cg import IFCG
 from tdatune.attributors.if_explicit import IFExplicit
 from tdatune.attributors.if_lissa import IFLiSSA
 from tdatune.attributors.iffim import IFFIM
+from tdatune.attributors.kfac import EKFAC, KFAC
 from tdatune.attributors.logra import LoGra
 from tdatune.attributors.tracin import TracIn
 from tdatune.attributors.trak import TRAK
 
 ATTRIBUTORS: dict[str, type[Attributor]] = {
-    cls.name: cls for cls in (IFExplicit, IFCG, IFLiSSA, IFFIM, TRAK, TracIn, LoGra)
+    cls.name: cls for cls in (IFExplicit, IFCG, IFLiSSA, IFFIM, TRAK, TracIn, LoGra, KFAC, EKFAC)
 }
 
 

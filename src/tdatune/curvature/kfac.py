@@ -1,0 +1,220 @@
+"""Kronecker-factored curvature (K-FAC) and its eigenvalue correction (EK-FAC), fitted from the
+layer hooks' factors in streamed passes over the training data.
+
+For a Kronecker layer with per-example gradient G_n = sum_t delta_nt a_nt^T ([out, in], a bias
+as a constant-1 input column), the block of the Fisher F = E_n[vec G_n vec G_n^T] is
+approximated by A (x) S with
+
+    A = sum_{n,t} a_nt a_nt^T / (number of positions),   S = sum_{n,t} delta_nt delta_nt^T / n.
+
+With A = Q_A diag(l_A) Q_A^T and S = Q_S diag(l_S) Q_S^T, K-FAC's eigenvalues are
+l_S[j] l_A[k]; EK-FAC replaces them by the exact second moments in that basis (a second pass),
+Lambda[j, k] = E_n[(Q_S^T G_n Q_A)_jk^2]. For one position per example (an MLP) and the
+empirical Fisher, A (x) S is the Fisher's block when a and delta are independent, and EK-FAC's
+diagonal is exact in the Kronecker basis. An embedding's input is one-hot, so A is diagonal
+(token frequencies) and Q_A is the identity. Every other differentiated parameter (norms,
+tied or leftover parameters) gets a diagonal block, E_n[g^2], exact in its own basis.
+
+Everything is on tdatune's mean-loss lambda scale: score = -v^T (F + lambda I)^-1 g_i in the
+eigen-coordinates c = Q_S^T V Q_A, and only 1 / (Lambda + lambda) changes with the damping.
+
+Fisher kinds: ``empirical`` (the gradients of the training loss at the true labels, like
+IFFIM) or ``true`` (labels sampled from the model's predictive distribution, for the built-in
+cross-entropy on [B, C] logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from tdatune.data.base import ArrayDataset
+from tdatune.data.batches import batch_len
+from tdatune.features.capture import Captured, CapturedLayer, EmbeddingRule
+from tdatune.features.factored import _augmented, formed
+from tdatune.features.gradients import GradientSource
+from tdatune.models.outputs import cross_entropy, logits_of
+from tdatune.models.task import Params, Task
+from tdatune.utils.checks import check_choice, check_finite_rows
+from tdatune.utils.progress import progress
+
+FISHER_KINDS = ("empirical", "true")
+STRATEGIES = ("ekfac", "kfac")
+
+
+@dataclass
+class KronBlock:
+    """One Kronecker layer: its eigenbases (None: identity) and eigenvalues [out, in]."""
+
+    layer: CapturedLayer
+    q_a: torch.Tensor | None
+    q_s: torch.Tensor
+    lam_a: torch.Tensor
+    lam_s: torch.Tensor
+    sigma: torch.Tensor  # [out, in]: K-FAC's l_S l_A^T or EK-FAC's corrected moments
+
+    def rotate(self, captured: Captured) -> torch.Tensor:
+        """Q_S^T G Q_A of every example of a captured batch, flattened [b, out * in]."""
+        for c, a, d in captured.factors:
+            if c.path == self.layer.path:
+                d = d.double() @ self.q_s
+                if isinstance(c.rule, EmbeddingRule):  # Q_A = I: scatter the rotated rows
+                    m = d.new_zeros(captured.b, c.module.weight.shape[0], d.shape[-1])
+                    m.scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
+                    return m.transpose(1, 2).reshape(captured.b, -1)
+                a = _augmented(c, a, d).double()
+                if self.q_a is not None:
+                    a = a @ self.q_a
+                return torch.einsum("bto,bti->boi", d, a).reshape(captured.b, -1)
+        m = formed(self.layer, captured).double()
+        m = torch.einsum("boi,oj->bji", m, self.q_s)
+        if self.q_a is not None:
+            m = m @ self.q_a
+        return m.reshape(captured.b, -1)
+
+
+@dataclass
+class KroneckerFit:
+    """The fitted curvature of one checkpoint: Kronecker blocks and diagonal blocks."""
+
+    strategy: str
+    fisher: str
+    n: int
+    blocks: list[KronBlock]
+    diagonal: dict[str, torch.Tensor]  # parameter name -> E_n[g^2] [numel]
+    task: Task = field(repr=False)
+    source: GradientSource = field(repr=False)  # the Fisher's gradients
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """All eigenvalues, in the layout of :meth:`coords` [p]."""
+        parts = [b.sigma.reshape(-1) for b in self.blocks]
+        parts += [self.diagonal[k] for k in self.diagonal]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """Coordinates per block (Kronecker layers, then one block of diagonal parameters)."""
+        sizes = [b.sigma.numel() for b in self.blocks]
+        rest = sum(v.numel() for v in self.diagonal.values())
+        return sizes + ([rest] if rest else [])
+
+    def coords(self, captured: Captured) -> torch.Tensor:
+        """Eigen-coordinates [b, p] (float64) of a captured batch's per-example gradients."""
+        parts = [b.rotate(captured) for b in self.blocks]
+        parts += [captured.dense[k].double() for k in self.diagonal]
+        return torch.cat(parts, dim=1)
+
+    def iter_coords(self, data: ArrayDataset, *, target: str, chunk_size: int,
+                    show_progress: bool = False, desc: str = "eigen-coordinates"
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, coords [b, p])`` over ``data``'s loss or output gradients."""
+        if target == "loss" and self.fisher == "empirical":
+            source = self.source
+        else:  # the task's own loss (not the sampled labels) or output
+            source = GradientSource(self.task, self.source.model, self.source.detached,
+                                    target=target, probe=data)
+        for start, x, y in progress(data.batches(chunk_size, source.device),
+                                    enabled=show_progress, desc=desc,
+                                    total=data.num_batches(chunk_size)):
+            coords = self.coords(source.captured(x, y, batch_len(x)))
+            check_finite_rows(f"per-example {target} gradients", coords, offset=start)
+            yield start, coords
+
+
+class _SampledCrossEntropy:
+    """Cross-entropy at labels drawn from the model's own predictive distribution (the true
+    Fisher), from a seeded generator advanced batch by batch."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, outputs: object, targets: object) -> torch.Tensor:
+        logits = logits_of(outputs)
+        if logits.dim() != 2:
+            raise ValueError("fisher='true' samples one class per example from [B, C] logits; "
+                             "use fisher='empirical' for this task")
+        probs = torch.softmax(logits.detach().float().cpu(), dim=-1)
+        sampled = torch.multinomial(probs, 1, generator=self.gen).squeeze(1).to(logits.device)
+        return cross_entropy(logits, sampled)
+
+
+def fisher_task(task: Task, fisher: str, seed: int = 0) -> Task:
+    """The task whose loss gradients define the Fisher: the task itself (empirical) or the
+    cross-entropy at sampled labels (true)."""
+    check_choice("fisher", fisher, FISHER_KINDS)
+    if fisher == "empirical":
+        return task
+    if task.loss_fn is not cross_entropy:
+        raise ValueError(f"{task.name}: fisher='true' needs the built-in cross-entropy loss (it "
+                         "samples labels from the model's softmax); use fisher='empirical'")
+    return replace(task, loss_fn=_SampledCrossEntropy(seed))
+
+
+def fit_kronecker(task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
+                  strategy: str = "ekfac", fisher: str = "empirical", seed: int = 0,
+                  chunk_size: int = 256, show_progress: bool = False) -> KroneckerFit:
+    """Covariance factors in one pass, their eigendecompositions, and (EK-FAC) the corrected
+    eigenvalues in a second pass over ``data``."""
+    check_choice("strategy", strategy, STRATEGIES)
+    n = len(data)
+    if n == 0:
+        raise ValueError("no training examples to fit the curvature on")
+    ftask = fisher_task(task, fisher, seed)
+    source = GradientSource(ftask, model, params, target="loss", probe=data)
+    kron = [c for c in source.plan.layers if c.factored]
+    a_cov: dict[str, torch.Tensor] = {}
+    s_cov: dict[str, torch.Tensor] = {}
+    positions: dict[str, int] = {}
+    diag: dict[str, torch.Tensor] = {}
+    for _, x, y in progress(data.batches(chunk_size, source.device), enabled=show_progress,
+                            desc=f"{strategy} factors"):
+        captured = source.captured(x, y, batch_len(x))
+        got = {c.path: (a, d) for c, a, d in captured.factors}
+        for c in kron:
+            if c.path in got:
+                a, d = got[c.path]
+            else:  # this batch was differentiated without hooks: no factors to collect
+                raise ValueError(f"{task.name}: layer {c.path} gave no Kronecker factors "
+                                 "(the hooks were refused); K-FAC needs them")
+            d = d.double()
+            s_cov[c.path] = s_cov.get(c.path, 0) + torch.einsum("bto,btp->op", d, d)
+            if isinstance(c.rule, EmbeddingRule):
+                counts = torch.bincount(a.reshape(-1), minlength=c.module.weight.shape[0])
+                a_cov[c.path] = a_cov.get(c.path, 0) + counts.double()
+            else:
+                aa = _augmented(c, a, d).double()
+                a_cov[c.path] = a_cov.get(c.path, 0) + torch.einsum("bti,btj->ij", aa, aa)
+            positions[c.path] = positions.get(c.path, 0) + a.shape[0] * a.shape[1]
+        for k, g in captured.dense.items():
+            diag[k] = diag.get(k, 0) + g.double().pow(2).sum(0)
+    blocks = []
+    for c in kron:
+        a = a_cov[c.path] / positions[c.path]
+        s = s_cov[c.path] / n
+        lam_s, q_s = torch.linalg.eigh((s + s.T) / 2)
+        if a.dim() == 1:  # embedding: one-hot inputs, A diagonal
+            lam_a, q_a = a, None
+        else:
+            lam_a, q_a = torch.linalg.eigh((a + a.T) / 2)
+        lam_a, lam_s = lam_a.clamp_min(0), lam_s.clamp_min(0)
+        blocks.append(KronBlock(c, q_a, q_s, lam_a, lam_s, torch.outer(lam_s, lam_a)))
+    fit = KroneckerFit(strategy, fisher, n, blocks, {k: v / n for k, v in diag.items()},
+                       task, source)
+    if strategy == "ekfac":
+        moments = [torch.zeros_like(b.sigma) for b in blocks]
+        for _, x, y in progress(data.batches(chunk_size, source.device), enabled=show_progress,
+                                desc="ekfac eigenvalue correction"):
+            captured = source.captured(x, y, batch_len(x))
+            for b, acc in zip(blocks, moments, strict=True):
+                acc += b.rotate(captured).pow(2).sum(0).reshape(acc.shape)
+        for b, acc in zip(blocks, moments, strict=True):
+            b.sigma = acc / n
+    return fit
+
+
+__all__ = ["FISHER_KINDS", "STRATEGIES", "KronBlock", "KroneckerFit", "fisher_task",
+           "fit_kronecker"]
