@@ -164,13 +164,17 @@ def test_a_model_vmap_cannot_run_gives_its_leftovers_by_single_example_passes(ca
     assert "one example at a time" in capfd.readouterr().err
 
 
-class InPlace(nn.Module):
-    """A layer's output changed in place (the hooks keep the original, the model gets a copy)."""
+class TwoLayers(nn.Module):
+    """Two linear layers, a and b; subclasses say what runs between them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Linear(4, 6)
         self.b = nn.Linear(6, 3)
+
+
+class InPlace(TwoLayers):
+    """A layer's output changed in place (the hooks keep the original, the model gets a copy)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x)
@@ -184,13 +188,8 @@ def test_an_output_modified_in_place_is_handed_on_as_a_copy():
     assert source.plan.copied == {"a"}
 
 
-class Coupled(nn.Module):
+class Coupled(TwoLayers):
     """Batch statistics in the forward pass couple the examples of a batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 6)
-        self.b = nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a(x)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tdatune.features.store as store_module
+from interrupts import Interrupted
 from tdatune.curvature.eigen import fisher_eigensystem
 from tdatune.features.gradients import per_example_grads
 from tdatune.features.projection import Projector
@@ -49,16 +50,7 @@ def test_resume_after_kill_recomputes_only_missing_chunks(digits_small, trained,
                                                           monkeypatch):
     task, model, params = trained
     projector = Projector(650, 24, seed=4)
-    real = store_module.per_example_grads
-    calls: list[int] = []
-
-    def dies_on_third_chunk(*args, **kwargs):
-        calls.append(len(args[3]))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store_module, "per_example_grads", dies_on_third_chunk)
+    fault = Interrupted(monkeypatch, store_module, "per_example_grads", 3)
     with pytest.raises(KeyboardInterrupt):
         build_gradient_store(tmp_path, task, model, params, digits_small.train,
                              projector=projector, chunk_rows=25)
@@ -69,13 +61,7 @@ def test_resume_after_kill_recomputes_only_missing_chunks(digits_small, trained,
     # A kill after a chunk's rows were written but before its record: the chunk is redone.
     (tmp_path / "chunks" / "c000001.json").unlink()
 
-    calls.clear()
-
-    def counting(*args, **kwargs):
-        calls.append(len(args[3]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store_module, "per_example_grads", counting)
+    calls = fault.count_only()
     store = build_gradient_store(tmp_path, task, model, params, digits_small.train,
                                  projector=projector, chunk_rows=25)
     assert calls == [25, 25, 25, 20]  # chunks 1, 2, 3 and the short last chunk 4

@@ -40,7 +40,7 @@ def ray_cluster():
     """One local Ray instance (2 CPUs) for the module, started the way the builder starts
     one; skipped with the reason when Ray is missing or cannot start here."""
     pytest.importorskip("ray", reason="ray is not installed (pip install 'tdatune[ray]')")
-    from tdatune.features.distributed import RayConnection
+    from tdatune.utils.raycluster import RayConnection
 
     connection = RayConnection(None, num_cpus=2)
     try:

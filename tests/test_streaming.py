@@ -20,12 +20,15 @@ from torch.utils.data import (
 )
 
 import tdatune.features.store as store_module
+from interrupts import Interrupted
 from tdatune.data.base import ArrayDataset, as_dataset
 from tdatune.data.streaming import StreamingDataset, stream_dataset
 from tdatune.features.gradients import per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.features.store import FeatureStore, build_gradient_store
 from tdatune.models.task import make_task
+from test_user_task import call_two_input as call_pool
+from test_user_task import dict_loss as pool_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,16 +78,6 @@ class MaskedMeanPool(nn.Module):
         """Logits [B, 3]."""
         h = torch.tanh(self.embed(feats)) * mask[..., None]
         return self.head(h.sum(1) / mask.sum(1, keepdim=True))
-
-
-def call_pool(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The task's forward on a padded dict batch."""
-    return model(batch["feats"], batch["mask"])
-
-
-def pool_loss(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-example cross-entropy."""
-    return nn.functional.cross_entropy(outputs, batch["labels"], reduction="none")
 
 
 def pool_output(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -307,23 +300,12 @@ def test_store_from_a_stream_equals_in_memory_gradients_and_resumes(tmp_path, mo
     projector = Projector(p, 10, seed=3)
     data = stream_dataset(ds, pad)
     expected = by_hand(model, ds, pool_loss) @ projector.matrix()
-    real = store_module.per_example_grads
-    calls: list[int] = []
-
-    def dies_on_third_chunk(*args, **kwargs):
-        calls.append(len(args[3]))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store_module, "per_example_grads", dies_on_third_chunk)
+    fault = Interrupted(monkeypatch, store_module, "per_example_grads", 3)
     with pytest.raises(KeyboardInterrupt):
         build_gradient_store(tmp_path, task, model, params, data, projector=projector,
                              chunk_rows=6, grad_chunk_size=4)
     assert FeatureStore(tmp_path).completed_chunks() == [0, 1]
-    calls.clear()
-    monkeypatch.setattr(store_module, "per_example_grads",
-                        lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    calls = fault.count_only()
     # A fresh wrapper (another process): same fingerprint, so the store resumes.
     store = build_gradient_store(tmp_path, task, model, params, stream_dataset(Sequences(23),
                                                                                pad),

@@ -42,6 +42,7 @@ from tdatune.models.task import Task
 from tdatune.models.training import TrainFunction, TrainRecipe
 from tdatune.utils.checks import check_choice
 from tdatune.utils.progress import progress
+from tdatune.utils.raycluster import RayConnection
 
 RUNNERS = ("auto", "sequential", "batched", "process", "ray")
 GPU_WORKERS = 4  # default processes sharing one GPU in the process backend
@@ -240,36 +241,6 @@ def process_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: Array
 
 # ---------------------------------------------------------------- Ray
 
-def _require_ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:  # pragma: no cover - exercised only without ray
-        raise ImportError("the ray backend needs Ray: pip install 'tdatune[ray]' "
-                          "(or pip install 'ray>=2.9')") from exc
-    return ray
-
-
-class _RayConnection:
-    """Connects to Ray (``address``, or a new local instance) unless already connected, and
-    shuts down on exit only what it started."""
-
-    def __init__(self, address: str | None, init_options: dict[str, Any] | None) -> None:
-        self.ray = _require_ray()
-        self.address, self.options, self.started = address, dict(init_options or {}), False
-
-    def __enter__(self) -> Any:
-        if not self.ray.is_initialized():
-            self.options.setdefault("include_dashboard", False)
-            self.options.setdefault("log_to_driver", False)
-            self.ray.init(address=self.address, **self.options)
-            self.started = True
-        return self.ray
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            self.ray.shutdown()
-
-
 def _ray_chunk(ctx: RetrainContext, jobs: list[RetrainJob], batched: bool,
                threads: int) -> list[np.ndarray]:
     torch.set_num_threads(threads)
@@ -291,7 +262,7 @@ def ray_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayData
     batched = models_per_task > 1 and can_batch(task, recipe, train)
 
     def run(jobs: Sequence[RetrainJob], done: Done) -> None:
-        with _RayConnection(address, init_options) as ray:
+        with RayConnection(address, init_options=init_options, what="the ray backend") as ray:
             remote = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task)(_ray_chunk)
             ctx_ref = ray.put(ctx)
             refs = {remote.remote(ctx_ref, chunk, batched, max(1, int(num_cpus_per_task))): chunk
@@ -408,7 +379,7 @@ def map_ray(fn: Callable[[T], R], items: Iterable[T], *, address: str | None = N
     cluster at ``address`` (None: the running instance or a new local one), in input order.
     ``on_result(index, result)`` is called in this driver as each item finishes."""
     items = list(items)
-    with _RayConnection(address, init_options) as ray:
+    with RayConnection(address, init_options=init_options, what="the ray backend") as ray:
         remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_call_with_threads)
         threads = max(1, int(num_cpus))
         refs = {remote.remote(fn, item, threads): i for i, item in enumerate(items)}

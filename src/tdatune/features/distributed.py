@@ -17,7 +17,6 @@ worker rebuilds the model with ``task.make_model()`` and the projector from its 
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,60 +33,9 @@ from tdatune.features.projection import Projector
 from tdatune.features.store import FeatureStore, gradient_rows, open_gradient_store
 from tdatune.models.task import Params, Task
 from tdatune.utils.progress import progress
+from tdatune.utils.raycluster import RayConnection
 
 AnyProjector = Projector | KroneckerProjector | None
-
-
-def require_ray() -> Any:
-    """The ``ray`` module, or an ImportError saying how to install it."""
-    try:
-        import ray
-    except ImportError as exc:  # pragma: no cover - exercised only without ray
-        raise ImportError("featurizing on Ray needs Ray: pip install 'tdatune[ray]' "
-                          "(or pip install 'ray>=2.9')") from exc
-    return ray
-
-
-def driver_pythonpath() -> str:
-    """This process's import path outside the interpreter's own directories (the source
-    tree, a test or script directory), as a PYTHONPATH for local Ray workers."""
-    own = tuple(os.path.realpath(p) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
-    keep = [p for p in (os.path.realpath(q) for q in sys.path if q)
-            if os.path.isdir(p) and not p.startswith(own)]
-    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join(dict.fromkeys(keep + extra))
-
-
-class RayConnection:
-    """Connects to Ray unless already connected: the cluster at ``address``, or with
-    ``address=None`` a new local instance (``num_cpus`` CPUs, default all; its workers get
-    this process's import path, so they import tdatune and your task's module). On exit it
-    shuts down only an instance it connected itself."""
-
-    def __init__(self, address: str | None = None, num_cpus: int | None = None,
-                 init_options: dict[str, Any] | None = None) -> None:
-        self.ray = require_ray()
-        self.address, self.started = address, False
-        self.options = dict(init_options or {})
-        if num_cpus is not None and address is None:
-            self.options.setdefault("num_cpus", int(num_cpus))
-
-    def __enter__(self) -> Any:
-        if not self.ray.is_initialized():
-            self.options.setdefault("include_dashboard", False)
-            self.options.setdefault("log_to_driver", False)
-            if self.address is None:  # local workers: same machine, same paths
-                env = dict(self.options.get("runtime_env") or {})
-                env_vars = dict(env.get("env_vars") or {})
-                env_vars.setdefault("PYTHONPATH", driver_pythonpath())
-                self.options["runtime_env"] = {**env, "env_vars": env_vars}
-            self.ray.init(address=self.address, **self.options)
-            self.started = True
-        return self.ray
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            self.ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -223,7 +171,7 @@ def build_gradient_store_ray(
         grad_chunk_size=grad_chunk_size, device="cuda" if num_gpus_per_task > 0 else "cpu",
         threads=int(num_cpus_per_task), token=uuid.uuid4().hex)
     local_cpus = num_workers * num_cpus_per_task if num_workers is not None else None
-    with RayConnection(address, local_cpus, init_options) as ray:
+    with RayConnection(address, local_cpus, init_options, what="featurizing on Ray") as ray:
         workers = num_workers or _cluster_slots(ray, num_cpus_per_task, num_gpus_per_task)
         remote = ray.remote(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task)(_chunk_task)
         job_ref = ray.put(job)
@@ -249,5 +197,4 @@ def _cluster_slots(ray: Any, cpus: int, gpus: float) -> int:
     return max(1, slots)
 
 
-__all__ = ["GradientJob", "RayConnection", "build_gradient_store_ray", "driver_pythonpath",
-           "require_ray"]
+__all__ = ["GradientJob", "build_gradient_store_ray"]
