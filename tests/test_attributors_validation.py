@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_registry_has_every_method():
     assert set(ATTRIBUTORS) == {"if_explicit", "if_cg", "if_lissa", "iffim", "trak", "tracin",
-                                "logra", "kfac", "ekfac"}
+                                "logra", "kfac", "ekfac", "if_arnoldi"}
     with pytest.raises(ValueError, match="choose one of: if_explicit, if_cg"):
         make_attributor("influence")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tdatune.attributors.base import Attributor
+from tdatune.attributors.if_arnoldi import IFArnoldi
 from tdatune.attributors.if_cg import IFCG
 from tdatune.attributors.if_explicit import IFExplicit
 from tdatune.attributors.if_lissa import IFLiSSA
@@ -15,7 +16,8 @@ from tdatune.attributors.tracin import TracIn
 from tdatune.attributors.trak import TRAK
 
 ATTRIBUTORS: dict[str, type[Attributor]] = {
-    cls.name: cls for cls in (IFExplicit, IFCG, IFLiSSA, IFFIM, TRAK, TracIn, LoGra, KFAC, EKFAC)
+    cls.name: cls for cls in (IFExplicit, IFCG, IFLiSSA, IFFIM, TRAK, TracIn, LoGra, KFAC, EKFAC,
+                IFArnoldi)
 }
 
 
