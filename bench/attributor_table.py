@@ -183,6 +183,13 @@ NOTES = [
     "(a side of at most 16 stays unprojected).",
     "- tracin sums over the last 10 saved epochs with each epoch's mean learning rate as "
     "eta_t (weights 1 for L-BFGS).",
+    '- kfac / ekfac: the Kronecker-factored empirical Fisher of every hooked layer (Linear, Conv2d, '
+    "Embedding; other parameters a diagonal block), K-FAC's eigenvalues l_S l_A or EK-FAC's corrected "
+    'second moments in the Kronecker eigenbasis; one fit scores every damping (xi and Algorithm 1 on that'
+    " basis); `fisher='true'` samples labels from the model. Scores equal kronfluence 1.0.1's EK-FAC at "
+    'equal damping (Pearson 1.0000, bench/kronfluence.py).',
+    '- if_arnoldi: the k = 50 largest Hessian eigenpairs by Lanczos (full reorthogonalisation) on HVPs, '
+    'positive ones kept; the inverse is taken on that subspace only.',
     "",
 ]
 

@@ -110,3 +110,46 @@ def test_streamed_training_coordinates_equal_held_ones(monkeypatch):
     att = make_attributor("ekfac").fit(ctx)
     assert att.lambda_path(explained)._held is None
     torch.testing.assert_close(att.score(explained, lam=1e-2), held)
+
+
+@pytest.mark.parametrize("name", ["seq", "conv", "tied"])
+def test_ekfac_on_embeddings_convolutions_and_tied_weights(name):
+    """On layers with many positions, one-hot inputs or shared weights, checked with loop
+    gradients: EK-FAC's eigenvalues of each block add up to the block's trace, the mean
+    squared gradient norm (the basis is orthonormal and the correction exact on the diagonal),
+    and lambda x score -> -v . g as lambda grows (the inverse tends to I / lambda)."""
+    from test_capture import loop_grads
+    from test_factored import ce, plain_call, problem
+
+    model, x, y = problem(name)
+    model.eval()
+    task = Task(make_model=lambda: model, loss_fn=ce, output=ce)
+    ctx = AttributionContext(task, ArrayDataset(x, y), [model.state_dict()], chunk_size=4)
+    att = make_attributor("ekfac").fit(ctx)
+    g = loop_grads(model, plain_call, ce, x, y, len(x)).double()
+    fit = att.fit_
+    assert float(fit.sigma.sum()) == pytest.approx(float((g**2).sum(1).mean()), rel=1e-5)
+    explained = ArrayDataset(x[:3], y[:3])
+    lam = 1e6 * float(fit.sigma.max())
+    want = -(g[:3] @ g.T)
+    got = lam * att.score(explained, lam=lam).double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_true_fisher_samples_labels_reproducibly():
+    """fisher='true': the same seed gives the same fit, another seed or the empirical Fisher
+    another one; a task without the built-in cross-entropy is refused by name."""
+    model = mlp().eval()
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(24, 6, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+    task = Task(make_model=mlp, output=margin_out)
+    ctx = AttributionContext(task, ArrayDataset(x, y), [model.state_dict()], chunk_size=8)
+    a, b, c, emp = (make_attributor("ekfac", **kw).fit(ctx).fit_.sigma for kw in (
+        {"fisher": "true", "seed": 1}, {"fisher": "true", "seed": 1},
+        {"fisher": "true", "seed": 2}, {}))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c) and not torch.allclose(a, emp)
+    custom = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    with pytest.raises(ValueError, match="fisher='true' needs the built-in cross-entropy"):
+        make_attributor("kfac", fisher="true").fit(
+            AttributionContext(custom, ArrayDataset(x, y), [model.state_dict()]))

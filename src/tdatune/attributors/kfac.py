@@ -75,7 +75,7 @@ class KFAC(Attributor):
         if key not in self._paths:
             fit = self.fit_
             coords = torch.cat([c for _, c in fit.iter_coords(
-                explained, target="output", chunk_size=ctx.chunk_size)])
+                explained, target="output", chunk_size=ctx.chunk_size)]).double()
             sigma = fit.sigma
 
             def train_chunks() -> Iterator[tuple[int, torch.Tensor]]:

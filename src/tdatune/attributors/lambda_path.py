@@ -26,6 +26,7 @@ import torch
 from tdatune.utils.checks import check_shape
 
 SINGULAR_RTOL = 1e-12
+HOLD_LIMIT = 1 << 27  # training coordinates a streamed path agrees to hold (1 GiB in float64)
 
 
 def check_path_lambdas(sigma: torch.Tensor, lambdas: torch.Tensor | Sequence[float] | float
@@ -185,8 +186,13 @@ class StreamedLambdaPath(LambdaPath):
 
     @property  # type: ignore[override]
     def train_coords(self) -> torch.Tensor:
-        """[n, k] (computed now when not held: n x k numbers)."""
+        """[n, k] (computed now when not held; refused above ``HOLD_LIMIT`` numbers)."""
         if self._held is None:
+            if self._n * self.sigma.numel() > HOLD_LIMIT:
+                raise ValueError(
+                    f"the training coordinates would be {self._n} x {self.sigma.numel()} "
+                    "numbers; this path streams them (scores, subset_predictions) and does "
+                    "not hold them")
             self._held = torch.cat([c for _, c in self._chunks()])
         return self._held
 
@@ -206,8 +212,8 @@ class StreamedLambdaPath(LambdaPath):
         lam_t = check_path_lambdas(self.sigma, lam)
         w = self._weighted(float(lam_t[0]))
         out = torch.empty(w.shape[0], self._n, dtype=w.dtype)
-        for start, c in self._stream():
-            out[:, start : start + c.shape[0]] = self.sign * (w @ c.to(w.dtype).T)
+        for start, c in self._stream():  # at the training coordinates' precision
+            out[:, start : start + c.shape[0]] = self.sign * (w.to(c.dtype) @ c.T)
         return out
 
     def project_masks(self, masks: torch.Tensor) -> torch.Tensor:

@@ -57,22 +57,24 @@ class KronBlock:
     sigma: torch.Tensor  # [out, in]: K-FAC's l_S l_A^T or EK-FAC's corrected moments
 
     def rotate(self, captured: Captured) -> torch.Tensor:
-        """Q_S^T G Q_A of every example of a captured batch, flattened [b, out * in]."""
+        """Q_S^T G Q_A of every example of a captured batch, flattened [b, out * in], in the
+        gradients' dtype (the bases are float64; the products run at the model's precision,
+        as the training side of every other attributor does)."""
         for c, a, d in captured.factors:
             if c.path == self.layer.path:
-                d = d.double() @ self.q_s
+                d = d @ self.q_s.to(d.dtype)
                 if isinstance(c.rule, EmbeddingRule):  # Q_A = I: scatter the rotated rows
                     m = d.new_zeros(captured.b, c.module.weight.shape[0], d.shape[-1])
                     m.scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
                     return m.transpose(1, 2).reshape(captured.b, -1)
-                a = _augmented(c, a, d).double()
+                a = _augmented(c, a, d)
                 if self.q_a is not None:
-                    a = a @ self.q_a
+                    a = a @ self.q_a.to(a.dtype)
                 return torch.einsum("bto,bti->boi", d, a).reshape(captured.b, -1)
-        m = formed(self.layer, captured).double()
-        m = torch.einsum("boi,oj->bji", m, self.q_s)
+        m = formed(self.layer, captured)
+        m = torch.einsum("boi,oj->bji", m, self.q_s.to(m.dtype))
         if self.q_a is not None:
-            m = m @ self.q_a
+            m = m @ self.q_a.to(m.dtype)
         return m.reshape(captured.b, -1)
 
 
@@ -103,9 +105,9 @@ class KroneckerFit:
         return sizes + ([rest] if rest else [])
 
     def coords(self, captured: Captured) -> torch.Tensor:
-        """Eigen-coordinates [b, p] (float64) of a captured batch's per-example gradients."""
+        """Eigen-coordinates [b, p] of a captured batch's per-example gradients (their dtype)."""
         parts = [b.rotate(captured) for b in self.blocks]
-        parts += [captured.dense[k].double() for k in self.diagonal]
+        parts += [captured.dense[k] for k in self.diagonal]
         return torch.cat(parts, dim=1)
 
     def iter_coords(self, data: ArrayDataset, *, target: str, chunk_size: int,
@@ -164,7 +166,10 @@ def fit_kronecker(task: Task, model: nn.Module, params: Params, data: ArrayDatas
     if n == 0:
         raise ValueError("no training examples to fit the curvature on")
     ftask = fisher_task(task, fisher, seed)
-    source = GradientSource(ftask, model, params, target="loss", probe=data)
+    # The hooks are checked on the task's own loss (sampled labels differ between the check's
+    # passes), then differentiate the Fisher's loss.
+    source = GradientSource(task, model, params, target="loss", probe=data)
+    source.task, source.fn = ftask, ftask.loss_fn
     kron = [c for c in source.plan.layers if c.factored]
     a_cov: dict[str, torch.Tensor] = {}
     s_cov: dict[str, torch.Tensor] = {}
@@ -210,7 +215,7 @@ def fit_kronecker(task: Task, model: nn.Module, params: Params, data: ArrayDatas
                                 desc="ekfac eigenvalue correction"):
             captured = source.captured(x, y, batch_len(x))
             for b, acc in zip(blocks, moments, strict=True):
-                acc += b.rotate(captured).pow(2).sum(0).reshape(acc.shape)
+                acc += b.rotate(captured).double().pow(2).sum(0).reshape(acc.shape)
         for b, acc in zip(blocks, moments, strict=True):
             b.sigma = acc / n
     return fit

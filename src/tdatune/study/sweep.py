@@ -185,7 +185,8 @@ def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
                              "n_dropped": dropped, "top_eigenvalue": float(sigma_val.max())}
         try:
             extra |= diagnose(test_path, att.lambda_path(val), gt, grid, selections, xi_grid,
-                              xi_mean, spec.threshold, blockwise=att.name == "logra")
+                              xi_mean, spec.threshold,
+                              blockwise=att.name in ("logra", "kfac", "ekfac"))
         except (ValueError, RuntimeError) as err:  # the LDS grid stands without the diagnosis
             extra["diagnosis_error"] = f"{type(err).__name__}: {err}"
     extras = torch.tensor([s.lam for s in selections] + lam_q, dtype=torch.float64)
