@@ -13,7 +13,9 @@ and nn.Conv2d) and the same Fisher kind (empirical by default), and report:
   eigenvalue), at tdatune's selected damping (the default rule on the validation split) and
   at the best of a 25-point grid.
 
-Needs kronfluence 1.0.1 beside the pinned CPU torch, without its dependencies' torch pins:
+Needs kronfluence 1.0.1 beside the pinned CPU torch, without its dependencies' torch pins
+(its wheel also installs a top-level ``examples`` package; this repository's ``examples`` is a
+regular package, so it still wins from the repository root):
 
     pip install --no-deps kronfluence==1.0.1 einconv einops opt-einsum
     python bench/kronfluence.py --settings digits-mlp mnist-mlp --threads 2

@@ -51,9 +51,11 @@ def layer_pairs(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, fn) -> l
                                                                           strict=True)]
 
 
-def dense_scores(model, train, explained, lam: float, strategy: str) -> torch.Tensor:
+def dense_scores(model, train, explained, lam: float, strategy: str,
+                 eigenvalues: list | None = None) -> torch.Tensor:
     """-sum over layers of v_l (F_l + lam I)^-1 g_l with F_l = (Q_S x Q_A) diag(Lambda)
-    (Q_S x Q_A)^T, vec in row-major [out, in+1] order."""
+    (Q_S x Q_A)^T, vec in row-major [out, in+1] order (each layer's Lambda appended to
+    ``eigenvalues``)."""
     (x, y), (xe, ye) = train, explained
     total = 0
     for (a, d), (ae, de) in zip(layer_pairs(model, x, y, ce),
@@ -65,6 +67,8 @@ def dense_scores(model, train, explained, lam: float, strategy: str) -> torch.Te
         v = torch.einsum("mo,mi->moi", de, ae)
         rot = torch.einsum("oj,noi,ik->njk", qs, g, qa)
         lam_k = (rot**2).mean(0) if strategy == "ekfac" else torch.outer(ls, la)
+        if eigenvalues is not None:
+            eigenvalues.append(lam_k)
         q = torch.kron(qs, qa)  # vec(Q_S^T G Q_A) = (Q_S x Q_A)^T vec(G), row-major
         fisher = q @ torch.diag(lam_k.reshape(-1)) @ q.T
         solve = torch.linalg.solve(fisher + lam * torch.eye(fisher.shape[0], dtype=a.dtype),
@@ -89,6 +93,10 @@ def test_scores_equal_the_dense_kronecker_fisher(strategy):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
     path = att.lambda_path(explained)
     assert path.block_sizes() == [5 * 7, 4 * 6, 3 * 5]
+    layers: list = []
+    dense_scores(model, (x, y), (xe, ye), 1.0, strategy, layers)
+    assert att.module_heuristic_dampings() == pytest.approx(
+        [0.1 * float(k.mean()) for k in layers], rel=1e-6)
     masks = (torch.rand(5, 30, generator=gen) < 0.5)
     preds = path.subset_predictions(masks, [1e-2])
     torch.testing.assert_close(preds[0], att.score(explained, lam=1e-2).double()
@@ -153,3 +161,49 @@ def test_true_fisher_samples_labels_reproducibly():
     with pytest.raises(ValueError, match="fisher='true' needs the built-in cross-entropy"):
         make_attributor("kfac", fisher="true").fit(
             AttributionContext(custom, ArrayDataset(x, y), [model.state_dict()]))
+
+
+class Bag(nn.Module):
+    """Token embeddings averaged over positions, then a linear head without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(31)
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids).mean(1)))
+
+
+def test_kfac_on_an_embedding_equals_its_one_hot_kronecker_fisher():
+    """An embedding's K-FAC block by hand: A = diag(token counts) / positions (one-hot
+    inputs, Q_A = I), S from the output gradients of the embedding, scores
+    -sum V'_jk G'_jk / (l_S[j] l_A[k] + lam) with G' = Q_S^T G, G = sum_t delta_t onehot_t^T."""
+    model = Bag().eval()
+    gen = torch.Generator().manual_seed(6)
+    ids, y = torch.randint(0, 7, (20, 5), generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    task = Task(make_model=Bag, loss_fn=ce, output=margin_out)
+    ctx = AttributionContext(task, ArrayDataset(ids, y), [model.state_dict()], chunk_size=6)
+    att = make_attributor("kfac", layers=["emb"]).fit(ctx)
+
+    def emb_grads(fn, x, t):  # per example [D, V] by autograd through the embedding's output
+        rows = []
+        for i in range(len(x)):
+            e = model.emb(x[i : i + 1])
+            out = model.head(torch.tanh(e.mean(1)))
+            (d,) = torch.autograd.grad(fn(out, t[i : i + 1])[0], e)
+            onehot = F.one_hot(x[i], 7).double()
+            rows.append((d[0].double(), d[0].double().T @ onehot))
+        return rows
+
+    train = emb_grads(ce, ids, y)
+    s = sum(d.T @ d for d, _ in train) / len(train)
+    l_s, q_s = torch.linalg.eigh(s)
+    l_a = torch.bincount(ids.reshape(-1), minlength=7).double() / ids.numel()
+    g = torch.stack([q_s.T @ m for _, m in train])
+    v = torch.stack([q_s.T @ m for _, m in emb_grads(margin_out, ids[:3], y[:3])])
+    lam = 1e-3
+    want = -torch.einsum("mjk,njk->mn", v / (torch.outer(l_s, l_a) + lam), g)
+    got = att.score(ArrayDataset(ids[:3], y[:3]), lam=lam).double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))

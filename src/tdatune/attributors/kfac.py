@@ -75,7 +75,9 @@ class KFAC(Attributor):
         if key not in self._paths:
             fit = self.fit_
             coords = torch.cat([c for _, c in fit.iter_coords(
-                explained, target="output", chunk_size=ctx.chunk_size)]).double()
+                explained, target="output", chunk_size=ctx.chunk_size)])
+            if coords.numel() <= COORDS_KEEP_LIMIT:  # float64 unless that is gigabytes
+                coords = coords.double()
             sigma = fit.sigma
 
             def train_chunks() -> Iterator[tuple[int, torch.Tensor]]:

@@ -201,6 +201,20 @@ class StreamedLambdaPath(LambdaPath):
         """Number of training examples."""
         return self._n
 
+    def _weighted(self, lam: float) -> torch.Tensor:
+        """c / (sigma + lam) at the explained coordinates' precision (a wide model's are
+        float32)."""
+        return self.explained_coords / (self.sigma + lam).to(self.explained_coords.dtype)
+
+    def subset_predictions(self, masks: torch.Tensor, lambdas: torch.Tensor | list[float],
+                           projected: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted subset sums [L, m, M] (float64), one pass over the training side."""
+        lam = check_path_lambdas(self.sigma, lambdas)
+        b = (self.project_masks(masks) if projected is None else projected).to(
+            self.explained_coords.dtype)
+        return torch.stack([self.sign * (self._weighted(float(x)) @ b.T).double()
+                            for x in lam])
+
     def _stream(self) -> Iterator[tuple[int, torch.Tensor]]:
         if self._held is not None:
             yield 0, self._held

@@ -42,6 +42,7 @@ from tdatune.utils.checks import check_choice, check_finite_rows
 from tdatune.utils.progress import progress
 
 FISHER_KINDS = ("empirical", "true")
+ROWS_BUDGET = 1 << 25  # numbers of rotated gradients formed at once (128 MiB in float32)
 STRATEGIES = ("ekfac", "kfac")
 
 
@@ -119,12 +120,23 @@ class KroneckerFit:
         else:  # the task's own loss (not the sampled labels) or output
             source = GradientSource(self.task, self.source.model, self.source.detached,
                                     target=target, probe=data)
+        step = max(1, ROWS_BUDGET // max(1, int(self.sigma.numel())))
         for start, x, y in progress(data.batches(chunk_size, source.device),
                                     enabled=show_progress, desc=desc,
                                     total=data.num_batches(chunk_size)):
-            coords = self.coords(source.captured(x, y, batch_len(x)))
-            check_finite_rows(f"per-example {target} gradients", coords, offset=start)
-            yield start, coords
+            captured = source.captured(x, y, batch_len(x))
+            for i in range(0, captured.b, step):  # a wide model's rows a few at a time
+                coords = self.coords(sliced(captured, i, i + step))
+                check_finite_rows(f"per-example {target} gradients", coords, offset=start + i)
+                yield start + i, coords
+
+
+def sliced(captured: Captured, start: int, stop: int) -> Captured:
+    """Examples [start, stop) of a captured batch."""
+    stop = min(stop, captured.b)
+    return Captured(stop - start,
+                    [(c, a[start:stop], d[start:stop]) for c, a, d in captured.factors],
+                    {k: g[start:stop] for k, g in captured.dense.items()})
 
 
 class _SampledCrossEntropy:
@@ -215,7 +227,10 @@ def fit_kronecker(task: Task, model: nn.Module, params: Params, data: ArrayDatas
                                 desc="ekfac eigenvalue correction"):
             captured = source.captured(x, y, batch_len(x))
             for b, acc in zip(blocks, moments, strict=True):
-                acc += b.rotate(captured).double().pow(2).sum(0).reshape(acc.shape)
+                step = max(1, ROWS_BUDGET // b.sigma.numel())
+                for i in range(0, captured.b, step):
+                    part = b.rotate(sliced(captured, i, i + step))
+                    acc += part.double().pow(2).sum(0).reshape(acc.shape)
         for b, acc in zip(blocks, moments, strict=True):
             b.sigma = acc / n
     return fit
