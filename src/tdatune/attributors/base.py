@@ -228,3 +228,7 @@ def one_of(*choices: Any) -> Callable[[Any], Any]:
             raise ValueError(f"must be one of {', '.join(map(repr, choices))}")
         return x
     return check
+
+
+CHECKPOINT = HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used")
+"""The fit-stage ``checkpoint`` every single-checkpoint attributor declares."""

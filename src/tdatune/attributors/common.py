@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdatune.attributors.base import AttributionContext
+from tdatune.attributors.base import AttributionContext, HyperParameter, one_of
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
 from tdatune.features.factored import KroneckerProjector
@@ -73,6 +73,8 @@ class TrainGradients:
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+HVP_PRECISION = HyperParameter("precision", "float64", "fit", one_of(*DTYPES), "HVP arithmetic")
+"""The fit-stage ``precision`` of the attributors built on Hessian-vector products."""
 
 
 class HVPProblem:

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import (
+    CHECKPOINT,
     AttributionContext,
     Attributor,
     HyperParameter,
     any_int,
-    one_of,
     optional_positive_int,
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import DTYPES, HVPProblem
+from tdatune.attributors.common import HVP_PRECISION, HVPProblem
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.arnoldi import top_eigenpairs
 from tdatune.data.base import ArrayDataset
@@ -41,8 +41,8 @@ class IFArnoldi(HVPProblem, Attributor):
         HyperParameter("iters", None, "fit", optional_positive_int,
                        "Lanczos steps (HVPs); default min(p, 2k + 20)"),
         HyperParameter("seed", 0, "fit", any_int, "seed of the Lanczos start vector"),
-        HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
-        HyperParameter("precision", "float64", "fit", one_of(*DTYPES), "HVP arithmetic"),
+        CHECKPOINT,
+        HVP_PRECISION,
     )
 
     def _fit(self, context: AttributionContext) -> None:

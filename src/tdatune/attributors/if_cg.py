@@ -23,16 +23,15 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import (
+    CHECKPOINT,
     AttributionContext,
     Attributor,
     HyperParameter,
-    any_int,
     boolean,
-    one_of,
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import DTYPES, HVPProblem
+from tdatune.attributors.common import HVP_PRECISION, HVPProblem
 from tdatune.data.base import ArrayDataset
 from tdatune.utils.progress import progress
 
@@ -71,8 +70,8 @@ class IFCG(HVPProblem, Attributor):
         HyperParameter("early_stop", True, "score", boolean,
                        "stop an example once ||r|| <= tol ||v|| (False: exactly max_iter)"),
         HyperParameter("tol", 1e-10, "score", positive_float, "relative residual for early stop"),
-        HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
-        HyperParameter("precision", "float64", "fit", one_of(*DTYPES), "HVP arithmetic"),
+        CHECKPOINT,
+        HVP_PRECISION,
     )
 
     def _fit(self, context: AttributionContext) -> None:

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import (
+    CHECKPOINT,
     AttributionContext,
     Attributor,
     HyperParameter,
-    any_int,
     one_of,
     positive_float,
 )
@@ -45,7 +45,7 @@ class IFExplicit(Attributor):
     hyperparameters = (
         HyperParameter("lam", 1e-5, "score", positive_float,
                        "damping added to the mean-objective Hessian"),
-        HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
+        CHECKPOINT,
         HyperParameter("precision", "float64", "fit", one_of(*DTYPES),
                        "dtype of the eigendecomposition (the Hessian is formed in float64)"),
     )

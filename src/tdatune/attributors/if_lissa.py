@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import (
+    CHECKPOINT,
     AttributionContext,
     Attributor,
     HyperParameter,
@@ -58,7 +59,7 @@ class IFLiSSA(HVPProblem, Attributor):
         HyperParameter("depth", 1000, "score", positive_int, "recursion steps"),
         HyperParameter("batch_size", 50, "score", positive_int, "training examples per HVP"),
         HyperParameter("seed", 0, "score", any_int, "minibatch sampling seed"),
-        HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
+        CHECKPOINT,
         HyperParameter("precision", "float32", "fit", one_of(*DTYPES),
                        "HVP arithmetic (float32: minibatch noise dwarfs its rounding)"),
     )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import (
+    CHECKPOINT,
     AttributionContext,
     Attributor,
     HyperParameter,
@@ -43,7 +44,7 @@ class IFFIM(Attributor):
                        "projection matrix entries, or kronecker: per layer from the hooks' "
                        "factors (proj_dim = total width, at most)"),
         HyperParameter("proj_seed", 0, "fit", any_int, "projection seed"),
-        HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
+        CHECKPOINT,
     )
 
     def _fit(self, context: AttributionContext) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import (
+    CHECKPOINT,
     AttributionContext,
     Attributor,
     HyperParameter,
@@ -45,7 +46,7 @@ class KFAC(Attributor):
         HyperParameter("layers", None, "fit", optional_names,
                        "modules whose parameters are attributed (default: all parameters)"),
         HyperParameter("seed", 0, "fit", any_int, "seed of the sampled labels (fisher='true')"),
-        HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
+        CHECKPOINT,
     )
 
     def _fit(self, context: AttributionContext) -> None:

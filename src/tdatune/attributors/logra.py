@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import (
+    CHECKPOINT,
     AttributionContext,
     Attributor,
     HyperParameter,
@@ -59,7 +60,7 @@ class LoGra(Attributor):
                        "names of the nn.Linear modules used (default: all)"),
         HyperParameter("blocks", "joint", "fit", one_of("joint", "layer"),
                        "one Fisher over all layers, or one block per layer"),
-        HyperParameter("checkpoint", -1, "fit", any_int, "epoch whose parameters are used"),
+        CHECKPOINT,
     )
 
     def _fit(self, context: AttributionContext) -> None:
