@@ -108,7 +108,7 @@ def test_linear_models_take_the_hooked_path(digits_small, factory, monkeypatch):
         raise AssertionError("vmap used")
 
     monkeypatch.setattr(gradients.GradientSource, "_captured", spy)
-    monkeypatch.setattr(gradients.GradientSource, "_vmap_tree", no_vmap)
+    monkeypatch.setattr(gradients.GradientSource, "_vmap", no_vmap)
     task = Task(make_model=factory)
     model = init_model(task, seed=3)
     data = digits_small.train.subset(torch.arange(25))

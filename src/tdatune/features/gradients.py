@@ -38,13 +38,6 @@ def num_params(params: Params) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def flatten(tree: Params, names: list[str], batch: int,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Concatenate a dict of [batch, *shape] tensors into [batch, p] in ``names`` order
-    (into ``out`` when given)."""
-    return torch.cat([tree[k].reshape(batch, -1) for k in names], dim=1, out=out)
-
-
 class GradientSource:
     """Per-example gradients of one task's loss or output w.r.t. ``params``, a batch at a time.
 
@@ -112,9 +105,9 @@ class GradientSource:
                     raise
                 self._vmap_ok = False
                 notice(f"{self.task.name}: the model cannot run under torch.func.vmap "
-                       f"({str(exc).splitlines()[0][:120]}); the parameters the layer hooks "
-                       f"do not cover ({_short(names)}) are differentiated one example at a "
-                       "time, which is slow")
+                       f"({str(exc).splitlines()[0][:120]}); the parameters it differentiates "
+                       f"without layer hooks ({_short(names)}) are differentiated one example "
+                       "at a time, which is slow")
         return self._loop(names, x, y, b)
 
     # -- hooks ----------------------------------------------------------------------------
@@ -182,23 +175,8 @@ class GradientSource:
                 return
             except CaptureRefused:
                 pass
-        if self._vmap_ok:
-            try:
-                flatten(self._vmap_tree(x, y), self.names, b, out=dest)
-                return
-            except RuntimeError as exc:
-                if "vmap" not in str(exc):
-                    raise
         grads = self.per_example(self.names, x, y, b)
         torch.cat([grads[k] for k in self.names], dim=1, out=dest)
-
-    def _vmap_tree(self, x: Tree, y: Tree) -> Params:
-        def single(p: Params, xi: Tree, yi: Tree) -> torch.Tensor:
-            o = self.task.call(self.model, p, tree_map(_unsqueeze, xi))
-            return self.fn(o, tree_map(_unsqueeze, yi))[0]
-
-        with torch.no_grad():
-            return vmap(grad(single), in_dims=(None, 0, 0))(self.detached, x, y)
 
 
 def _unsqueeze(t: torch.Tensor) -> torch.Tensor:
