@@ -14,8 +14,8 @@ from torch import nn
 
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import batch_len
-from tdatune.features.capture import Captured, CapturedLayer, Conv1DRule, EmbeddingRule
-from tdatune.features.factored import factored_is_cheaper, formed, inner_products, layer_sides
+from tdatune.features.capture import Captured, EmbeddingRule, kron_grads
+from tdatune.features.factored import factored_is_cheaper, inner_products, layer_sides
 from tdatune.features.gradients import GradientSource
 from tdatune.models.task import Params, Task
 from tdatune.utils.checks import check_finite_rows
@@ -53,7 +53,8 @@ class FactoredGradients:
                                    d_out):
                 keep.append((c, a, d))
             else:
-                dense.update(_rows_of(c, formed(c, Captured(captured.b, [(c, a, d)], {}))))
+                dense.update({c.params[attr]: g.reshape(captured.b, -1)
+                              for attr, g in kron_grads(c, a, d).items()})
         return Captured(captured.b, keep, dense)
 
     @property
@@ -92,21 +93,6 @@ class FactoredGradients:
                 out[i : i + ci.b, j : j + cj.b] = block
                 out[j : j + cj.b, i : i + ci.b] = block.T
         return out
-
-
-def _rows_of(layer: CapturedLayer, m: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The layer's parameters' rows from its M [b, out, in(+1)], in parameter layout."""
-    b = m.shape[0]
-    out = {}
-    width = m.shape[2] - int("bias" in layer.params)
-    if "weight" in layer.params:
-        w = m[:, :, :width]
-        if isinstance(layer.rule, (Conv1DRule, EmbeddingRule)):
-            w = w.transpose(1, 2)
-        out[layer.params["weight"]] = w.reshape(b, -1)
-    if "bias" in layer.params:
-        out[layer.params["bias"]] = m[:, :, width]
-    return out
 
 
 __all__ = ["FactoredGradients"]
