@@ -34,7 +34,7 @@ from torch import nn
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import batch_len
 from tdatune.features.capture import Captured, CapturedLayer, EmbeddingRule
-from tdatune.features.factored import _augmented, formed
+from tdatune.features.factored import input_factor, project_layer
 from tdatune.features.gradients import GradientSource
 from tdatune.models.outputs import cross_entropy, logits_of
 from tdatune.models.task import Params, Task
@@ -60,23 +60,9 @@ class KronBlock:
     def rotate(self, captured: Captured) -> torch.Tensor:
         """Q_S^T G Q_A of every example of a captured batch, flattened [b, out * in], in the
         gradients' dtype (the bases are float64; the products run at the model's precision,
-        as the training side of every other attributor does)."""
-        for c, a, d in captured.factors:
-            if c.path == self.layer.path:
-                d = d @ self.q_s.to(d.dtype)
-                if isinstance(c.rule, EmbeddingRule):  # Q_A = I: scatter the rotated rows
-                    m = d.new_zeros(captured.b, c.module.weight.shape[0], d.shape[-1])
-                    m.scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
-                    return m.transpose(1, 2).reshape(captured.b, -1)
-                a = _augmented(c, a, d)
-                if self.q_a is not None:
-                    a = a @ self.q_a.to(a.dtype)
-                return torch.einsum("bto,bti->boi", d, a).reshape(captured.b, -1)
-        m = formed(self.layer, captured)
-        m = torch.einsum("boi,oj->bji", m, self.q_s.to(m.dtype))
-        if self.q_a is not None:
-            m = m @ self.q_a.to(m.dtype)
-        return m.reshape(captured.b, -1)
+        as the training side of every other attributor does): a Kronecker projection with
+        the eigenbases as factors."""
+        return project_layer(self.layer, captured, self.q_a, self.q_s)
 
 
 @dataclass
@@ -203,7 +189,7 @@ def fit_kronecker(task: Task, model: nn.Module, params: Params, data: ArrayDatas
                 counts = torch.bincount(a.reshape(-1), minlength=c.module.weight.shape[0])
                 a_cov[c.path] = a_cov.get(c.path, 0) + counts.double()
             else:
-                aa = _augmented(c, a, d).double()
+                aa = input_factor(c, a, d).double()
                 a_cov[c.path] = a_cov.get(c.path, 0) + torch.einsum("bti,btj->ij", aa, aa)
             positions[c.path] = positions.get(c.path, 0) + a.shape[0] * a.shape[1]
         for k, g in captured.dense.items():

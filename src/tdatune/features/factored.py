@@ -66,7 +66,7 @@ def formed(layer: CapturedLayer, captured: Captured) -> torch.Tensor:
                 m = d.new_zeros(b, layer.module.weight.shape[0], d.shape[-1])
                 m.scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
                 return m.transpose(1, 2)
-            return torch.einsum("bto,bti->boi", d, _augmented(layer, a, d))
+            return torch.einsum("bto,bti->boi", d, input_factor(layer, a, d))
     d_out = layer_sides(layer)[1]
     parts = []
     if "weight" in layer.params:
@@ -80,7 +80,7 @@ def formed(layer: CapturedLayer, captured: Captured) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def _augmented(layer: CapturedLayer, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def input_factor(layer: CapturedLayer, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """The input factor as M sees it: weight columns (if differentiated) and a 1 for the bias."""
     cols = [a] if "weight" in layer.params else []
     if "bias" in layer.params:
@@ -102,7 +102,7 @@ def _factored_inner(layer: CapturedLayer, x: tuple[torch.Tensor, torch.Tensor],
     (ax, dx), (ay, dy) = x, y
     embedding = isinstance(layer.rule, EmbeddingRule)
     if not embedding:
-        ax, ay = _augmented(layer, ax, dx), _augmented(layer, ay, dy)
+        ax, ay = input_factor(layer, ax, dx), input_factor(layer, ay, dy)
     bx, t = dx.shape[:2]
     by, s = dy.shape[:2]
     if t == 1 and s == 1 and not embedding:
@@ -264,15 +264,18 @@ def project_layer(layer: CapturedLayer, captured: Captured, p_in: torch.Tensor |
             m = torch.einsum("boi,ok->bki", m, p_out.to(m))
         return m.reshape(captured.b, -1)
     a, delta = f
-    if isinstance(layer.rule, EmbeddingRule):
-        a = (p_in.to(delta)[a] if p_in is not None
-             else nn.functional.one_hot(a, layer.module.weight.shape[0]).to(delta.dtype))
-    else:
-        a = _augmented(layer, a, delta)
-        if p_in is not None:
-            a = a @ p_in.to(a)
     if p_out is not None:
         delta = delta @ p_out.to(delta)
+    if isinstance(layer.rule, EmbeddingRule):
+        if p_in is None:  # one-hot inputs kept whole: scatter the rows, no [b, T, V] one-hot
+            m = delta.new_zeros(captured.b, layer.module.weight.shape[0], delta.shape[-1])
+            m.scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, delta.shape[-1]), delta)
+            return m.transpose(1, 2).reshape(captured.b, -1)
+        a = p_in.to(delta)[a]
+    else:
+        a = input_factor(layer, a, delta)
+        if p_in is not None:
+            a = a @ p_in.to(a)
     return torch.einsum("bto,bti->boi", delta, a).reshape(captured.b, -1)
 
 
@@ -294,6 +297,7 @@ __all__ = [
     "factored_is_cheaper",
     "formed",
     "inner_products",
+    "input_factor",
     "layer_sides",
     "make_projector",
     "project_layer",
