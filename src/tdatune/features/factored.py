@@ -60,14 +60,9 @@ def layer_sides(layer: CapturedLayer) -> tuple[int, int]:
 def formed(layer: CapturedLayer, captured: Captured) -> torch.Tensor:
     """M [b, out, in(+1)] of one layer, from its factors or its materialised gradients."""
     b = captured.b
-    for c, a, d in captured.factors:
-        if c.path == layer.path:
-            if isinstance(layer.rule, EmbeddingRule):
-                m = d.new_zeros(b, layer.module.weight.shape[0], d.shape[-1])
-                m.scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, d.shape[-1]), d)
-                return m.transpose(1, 2)
-            return torch.einsum("bto,bti->boi", d, input_factor(layer, a, d))
     d_out = layer_sides(layer)[1]
+    if _factors(layer, captured) is not None:  # the projection with both sides whole
+        return project_layer(layer, captured, None, None).reshape(b, d_out, -1)
     parts = []
     if "weight" in layer.params:
         w = captured.dense[layer.params["weight"]]
