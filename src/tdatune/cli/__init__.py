@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "tdatune.cli.settings_cmd",
     "tdatune.cli.groundtruth_cmd",
     "tdatune.cli.sweep",
+    "tdatune.cli.explain_cmd",
 )
 
 

@@ -81,6 +81,29 @@ def describe_token(token: int) -> str:
     return f"vel{token - VELOCITY}"
 
 
+def piano_roll(tokens: list[int]) -> torch.Tensor:
+    """A block of event tokens as a piano roll [128 pitches, steps] (1 where a note sounds,
+    in 10 ms steps). A block is cut from the middle of a piece: a note whose NOTE_ON lies
+    before the block sounds from step 0, one still on at the end sounds to the last step."""
+    events: list[tuple[int, int, int]] = []  # (pitch, start step, end step)
+    start: dict[int, int] = {}
+    now = 0
+    for t in tokens:
+        t = int(t)
+        if NOTE_ON <= t < NOTE_OFF:
+            start.setdefault(t - NOTE_ON, now)
+        elif NOTE_OFF <= t < TIME_SHIFT:
+            pitch = t - NOTE_OFF
+            events.append((pitch, start.pop(pitch, 0), now))
+        elif TIME_SHIFT <= t < VELOCITY:
+            now += t - TIME_SHIFT + 1
+    events += [(pitch, s, now) for pitch, s in start.items()]
+    roll = torch.zeros(128, max(now, 1))
+    for pitch, s, e in events:
+        roll[pitch, s : max(e, s + 1)] = 1.0
+    return roll
+
+
 def _music21_corpus() -> Any:
     """music21's corpus module, or an error with the command that installs music21."""
     try:

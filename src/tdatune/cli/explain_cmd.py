@@ -1,0 +1,40 @@
+"""``tdatune explain``: the most influential training examples of a lambda-study run, on an
+HTML page with one PNG per explained example."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tdatune.study.explain import DEFAULT_EXAMPLES, DEFAULT_TOP, explain_run
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``explain``."""
+    e = sub.add_parser(
+        "explain", help="show the top proponents and opponents of test examples (HTML + PNG)")
+    e.add_argument("run", type=Path,
+                   help="run directory of `tdatune demo` or `tdatune lambda` (its checkpoints "
+                        "and <attributor>/summary.json are reused; nothing is retrained)")
+    e.add_argument("--out", type=Path, required=True,
+                   help="folder for index.html and explained_<k>.png")
+    e.add_argument("--examples", type=int, nargs="+", default=list(DEFAULT_EXAMPLES),
+                   help="test-split indices to explain (default: 0 1 2 3)")
+    e.add_argument("--top", type=int, default=DEFAULT_TOP,
+                   help=f"proponents and opponents shown per example (default {DEFAULT_TOP})")
+    e.add_argument("--lam", type=float, default=None,
+                   help="damping to score at (default: the lambda the study selected)")
+    e.add_argument("--attributor", default=None,
+                   help="which study of the run directory (needed when it holds several)")
+    e.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    e.add_argument("--quiet", action="store_true", help="no progress messages")
+    e.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the page and say where it is."""
+    page = explain_run(args.run, args.out, attributor=args.attributor, examples=args.examples,
+                       k=args.top, lam=args.lam, device=args.device,
+                       show_progress=not args.quiet)
+    print(f"wrote {page} and {len(args.examples)} PNG figure(s) in {page.parent}")
+    return 0
