@@ -103,21 +103,41 @@ def test_scores_equal_the_dense_kronecker_fisher(strategy):
                                @ masks.double().T, rtol=1e-5, atol=1e-8)
 
 
-def test_streamed_training_coordinates_equal_held_ones(monkeypatch):
-    """Above the memory limit the training side is recomputed per use: same scores."""
+@pytest.mark.parametrize("name", ["mlp", "seq", "conv", "tied"])
+def test_streamed_training_side_equals_held_coordinates(monkeypatch, name):
+    """Above the memory limit the training side is not held: scores come from the explained
+    coordinates turned back into the parameter basis against plain gradients, and subset sums
+    from masked gradient sums rotated once. Both equal the held rotated coordinates' on
+    linear, embedding, convolution and tied-weight layers."""
     import tdatune.attributors.kfac as kfac_module
+    from test_factored import ce, problem
 
-    model = mlp().eval()
     gen = torch.Generator().manual_seed(4)
-    x, y = torch.randn(20, 6, generator=gen), torch.randint(0, 3, (20,), generator=gen)
-    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    if name == "mlp":
+        model = mlp().eval()
+        x, y = torch.randn(20, 6, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+        task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    else:
+        model, x, y = problem(name)
+        model.eval()
+        task = Task(make_model=lambda: model, loss_fn=ce, output=ce)
     ctx = AttributionContext(task, ArrayDataset(x, y), [model.state_dict()], chunk_size=6)
     explained = ArrayDataset(x[:3], y[:3])
-    held = make_attributor("ekfac").fit(ctx).score(explained, lam=1e-2)
+    masks = torch.rand(4, len(x), generator=gen) < 0.5
+    held_att = make_attributor("ekfac").fit(ctx)
+    held = held_att.score(explained, lam=1e-2)
+    held_path = held_att.lambda_path(explained)
+    held_preds = held_path.subset_predictions(masks, [1e-2, 1.0])
     monkeypatch.setattr(kfac_module, "COORDS_KEEP_LIMIT", 0)
     att = make_attributor("ekfac").fit(ctx)
-    assert att.lambda_path(explained)._held is None
-    torch.testing.assert_close(att.score(explained, lam=1e-2), held)
+    path = att.lambda_path(explained)
+    assert path._held is None
+    torch.testing.assert_close(att.score(explained, lam=1e-2), held, rtol=1e-4, atol=1e-6)
+    preds = path.subset_predictions(masks, [1e-2, 1.0])
+    torch.testing.assert_close(path.self_influence([1e-2]), held_path.self_influence([1e-2]),
+                               rtol=1e-4, atol=1e-8)
+    assert path._held is None  # no call gathered the training coordinates
+    torch.testing.assert_close(preds, held_preds, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["seq", "conv", "tied"])

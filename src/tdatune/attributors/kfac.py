@@ -86,9 +86,20 @@ class KFAC(Attributor):
                                        show_progress=ctx.show_progress,
                                        desc=f"{self.name} training coordinates")
 
+            def products(w: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+                return fit.products(w, ctx.train, target="loss", chunk_size=ctx.chunk_size,
+                                    show_progress=ctx.show_progress,
+                                    desc=f"{self.name} training products")
+
+            def masked_sums(masks: torch.Tensor) -> torch.Tensor:
+                return fit.masked_sums(masks, ctx.train, target="loss",
+                                       chunk_size=ctx.chunk_size,
+                                       show_progress=ctx.show_progress)
+
             keep = len(ctx.train) * sigma.numel() <= COORDS_KEEP_LIMIT
-            self._paths[key] = StreamedLambdaPath(sigma, coords, train_chunks, len(ctx.train),
-                                                  sizes=fit.block_sizes, keep=keep)
+            self._paths[key] = StreamedLambdaPath(
+                sigma, coords, train_chunks, len(ctx.train), sizes=fit.block_sizes, keep=keep,
+                products=products, masked_sums=masked_sums)
         return self._paths[key]
 
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:

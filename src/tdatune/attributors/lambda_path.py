@@ -94,6 +94,21 @@ class LambdaPath:
         b = self.project_masks(masks) if projected is None else projected
         return torch.stack([self.sign * (self._weighted(float(x)) @ b.T) for x in lam])
 
+    def self_influence(self, lambdas: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """Each training example's influence on its own loss, sum_k a_ik^2 / (sigma_k +
+        lambda), for every lambda: [L, n] (float64). A large value marks an example the model
+        fits only by bending to it (the classic detector of mislabelled data)."""
+        lam = check_path_lambdas(self.sigma, lambdas)
+        inv = 1.0 / (self.sigma.double()[None, :] + lam[:, None])  # [L, k]
+        out = torch.empty(len(lam), self.n_train, dtype=torch.float64)
+        for start, c in self._train_chunks():
+            out[:, start : start + c.shape[0]] = inv @ c.double().square().T
+        return out
+
+    def _train_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, training coordinates)`` in chunks (one chunk when they are held)."""
+        yield 0, self.train_coords
+
     def block_sizes(self) -> list[int]:
         """Eigenvalue counts of the path's blocks, in order (one block for a single path)."""
         return [int(self.sigma.numel())]
@@ -167,15 +182,21 @@ class StreamedLambdaPath(LambdaPath):
     recomputed chunk by chunk on every use (``chunks()`` yields ``(start, [b, k])``), so a path
     over all p parameters of a model (K-FAC, EK-FAC) never holds n x p numbers: scores stream
     the training side once per call, subset predictions once per set of masks.
-    ``sizes`` are the blocks (layers) for per-block damping."""
+    ``sizes`` are the blocks (layers) for per-block damping. ``products(w)`` (yielding
+    ``(start, w @ c_chunk^T)``) and ``masked_sums(masks)`` (``masks @ c``), when given, replace
+    the chunks for scores and mask projections while the coordinates are not held (K-FAC
+    computes both without rotating the training gradients)."""
 
     def __init__(self, sigma: torch.Tensor, explained_coords: torch.Tensor,
                  chunks: Callable[[], Iterator[tuple[int, torch.Tensor]]], n_train: int, *,
-                 sign: float = -1.0, sizes: Sequence[int] | None = None, keep: bool = False
-                 ) -> None:
+                 sign: float = -1.0, sizes: Sequence[int] | None = None, keep: bool = False,
+                 products: Callable[[torch.Tensor], Iterator[tuple[int, torch.Tensor]]]
+                 | None = None,
+                 masked_sums: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         check_shape("explained_coords", explained_coords, [None, sigma.shape[0]])
         self.sigma, self.explained_coords, self.sign = sigma, explained_coords, float(sign)
         self._chunks, self._n = chunks, int(n_train)
+        self._products, self._masked_sums = products, masked_sums
         self._sizes = [int(sigma.numel())] if sizes is None else [int(s) for s in sizes]
         if sum(self._sizes) != sigma.numel():
             raise ValueError(f"block sizes {self._sizes} do not add up to {sigma.numel()}")
@@ -215,7 +236,7 @@ class StreamedLambdaPath(LambdaPath):
         return torch.stack([self.sign * (self._weighted(float(x)) @ b.T).double()
                             for x in lam])
 
-    def _stream(self) -> Iterator[tuple[int, torch.Tensor]]:
+    def _train_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         if self._held is not None:
             yield 0, self._held
         else:
@@ -226,15 +247,21 @@ class StreamedLambdaPath(LambdaPath):
         lam_t = check_path_lambdas(self.sigma, lam)
         w = self._weighted(float(lam_t[0]))
         out = torch.empty(w.shape[0], self._n, dtype=w.dtype)
-        for start, c in self._stream():  # at the training coordinates' precision
+        if self._held is None and self._products is not None:
+            for start, prod in self._products(w):
+                out[:, start : start + prod.shape[1]] = self.sign * prod
+            return out
+        for start, c in self._train_chunks():  # at the training coordinates' precision
             out[:, start : start + c.shape[0]] = self.sign * (w.to(c.dtype) @ c.T)
         return out
 
     def project_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """masks @ a [M, k], in one pass over the training side."""
         check_shape("subset masks", masks, [None, self._n])
+        if self._held is None and self._masked_sums is not None:
+            return self._masked_sums(masks).to(self.sigma.dtype)
         out = torch.zeros(masks.shape[0], self.sigma.numel(), dtype=self.sigma.dtype)
-        for start, c in self._stream():
+        for start, c in self._train_chunks():
             out += masks[:, start : start + c.shape[0]].to(out.dtype) @ c.to(out.dtype)
         return out
 

@@ -121,6 +121,16 @@ class TracIn(Attributor):
             self._parts[key] = (train.products(v), v.norm(dim=1))
         return self._parts[key]
 
+    def self_influence(self) -> torch.Tensor:
+        """TracIn's self-influence sum_t eta_t ||grad l(z_i; theta_t)||^2 [n] (float64), the
+        detector of mislabelled examples of Pruthi et al. (2020); without ``normalize``, which
+        would make it 1 for every example."""
+        self._require_fit()
+        total = torch.zeros(len(self._require_fit().train), dtype=torch.float64)
+        for idx in sorted(self.train_grads):
+            total += self.learning_rate(idx) * self.train_grads[idx].row_norms().double() ** 2
+        return total
+
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:
         """Scores [m, n]: the sum over the chosen checkpoints."""
         normalize = self.score_params(values)["normalize"]

@@ -34,7 +34,7 @@ from torch import nn
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import batch_len
 from tdatune.features.capture import Captured, CapturedLayer, EmbeddingRule
-from tdatune.features.factored import input_factor, project_layer
+from tdatune.features.factored import formed, input_factor, project_layer
 from tdatune.features.gradients import GradientSource
 from tdatune.models.outputs import cross_entropy, logits_of
 from tdatune.models.task import Params, Task
@@ -97,24 +97,119 @@ class KroneckerFit:
         parts += [captured.dense[k] for k in self.diagonal]
         return torch.cat(parts, dim=1)
 
-    def iter_coords(self, data: ArrayDataset, *, target: str, chunk_size: int,
-                    show_progress: bool = False, desc: str = "eigen-coordinates"
-                    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, coords [b, p])`` over ``data``'s loss or output gradients."""
+    def _batches(self, data: ArrayDataset, target: str, chunk_size: int, show_progress: bool,
+                 desc: str) -> Iterator[tuple[int, Captured]]:
+        """``(start, captured)`` over ``data``'s loss or output gradients, one chunk at a time."""
         if target == "loss" and self.fisher == "empirical":
             source = self.source
         else:  # the task's own loss (not the sampled labels) or output
             source = GradientSource(self.task, self.source.model, self.source.detached,
                                     target=target, probe=data)
-        step = max(1, ROWS_BUDGET // max(1, int(self.sigma.numel())))
         for start, x, y in progress(data.batches(chunk_size, source.device),
                                     enabled=show_progress, desc=desc,
                                     total=data.num_batches(chunk_size)):
-            captured = source.captured(x, y, batch_len(x))
-            for i in range(0, captured.b, step):  # a wide model's rows a few at a time
-                coords = self.coords(sliced(captured, i, i + step))
-                check_finite_rows(f"per-example {target} gradients", coords, offset=start + i)
-                yield start + i, coords
+            yield start, source.captured(x, y, batch_len(x))
+
+    def _chunks(self, data: ArrayDataset, target: str, chunk_size: int, show_progress: bool,
+                desc: str) -> Iterator[tuple[int, Captured]]:
+        """As ``_batches``, a wide model's examples a few at a time (at most ``ROWS_BUDGET``
+        numbers of all its coordinates at once)."""
+        step = max(1, ROWS_BUDGET // max(1, int(self.sigma.numel())))
+        for start, captured in self._batches(data, target, chunk_size, show_progress, desc):
+            for i in range(0, captured.b, step):
+                yield start + i, sliced(captured, i, i + step)
+
+    def _block_rows(self, captured: Captured) -> Iterator[tuple[int, slice, torch.Tensor]]:
+        """``(block, examples, rows)``: each block's parameter-basis rows of a captured batch,
+        as many examples at once as ``ROWS_BUDGET`` allows for that block (the products of a
+        wide model stay matrix-matrix, not one long matrix-vector pass per few examples)."""
+        sizes = self.block_sizes
+        for j, size in enumerate(sizes):
+            step = max(1, ROWS_BUDGET // max(1, size))
+            for i in range(0, captured.b, step):
+                part = sliced(captured, i, i + step)
+                if j < len(self.blocks):
+                    rows = formed(self.blocks[j].layer, part).reshape(part.b, -1)
+                else:
+                    rows = torch.cat([part.dense[k] for k in self.diagonal], dim=1)
+                yield j, slice(i, i + part.b), rows
+
+    def iter_coords(self, data: ArrayDataset, *, target: str, chunk_size: int,
+                    show_progress: bool = False, desc: str = "eigen-coordinates"
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, coords [b, p])`` over ``data``'s loss or output gradients."""
+        for start, captured in self._chunks(data, target, chunk_size, show_progress, desc):
+            coords = self.coords(captured)
+            check_finite_rows(f"per-example {target} gradients", coords, offset=start)
+            yield start, coords
+
+    def to_parameter_basis(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """Eigen-coordinates [m, p] back in the parameter basis, Q_S W Q_A^T per Kronecker
+        block, at the precision of ``w``, in the blocks of :meth:`parameter_rows`."""
+        out, start = [], 0
+        for b in self.blocks:
+            size = b.sigma.numel()
+            part = w[:, start : start + size].reshape(-1, *b.sigma.shape)
+            part = b.q_s.to(part) @ part
+            if b.q_a is not None:
+                part = part @ b.q_a.to(part).T
+            out.append(part.reshape(w.shape[0], -1))
+            start += size
+        if self.diagonal:
+            out.append(w[:, start:])
+        return out
+
+    def products(self, w: torch.Tensor, data: ArrayDataset, *, target: str, chunk_size: int,
+                 show_progress: bool = False, desc: str = "inner products"
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, [m, b])``: w c_i for eigen-coordinates ``w`` [m, p] and every example's
+        coordinates c_i, without rotating the examples: w is turned back into the parameter
+        basis once (the bases are orthogonal, so <Q_S^T G Q_A, W> = <G, Q_S W Q_A^T>) and the
+        examples' gradients are only formed, at their own precision."""
+        back: list[torch.Tensor] | None = None
+        for start, captured in self._batches(data, target, chunk_size, show_progress, desc):
+            out: torch.Tensor | None = None
+            for j, where, rows in self._block_rows(captured):
+                if back is None:  # at the gradients' precision, like every training product
+                    back = [b.contiguous() for b in self.to_parameter_basis(w.to(rows.dtype))]
+                if out is None:
+                    out = rows.new_zeros(w.shape[0], captured.b)
+                out[:, where] += back[j] @ rows.T
+            if out is None:
+                continue
+            check_finite_rows(f"per-example {target} gradient products", out.T, offset=start)
+            yield start, out
+
+    def masked_sums(self, masks: torch.Tensor, data: ArrayDataset, *, target: str,
+                    chunk_size: int, show_progress: bool = False) -> torch.Tensor:
+        """masks @ coords [M, p] (float64): the masked sums of the examples' gradients in the
+        parameter basis, rotated once at the end (rotation is linear)."""
+        sums: list[torch.Tensor] | None = None
+        for start, captured in self._batches(data, target, chunk_size, show_progress,
+                                             "masked sums"):
+            m = masks[:, start : start + captured.b].double()
+            for j, where, rows in self._block_rows(captured):
+                if sums is None:
+                    sums = [torch.zeros(masks.shape[0], size, dtype=torch.float64)
+                            for size in self.block_sizes]
+                sums[j] += m[:, where] @ rows.double()
+        if sums is None:
+            return torch.zeros(masks.shape[0], self.sigma.numel(), dtype=torch.float64)
+        out = []
+        for b, acc in zip(self.blocks, sums, strict=False):
+            acc = b.q_s.T @ acc.reshape(-1, *b.sigma.shape)
+            if b.q_a is not None:
+                acc = acc @ b.q_a
+            out.append(acc.reshape(masks.shape[0], -1))
+        out += sums[len(self.blocks):]
+        return torch.cat(out, dim=1)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """sum over examples and positions of x x^T for x [b, T, k], as float64 [k, k] (the
+    product runs at x's precision)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return (flat.T @ flat).double()
 
 
 def sliced(captured: Captured, start: int, stop: int) -> Captured:
@@ -183,14 +278,13 @@ def fit_kronecker(task: Task, model: nn.Module, params: Params, data: ArrayDatas
             else:  # this batch was differentiated without hooks: no factors to collect
                 raise ValueError(f"{task.name}: layer {c.path} gave no Kronecker factors "
                                  "(the hooks were refused); K-FAC needs them")
-            d = d.double()
-            s_cov[c.path] = s_cov.get(c.path, 0) + torch.einsum("bto,btp->op", d, d)
+            # Each batch's products at the gradients' precision, accumulated in float64.
+            s_cov[c.path] = s_cov.get(c.path, 0) + gram(d)
             if isinstance(c.rule, EmbeddingRule):
                 counts = torch.bincount(a.reshape(-1), minlength=c.module.weight.shape[0])
                 a_cov[c.path] = a_cov.get(c.path, 0) + counts.double()
             else:
-                aa = input_factor(c, a, d).double()
-                a_cov[c.path] = a_cov.get(c.path, 0) + torch.einsum("bti,btj->ij", aa, aa)
+                a_cov[c.path] = a_cov.get(c.path, 0) + gram(input_factor(c, a, d))
             positions[c.path] = positions.get(c.path, 0) + a.shape[0] * a.shape[1]
         for k, g in captured.dense.items():
             diag[k] = diag.get(k, 0) + g.double().pow(2).sum(0)
@@ -216,7 +310,7 @@ def fit_kronecker(task: Task, model: nn.Module, params: Params, data: ArrayDatas
                 step = max(1, ROWS_BUDGET // b.sigma.numel())
                 for i in range(0, captured.b, step):
                     part = b.rotate(sliced(captured, i, i + step))
-                    acc += part.double().pow(2).sum(0).reshape(acc.shape)
+                    acc += part.square().sum(0).double().reshape(acc.shape)
         for b, acc in zip(blocks, moments, strict=True):
             b.sigma = acc / n
     return fit

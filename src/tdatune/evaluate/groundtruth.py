@@ -24,6 +24,7 @@ writer, so any backend can resume any other's partial run. The backend is record
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -216,9 +217,12 @@ def build_ground_truth(
     task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset, explained: ArrayDataset,
     config: GroundTruthConfig, directory: str | Path, *, device: str | torch.device = "cpu",
     runner: Runner | None = None, show_progress: bool = True, backend: str = "auto",
-    backend_options: dict[str, Any] | None = None,
+    backend_options: dict[str, Any] | None = None, masks: torch.Tensor | None = None,
 ) -> GroundTruth:
     """Build (or resume, or reuse) the ground truth in ``directory``.
+
+    ``masks`` [n_subsets, n] (boolean) are the subsets to retrain on instead of the sampled
+    ones (removal and leave-one-out experiments); they are part of the manifest.
 
     ``backend`` names how models are retrained (auto, sequential, batched, process, ray; see
     :func:`tdatune.evaluate.runners.make_runner`, which takes ``backend_options``); a ready
@@ -229,10 +233,19 @@ def build_ground_truth(
     directory = Path(directory)
     manifest = manifest_for(task, recipe, train, explained, config)
     legacy = _format1_manifest(manifest, task)
+    if masks is not None:
+        masks = torch.as_tensor(masks, dtype=torch.bool)
+        if tuple(masks.shape) != (config.n_subsets, len(train)):
+            raise ValueError(f"given subset masks must be [{config.n_subsets}, {len(train)}] "
+                             f"(n_subsets x training examples), got {list(masks.shape)}")
+        manifest["masks_fingerprint"] = hashlib.sha256(masks.numpy().tobytes()).hexdigest()
     manifest["fingerprint"] = fingerprint_config(manifest)
     _check_or_write_manifest(directory, manifest, fingerprint_config(legacy))
     masks_path = directory / "masks.npy"
-    if keep_or_discard(masks_path, "the subset masks from their seed"):
+    if masks is not None:
+        if not is_intact(masks_path):
+            atomic_save_npy(masks_path, masks.numpy())
+    elif keep_or_discard(masks_path, "the subset masks from their seed"):
         masks = torch.from_numpy(load_npy_verified(masks_path))
     else:
         masks = sample_subsets(len(train), config)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tdatune.study.beyond_report import beyond_figures, beyond_rows, beyond_table
 from tdatune.study.figures import all_figures, write_csv
 from tdatune.study.results import SweepResults, is_default, load_results
 from tdatune.utils.atomic import atomic_write_text
@@ -97,7 +98,10 @@ def write_report(out: str | Path) -> Path:
     write_csv(out / "sensitivity.csv", sens)
     sel = selection_rows(results)
     write_csv(out / "selection.csv", sel)
-    figures = all_figures(results)
+    beyond = beyond_rows(results)
+    if beyond:
+        write_csv(out / "beyond.csv", beyond)
+    figures = all_figures(results) + beyond_figures(results, out / "figures")
 
     lines = [f"# Sweep report: {spec.name}", ""]
     lines += _overview(results)
@@ -113,6 +117,7 @@ def write_report(out: str | Path) -> Path:
                      f"{_fmt(r['best_at'])} | {_num(r['lds_at_default'])} |")
     if sel:
         lines += _selection_tables(results, sel)
+    lines += beyond_table(beyond, spec.threshold)
     lines += ["", "## Figures", ""]
     for fig in figures:
         lines += [f"### {fig['png'].stem}", "", fig["caption"] + ".", "",

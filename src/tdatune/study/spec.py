@@ -30,6 +30,7 @@ import numpy as np
 from tdatune.attributors.base import Attributor
 from tdatune.attributors.registry import ATTRIBUTORS
 from tdatune.evaluate.groundtruth import GroundTruthConfig
+from tdatune.evaluate.removal import RemovalConfig
 from tdatune.models.training import TrainRecipe
 from tdatune.settings.registry import Setting, get_setting
 from tdatune.utils.checks import check_open_unit
@@ -39,8 +40,10 @@ SPECTRUM = "spectrum"  # lam = "spectrum": a log grid spanning the eigenvalues (
 EPOCH = "epoch"        # the checkpoint an attributor reads (checkpoint / checkpoints)
 ALPHA = "alpha"        # the ground truth's subset fraction
 TOP_KEYS = ("name", "settings", "methods", "groundtruth", "sizes", "recipes", "seed", "threshold",
-            "thresholds", "grid_points", "data_dir")
-SETTING_KEYS = ("name", "task", "label", "sizes", "recipe", "model", "data", "data_dir")
+            "thresholds", "grid_points", "data_dir", "removal")
+SETTING_KEYS = ("name", "task", "label", "sizes", "recipe", "model", "data", "data_dir",
+                "label_noise")
+REMOVAL_KEYS = (*(f.name for f in fields(RemovalConfig)), "settings")
 METHOD_KEYS = ("name", "label", "defaults", "vary", "fit", "score", "explain", "settings")
 
 
@@ -62,6 +65,7 @@ class SettingSpec:
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
+    label_noise: float | None = None  # fraction of training labels flipped (mislabel study)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
@@ -83,9 +87,10 @@ class SettingSpec:
         ``data_dir`` is the sweep's, replaced by this setting's own when it has one."""
         setting = self.setting()
         load, task = setting.resolved_options(task_options=self.model, load_options=self.data)
+        noise = {} if self.label_noise is None else {"label_noise": self.label_noise}
         return {"name": self.name, "sizes": list(self.sizes or setting.sizes),
                 "recipe": self.resolved_recipe().to_dict(), "model": task, "data": load,
-                "seed": seed, "data_dir": self.resolved_data_dir(data_dir)}
+                "seed": seed, "data_dir": self.resolved_data_dir(data_dir), **noise}
 
 
 @dataclass
@@ -149,9 +154,22 @@ class SweepSpec:
     thresholds: list[float] = field(default_factory=list)
     grid_points: int = 25
     data_dir: str | None = None
+    removal: dict[str, Any] | None = None  # RemovalConfig fields and the settings it runs on
 
     def __post_init__(self) -> None:
         self.thresholds = sorted({*map(float, self.thresholds), float(self.threshold)})
+
+    def removal_on(self, label: str) -> RemovalConfig | None:
+        """The removal experiment of the setting labelled ``label`` (None: not run there)."""
+        if self.removal is None:
+            return None
+        only = self.removal.get("settings")
+        if only is not None and label not in only:
+            return None
+        values = {k: v for k, v in self.removal.items() if k != "settings"}
+        if isinstance(values.get("loo"), list):  # leave-one-out on the settings listed
+            values["loo"] = label in values["loo"]
+        return RemovalConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (recorded in the sweep directory; ``spec_from_dict`` reads it back)."""
@@ -222,10 +240,11 @@ def spec_from_dict(raw: dict[str, Any]) -> SweepSpec:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     data_dir = raw.pop("data_dir", None)
+    removal = _removal_entry(raw.pop("removal", None), [s.label for s in settings])
     spec = SweepSpec(name=str(raw.pop("name", "sweep")), settings=settings, methods=methods,
                      groundtruth=groundtruth, seed=seed, threshold=float(threshold),
                      thresholds=[float(t) for t in thresholds], grid_points=grid_points,
-                     data_dir=None if data_dir is None else str(data_dir))
+                     data_dir=None if data_dir is None else str(data_dir), removal=removal)
     labels = [s.label for s in spec.settings]
     for method in spec.methods:
         for point in sub_experiment_points(method):
@@ -309,6 +328,35 @@ def _check_point(method: MethodSpec, point: Point) -> None:
 
 # -- entries -----------------------------------------------------------------------------------
 
+def _removal_entry(value: Any, labels: list[str]) -> dict[str, Any] | None:
+    """The checked ``[removal]`` table (None when absent)."""
+    if value is None:
+        return None
+    table = dict(_table(value, "[removal]"))
+    _check_keys("[removal]", table, REMOVAL_KEYS)
+    only = table.get("settings")
+    if only is not None:
+        only = [str(x) for x in _list(only, "settings of [removal]")]
+        unknown = sorted(set(only) - set(labels))
+        if unknown:
+            raise ValueError(f"[removal] settings names {', '.join(unknown)}, not a setting of "
+                             f"this sweep ({', '.join(labels)})")
+        table["settings"] = only
+    loo = table.get("loo")
+    if isinstance(loo, list):
+        unknown = sorted({str(x) for x in loo} - set(only if only is not None else labels))
+        if unknown:
+            raise ValueError(f"[removal] loo names {', '.join(unknown)}, not a setting the "
+                             "removal experiment runs on")
+        table["loo"] = [str(x) for x in loo]
+    try:
+        RemovalConfig(**{k: (False if k == "loo" and isinstance(v, list) else v)
+                         for k, v in table.items() if k != "settings"})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"[removal]: {err}") from err
+    return table
+
+
 def _setting_entry(entry: Any, top_sizes: dict[str, Any], top_recipes: dict[str, Any]) -> SettingSpec:
     if isinstance(entry, str):
         entry = {"name": entry}
@@ -325,7 +373,8 @@ def _setting_entry(entry: Any, top_sizes: dict[str, Any], top_recipes: dict[str,
                                      f"recipe of {label}"),
                        model=_table(entry.get("model", {}), f"model of {label}"),
                        data=_table(entry.get("data", {}), f"data of {label}"),
-                       data_dir=_data_dir(entry.get("data_dir"), label))
+                       data_dir=_data_dir(entry.get("data_dir"), label),
+                       label_noise=_label_noise(entry.get("label_noise"), label))
     if spec.sizes is not None:
         sizes = spec.sizes
         if (not isinstance(sizes, list) or len(sizes) != 3
@@ -341,6 +390,16 @@ def _setting_entry(entry: Any, top_sizes: dict[str, Any], top_recipes: dict[str,
     check_options(f"model options of {label}", spec.model, setting.make_task, setting.task_options)
     check_options(f"data options of {label}", spec.data, setting.load, setting.load_options)
     return spec
+
+
+def _label_noise(value: Any, label: str) -> float | None:
+    """A setting's flipped-label fraction, in (0, 1) (None: clean labels)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ValueError(f"label_noise of {label} is the fraction of training labels flipped, "
+                         f"a number in (0, 1) such as 0.1; got {value!r}")
+    return float(value)
 
 
 def _data_dir(value: Any, label: str) -> str | None:

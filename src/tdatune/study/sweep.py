@@ -29,12 +29,14 @@ import torch
 
 from tdatune.attributors.registry import make_attributor
 from tdatune.data.base import Splits
+from tdatune.data.noise import flip_labels
 from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig, manifest_for
 from tdatune.evaluate.lds import lds, lds_path
 from tdatune.models.task import Task
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambdas
 from tdatune.settings.registry import Setting
+from tdatune.study.beyond import RETRAIN_DIR, mislabel_record, removal_record
 from tdatune.study.diagnosis import diagnose
 from tdatune.study.prepare import (
     TrainedSetting,
@@ -97,6 +99,9 @@ class Cell:
         """Everything that defines this cell's numbers (fingerprinted into the cell file)."""
         method = spec.method(self.method)
         subset = {"explain": method.explain} if method.explain else {}
+        removal = spec.removal_on(self.setting)
+        if removal is not None:
+            subset["removal"] = asdict(removal)
         return {
             **subset,
             "format": CELL_FORMAT,
@@ -156,6 +161,16 @@ def run_cell(trained: TrainedSetting, gt: GroundTruth, method: MethodSpec, cell:
     t1 = time.time()
     extra = (_score_eigen(att, test, val, gt, cell, spec) if method.eigen
              else _score_grid(att, test, gt, cell, trained.context.show_progress))
+    flipped = trained.splits.info.get("flipped")
+    if flipped:
+        extra["mislabel"] = mislabel_record(
+            att, att.lambda_path(test) if method.eigen else None, list(flipped), extra,
+            spec.threshold)
+    removal = spec.removal_on(cell.setting)
+    if removal is not None:
+        extra["removal"] = removal_record(trained, att, removal, extra, spec.threshold,
+                                          gt.directory.parent / RETRAIN_DIR, spec.seed,
+                                          method.eigen)
     return {"status": "ok", "fit_seconds": fit_seconds, "score_seconds": time.time() - t1,
             "n_explained": len(test), "environment": numeric_environment(trained.context.device),
             "data_source": trained.splits.source, "model_quality": trained.quality(), **extra}
@@ -375,10 +390,16 @@ class Workspace:
         """The setting with its data loaded and task made (nothing trained)."""
         if label not in self._built:
             s = self.spec.setting(label)
-            self._built[label] = build_setting(
+            setting, splits, task = build_setting(
                 s.name, seed=self.spec.seed, data_dir=s.resolved_data_dir(self.spec.data_dir),
                 sizes=tuple(s.sizes) if s.sizes else None, task_options=s.model,
                 load_options=s.data)
+            if s.label_noise is not None:  # the model is trained on the flipped labels
+                train, flipped = flip_labels(splits.train, s.label_noise, splits.num_classes,
+                                             seed=self.spec.seed)
+                splits = replace(splits, train=train,
+                                 info={**splits.info, "flipped": flipped.tolist()})
+            self._built[label] = (setting, splits, task)
         return self._built[label]
 
     def identity(self, label: str) -> dict[str, Any]:

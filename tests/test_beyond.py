@@ -1,0 +1,165 @@
+"""Beyond LDS in a sweep: mislabel detection on flipped labels, removal and leave-one-out by
+retraining, checked against dense self-influence, brute-force pair counts and retraining by
+hand; the spec's checks; the report's table and figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attr_problems import Problem, loop_grads
+from tdatune.data.digits import load_digits_splits
+from tdatune.evaluate.removal import (
+    RemovalConfig,
+    loo_masks,
+    random_removals,
+    removal_effects,
+    top_removals,
+)
+from tdatune.models.checkpoints import load_model
+from tdatune.models.training import train_model
+from tdatune.study.report import write_report
+from tdatune.study.sweep import Workspace, run_sweep, spec_from_dict
+
+SPEC = {
+    "name": "beyond", "grid_points": 5,
+    "settings": [{"name": "digits-lr", "label": "noisy", "sizes": [80, 20, 20],
+                  "label_noise": 0.1}],
+    "groundtruth": {"n_subsets": 4},
+    "removal": {"examples": 2, "remove": 6, "lambdas": 2, "random": 2, "loo": True},
+    "methods": [{"name": "iffim"}, {"name": "tracin"}],
+}
+
+
+def quiet(*_a):
+    """A silent ``say``."""
+
+
+def test_removal_sets_and_effects_by_hand():
+    scores = torch.tensor([[0.5, 3.0, -1.0, 2.0], [1.0, 0.0, 0.2, -4.0]])
+    assert top_removals(scores, 2).tolist() == [[True, False, True, False],
+                                                [False, True, False, True]]
+    rand = random_removals(10, 3, 4, seed=1)
+    assert rand.shape == (4, 10) and (rand.sum(1) == 7).all()
+    assert torch.equal(rand, random_removals(10, 3, 4, seed=1))
+    assert loo_masks(3).tolist() == [[False, True, True], [True, False, True],
+                                     [True, True, False], [True, True, True]]
+    # 2 dampings x 2 explained, 2 random sets, the full model; row = model, column = example
+    out = np.array([[1.0, 9.0], [9.0, 2.0],    # damping 0: sets of example 0, example 1
+                    [0.0, 9.0], [9.0, 1.0],    # damping 1
+                    [3.0, 4.0], [5.0, 6.0],    # random
+                    [4.5, 5.5]])               # all data
+    got = removal_effects(out, 2, 2)
+    # random mean (4, 5); effect = mean_j(rand_j - removed_j); drop = mean_j(full_j - removed_j)
+    assert got["effect"] == pytest.approx([(3 + 3) / 2, (4 + 4) / 2])
+    assert got["drop"] == pytest.approx([(3.5 + 3.5) / 2, (4.5 + 4.5) / 2])
+    assert got["random_drop"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="random must be >= 2"):
+        RemovalConfig(random=1)
+    with pytest.raises(ValueError, match="cannot remove 4 of 4"):
+        top_removals(scores, 4)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("beyond") / "out"
+    spec = spec_from_dict(SPEC)
+    outcome = run_sweep(spec, out, show_progress=False, say=quiet)
+    assert not outcome.failed, outcome.failed
+    return spec, out, {c["method"]: c for c in outcome}
+
+
+def _brute_auc(scores, flagged):
+    pos = torch.zeros(len(scores), dtype=torch.bool)
+    pos[flagged] = True
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0
+               for a in scores[pos].tolist() for b in scores[~pos].tolist())
+    return wins / (int(pos.sum()) * int((~pos).sum()))
+
+
+def test_mislabel_and_removal_cells_equal_independent_computations(swept):
+    spec, out, cells = swept
+    trained = Workspace(spec, out, "cpu", False, quiet).trained("noisy")
+    clean = load_digits_splits(n_train=80, n_val=20, n_test=20, seed=0).train.targets
+    flipped = (trained.splits.train.targets != clean).nonzero().flatten()
+    assert flipped.numel() == 8  # 10 % of 80, each moved to another class
+
+    # self-influence by a dense solve on loop gradients; AUC by counting pairs
+    prob = Problem(trained.task, trained.splits.train, trained.splits.test, trained.context, 0.0)
+    g = loop_grads(prob, prob.train, "loss")
+    fisher = g.T @ g / len(g)
+    mis = cells["iffim"]["mislabel"]
+    assert mis["n_flipped"] == 8
+    for row in mis["rows"][::2]:
+        inv = torch.linalg.solve(fisher + row["lam"] * torch.eye(g.shape[1], dtype=g.dtype), g.T)
+        self_inf = (g * inv.T).sum(1)
+        assert row["auc"] == pytest.approx(_brute_auc(self_inf, flipped), abs=1e-9)
+        top = torch.sort(-self_inf, stable=True).indices[:8]
+        assert row["found_top"] == pytest.approx(np.isin(top, flipped).sum() / 8)
+
+    # TracIn: sum over checkpoints of lr x squared loss-gradient norms
+    lrs = trained.context.learning_rates or [1.0] * len(trained.context.checkpoints)
+    ref = sum(lrs[e] * loop_grads(prob, prob.train, "loss", e).square().sum(1)
+              for e in range(max(0, len(lrs) - 10), len(lrs)))
+    assert cells["tracin"]["mislabel"]["rows"][0]["auc"] == pytest.approx(
+        _brute_auc(ref, flipped), abs=1e-9)
+
+    # removal: retrain by hand without each explained example's top 6 by the dense scores
+    v = loop_grads(prob, trained.splits.test.subset([0, 1]), "output")
+    recipe, train, test = trained.recipe, trained.splits.train, trained.splits.test
+
+    def output(keep, j):
+        state = train_model(trained.task, train.subset(keep), recipe, 0).state
+        model, params = load_model(trained.task, state, "cpu")
+        x = test.subset([j])
+        return float(trained.task.evaluate(model, params, x.inputs, x.targets)[0])
+
+    full = [output(torch.ones(80, dtype=torch.bool), j) for j in (0, 1)]
+    row = next(r for r in cells["iffim"]["removal"]["rows"] if r["rule"] == "grid")
+    scores = -v @ torch.linalg.solve(fisher + row["lam"] * torch.eye(g.shape[1], dtype=g.dtype),
+                                     g.T)
+    keep = torch.ones(2, 80, dtype=torch.bool)
+    keep.scatter_(1, scores.topk(6, dim=1).indices, False)
+    drop = np.mean([full[j] - output(keep[j], j) for j in (0, 1)])
+    assert row["drop"] == pytest.approx(drop, rel=0.02, abs=1e-3)
+
+    # leave-one-out: Pearson of the scores with f_full - f_{-i}, every i retrained by hand
+    loo = cells["iffim"]["removal"]["loo"]
+    assert [r["lam"] for r in loo] == [r["lam"] for r in mis["rows"]]
+    delta = np.array([[full[j] - output(torch.arange(80) != i, j) for i in range(80)]
+                      for j in (0, 1)])
+    mid = loo[len(loo) // 2]
+    scores = -v @ torch.linalg.solve(fisher + mid["lam"] * torch.eye(g.shape[1], dtype=g.dtype),
+                                     g.T)
+    pearson = np.mean([np.corrcoef(scores[j].numpy(), delta[j])[0, 1] for j in (0, 1)])
+    assert mid["pearson"] == pytest.approx(pearson, abs=0.02)
+
+
+def test_spec_checks_label_noise_and_removal():
+    def bad(change, match):
+        raw = {**SPEC, **change}
+        with pytest.raises(ValueError, match=match):
+            spec_from_dict(raw)
+
+    bad({"settings": [{"name": "digits-lr", "label_noise": 1.5}]}, "label_noise of digits-lr")
+    bad({"removal": {"examples": 0}}, r"\[removal\]: removal examples must be")
+    bad({"removal": {"exampels": 2}}, "exampels")
+    bad({"removal": {"settings": ["nope"]}}, "nope")
+    bad({"removal": {"loo": ["other"]}}, "loo names other")
+    spec = spec_from_dict({**SPEC, "removal": {"settings": ["noisy"]}})
+    assert spec.removal_on("noisy") == RemovalConfig()
+    assert spec.removal_on("other") is None
+    spec = spec_from_dict({**SPEC, "removal": {"loo": ["noisy"]}})
+    assert spec.removal_on("noisy") == RemovalConfig(loo=True)
+
+
+def test_report_has_the_beyond_table_and_figure(swept):
+    _, out, _ = swept
+    report = write_report(out).read_text()
+    assert "## Beyond LDS" in report
+    assert "| noisy | iffim | mislabel AUC |" in report
+    assert "| noisy | iffim | removal effect |" in report
+    assert "| noisy | iffim | LOO Pearson |" in report
+    assert (out / "figures" / "beyond_iffim.png").stat().st_size > 1000
+    assert (out / "beyond.csv").exists()
