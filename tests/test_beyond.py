@@ -17,8 +17,7 @@ from tdatune.evaluate.removal import (
     removal_effects,
     top_removals,
 )
-from tdatune.models.checkpoints import load_model
-from tdatune.models.training import train_model
+from tdatune.models.training import load_model, train_model
 from tdatune.study.report import write_report
 from tdatune.study.sweep import Workspace, run_sweep, spec_from_dict
 
@@ -152,6 +151,19 @@ def test_spec_checks_label_noise_and_removal():
     assert spec.removal_on("other") is None
     spec = spec_from_dict({**SPEC, "removal": {"loo": ["noisy"]}})
     assert spec.removal_on("noisy") == RemovalConfig(loo=True)
+
+
+def test_a_changed_removal_or_label_noise_changes_the_cells_definition():
+    from tdatune.study.sweep import expand_cells
+
+    base = spec_from_dict(SPEC)
+    cell = expand_cells(base)[0]
+    changed = spec_from_dict({**SPEC, "removal": {**SPEC["removal"], "remove": 7}})
+    assert cell.definition(changed) != cell.definition(base)
+    noisier = spec_from_dict({**SPEC, "settings": [{**SPEC["settings"][0], "label_noise": 0.2}]})
+    assert cell.definition(noisier) != cell.definition(base)
+    clean = spec_from_dict({**SPEC, "settings": [{**SPEC["settings"][0], "label_noise": None}]})
+    assert "label_noise" not in cell.definition(clean)["setting"]  # old cells stay current
 
 
 def test_report_has_the_beyond_table_and_figure(swept):

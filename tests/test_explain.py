@@ -54,9 +54,12 @@ def test_page_lists_the_hand_ranked_examples(tmp_path, digits_small):
         assert cards[0] == ("explained", None)
         assert [j for r, j in cards if r == "proponent"] == order[:3].tolist()
         assert [j for r, j in cards if r == "opponent"] == order[::-1][:3].tolist()
-    # the label beside train #j is its own class
-    j = int(order[0])
-    assert f"train #{j}</div><img" in html
+    # each card shows its own score, and its own class as the label
+    for row, section in enumerate(html.split('<section class="example"')[1:]):
+        j = int(np.argsort(-scores[row].numpy())[0])
+        card = section.split(f"train #{j}</div>")[1].split("</div></div>")[0]
+        assert f"score {float(scores[row, j]):+.4g}" in card
+        assert f"class {int(train.targets[j])}" in card
     assert (tmp_path / "explained_0.png").stat().st_size > 1000
     with pytest.raises(ValueError, match=r"shape \[2, 120\]"):
         explain_scores(scores[:, :5], train, explained, tmp_path)
