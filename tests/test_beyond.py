@@ -135,6 +135,32 @@ def test_mislabel_and_removal_cells_equal_independent_computations(swept):
     assert mid["pearson"] == pytest.approx(pearson, abs=0.02)
 
 
+def test_explain_a_sweep_ranks_by_dense_influence(swept, tmp_path, capsys):
+    import re
+
+    from tdatune.cli import main
+    from test_explain import page_cards
+
+    spec, out, _ = swept
+    page = tmp_path / "page"
+    assert main(["explain", str(out), "--out", str(page), "--quiet"]) == 2
+    assert "choose one with --attributor: iffim, tracin" in capsys.readouterr().err
+    assert main(["explain", str(out), "--attributor", "iffim", "--out", str(page),
+                 "--examples", "0", "3", "--top", "4", "--quiet"]) == 0
+    html = (page / "index.html").read_text()
+    lam = float(re.search(r"lambda ([0-9.e+-]+) \(selected without retraining\)", html).group(1))
+    trained = Workspace(spec, out, "cpu", False, quiet).trained("noisy")
+    prob = Problem(trained.task, trained.splits.train, trained.splits.test.subset([0, 3]),
+                   trained.context, 0.0)
+    g = loop_grads(prob, prob.train, "loss")
+    v = loop_grads(prob, prob.explained, "output")
+    dense = -v @ torch.linalg.solve(g.T @ g / len(g) + lam * torch.eye(g.shape[1],
+                                                                       dtype=g.dtype), g.T)
+    for row, cards in enumerate(page_cards(html)):
+        order = torch.argsort(dense[row], descending=True)
+        assert [j for r, j in cards if r == "proponent"] == order[:4].tolist()
+
+
 def test_spec_checks_label_noise_and_removal():
     def bad(change, match):
         raw = {**SPEC, **change}

@@ -14,8 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "explain", help="show the top proponents and opponents of test examples (HTML + PNG)")
     e.add_argument("run", type=Path,
-                   help="run directory of `tdatune demo` or `tdatune lambda` (its checkpoints "
-                        "and <attributor>/summary.json are reused; nothing is retrained)")
+                   help="run directory of `tdatune demo`, `tdatune lambda` or `tdatune sweep` "
+                        "(its stored checkpoints are reused; nothing is retrained)")
     e.add_argument("--out", type=Path, required=True,
                    help="folder for index.html and explained_<k>.png")
     e.add_argument("--examples", type=int, nargs="+", default=list(DEFAULT_EXAMPLES),
@@ -25,7 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--lam", type=float, default=None,
                    help="damping to score at (default: the lambda the study selected)")
     e.add_argument("--attributor", default=None,
-                   help="which study of the run directory (needed when it holds several)")
+                   help="which study of the run directory, or which method entry of a sweep "
+                        "(needed when it holds several)")
+    e.add_argument("--setting", default=None,
+                   help="a sweep's setting label (needed when the sweep has several)")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--quiet", action="store_true", help="no progress messages")
     e.set_defaults(func=run)
@@ -35,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
     """Write the page and say where it is."""
     page = explain_run(args.run, args.out, attributor=args.attributor, examples=args.examples,
                        k=args.top, lam=args.lam, device=args.device,
-                       show_progress=not args.quiet)
+                       show_progress=not args.quiet, setting=args.setting)
     print(f"wrote {page} and {len(args.examples)} PNG figure(s) in {page.parent}")
     return 0

@@ -18,8 +18,9 @@ import torch
 from tdatune.attributors.registry import make_attributor
 from tdatune.data.base import ArrayDataset, Splits
 from tdatune.data.views import Decoder, view_example
+from tdatune.select.default import choose_lambda
 from tdatune.study.explain_page import Card, Explanation, write_page
-from tdatune.study.prepare import train_setting
+from tdatune.study.prepare import TrainedSetting, train_setting
 from tdatune.utils.atomic import read_json
 from tdatune.utils.checks import check_shape
 
@@ -85,14 +86,43 @@ def _study_summary(run_dir: Path, attributor: str | None) -> tuple[str, dict[str
     return attributor, read_json(run_dir / attributor / "summary.json")
 
 
+def _sweep_run(run_dir: Path, setting: str | None, method: str | None, device: str,
+               show_progress: bool) -> tuple[TrainedSetting, Any, str, str, dict[str, Any]]:
+    """A sweep directory's trained setting and method entry (study defaults)."""
+    from tdatune.study.sweep import Workspace, spec_from_dict
+
+    spec = spec_from_dict(read_json(run_dir / "sweep.json"))
+    labels = [x.label for x in spec.settings]
+    methods = [m.label for m in spec.methods]
+    for what, value, choices in (("--setting", setting, labels), ("--attributor", method,
+                                                                  methods)):
+        if value is None and len(choices) > 1:
+            raise ValueError(f"{run_dir} is a sweep of several; choose one with {what}: "
+                             f"{', '.join(choices)}")
+        if value is not None and value not in choices:
+            raise ValueError(f"{run_dir} has no {what[2:]} {value!r}; it has: "
+                             f"{', '.join(choices)}")
+    label, entry = setting or labels[0], spec.method(method or methods[0])
+    say = print if show_progress else (lambda *a, **kw: None)
+    trained = Workspace(spec, run_dir, device, show_progress, say).trained(label)
+    fit = {k: v for k, v in entry.base_values().items() if entry.stage(k) == "fit"}
+    return trained, make_attributor(entry.name, **fit), label, entry.label, fit
+
+
 def explain_run(
     run_dir: str | Path, out: str | Path, *, attributor: str | None = None,
     examples: Sequence[int] = DEFAULT_EXAMPLES, k: int = DEFAULT_TOP,
     lam: float | None = None, device: str = "auto", show_progress: bool = False,
+    setting: str | None = None,
 ) -> Path:
-    """The explain page of a lambda-study run directory: test examples ``examples``, scored
-    by the studied attributor at the selected lambda (or ``lam``)."""
+    """The explain page of a run directory: a lambda study's (``tdatune demo`` / ``lambda``:
+    its attributor at its selected lambda) or a sweep's (``setting`` and method ``attributor``
+    at the study defaults, lambda by the default rule on the validation split), or ``lam``."""
     run_dir = Path(run_dir)
+    if (run_dir / "sweep.json").exists():
+        trained, att, label, method, _ = _sweep_run(run_dir, setting, attributor, device,
+                                                    show_progress)
+        return _explain_trained(trained, att, out, examples, k, lam, label, method)
     name, summary = _study_summary(run_dir, attributor)
     request = summary.get("request") or {}
     sizes = (summary["n_train"], summary["n_val"], summary["n_test"])
@@ -102,30 +132,43 @@ def explain_run(
         show_progress=show_progress, recipe_overrides=request.get("recipe_overrides"),
         task_options=request.get("task_options"), load_options=request.get("load_options"),
         say=print if show_progress else (lambda *a, **kw: None))
+    att = make_attributor(summary["attributor"], **summary.get("attributor_params", {}))
+    return _explain_trained(trained, att, out, examples, k,
+                            float(summary["lambda_selected"]) if lam is None else lam,
+                            summary["setting"], name, selected=lam is None)
+
+
+def _explain_trained(trained: TrainedSetting, att: Any, out: str | Path,
+                     examples: Sequence[int], k: int, lam: float | None, setting: str,
+                     name: str, selected: bool = False) -> Path:
+    """Fit ``att`` on a trained setting, score the test examples ``examples`` at ``lam``
+    (None: the default rule's lambda on the validation split; ignored by a method without
+    a damping), and write the page."""
     test = trained.splits.test
     bad = [i for i in examples if not 0 <= int(i) < len(test)]
     if bad or not examples:
         raise ValueError(f"explained examples must be test indices 0..{len(test) - 1}; got "
                          f"{list(examples) if not bad else bad}")
+    if lam is not None and lam <= 0:
+        raise ValueError(f"lambda must be > 0, got {lam}")
     explained = test.subset([int(i) for i in examples])
-    lam_used = float(summary["lambda_selected"] if lam is None else lam)
-    if lam_used <= 0:
-        raise ValueError(f"lambda must be > 0, got {lam_used}")
-    att = make_attributor(summary["attributor"], **summary.get("attributor_params", {}))
     att.fit(trained.context)
-    scores = att.score(explained, lam=lam_used)
+    damped = "lam" in type(att).spec()
+    how = "selected without retraining" if selected or lam is None else "given"
+    if damped and lam is None:
+        lam = choose_lambda(*att.surrogate_spectrum(trained.splits.val)).lam
+    scores = att.score(explained, lam=lam) if damped else att.score(explained)
     model, params = trained.context.model_at(-1)
     x = explained.to(trained.context.device)
     outputs = trained.task.evaluate(model, params, x.inputs, x.targets)
     names = [f"test #{int(i)} (output {float(o):+.3g})" for i, o in zip(examples, outputs,
                                                                       strict=True)]
-    how = "selected without retraining" if lam is None else "given"
-    meta = [f"setting {summary['setting']} ({trained.splits.source}); attributor "
-            f"{summary['attributor']}; lambda {lam_used:.4g} ({how}); "
+    damping = f"lambda {lam:.4g} ({how}); " if damped else ""
+    meta = [f"setting {setting} ({trained.splits.source}); attributor {att.name}; {damping}"
             f"{len(trained.splits.train)} training examples",
             "Score > 0: including the training example raises the explained output "
             "(a proponent); score < 0: it lowers it (an opponent)."]
     return explain_scores(scores, trained.splits.train, explained, out, k=k,
                           explained_names=names, splits=trained.splits,
-                          title=f"{summary['setting']} / {name}: most influential training "
-                                "examples", meta=meta)
+                          title=f"{setting} / {name}: most influential training examples",
+                          meta=meta)
