@@ -30,9 +30,10 @@ def _curves(cell: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
     mis = cell.get("mislabel", {}).get("rows", [])
     if mis and "lam" in mis[0]:
         out["mislabel_auc"] = sorted((r["lam"], r["auc"]) for r in mis)
-    rem = [r for r in cell.get("removal", {}).get("rows", []) if r.get("rule") == "grid"]
+    rem = {r["lam"]: r["effect"] for r in cell.get("removal", {}).get("rows", [])
+           if np.isfinite(r["lam"])}  # grid picks and rule lambdas: all measured
     if rem:
-        out["removal_effect"] = sorted((r["lam"], r["effect"]) for r in rem)
+        out["removal_effect"] = sorted(rem.items())
     loo = cell.get("removal", {}).get("loo", [])
     if loo and np.isfinite(loo[0]["lam"]):
         out["loo_pearson"] = sorted((r["lam"], r["pearson"]) for r in loo)
