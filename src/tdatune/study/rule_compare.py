@@ -224,10 +224,10 @@ def candidate_gaps(cells: list[Cell]) -> dict[str, np.ndarray]:
         else:
             gaps = loso(cells, fam, setting_key)[0]
         out[f"{fam.name}, left one setting out"] = gaps
-    out["per-block 0.1 x block mean (LoGra)"] = np.array(
+    out["per-block 0.1 x block mean"] = np.array(
         [float(grid_of(c)[1].max()) - c["blockwise"]["heuristic"]["lds"]
          if "blockwise" in c else math.nan for c in cells])
-    out["per-block xi >= 0.5 (LoGra)"] = np.array(
+    out["per-block xi >= 0.5"] = np.array(
         [float(grid_of(c)[1].max()) - c["blockwise"]["xi"]["lds"]
          if "blockwise" in c else math.nan for c in cells])
     return out
@@ -243,8 +243,8 @@ def comparison_lines(cells: list[Cell]) -> list[str]:
              "Mean / max gap to the grid best over the cells of each family (LDS read off each "
              "cell's grid by interpolation in log lambda, the same for every rule). A rule with "
              "a constant is *left one setting out*: the constant best on every other setting is "
-             "applied to the setting left out. Per-block rules exist only on LoGra cells (one "
-             "block per layer); `–`: the rule does not apply to any cell of the family "
+             "applied to the setting left out. Per-block rules exist only on cells with one block "
+             "per layer (LoGra per layer, K-FAC, EK-FAC); `–`: the rule does not apply to any cell of the family "
              "(older cells stored no spectrum statistics).", "", *_family_header("rule", fams)]
     for name, g in gaps.items():
         cols = [_mean_max(g[by_family == f]) for f in fams]
