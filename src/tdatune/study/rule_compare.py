@@ -243,9 +243,10 @@ def comparison_lines(cells: list[Cell]) -> list[str]:
              "Mean / max gap to the grid best over the cells of each family (LDS read off each "
              "cell's grid by interpolation in log lambda, the same for every rule). A rule with "
              "a constant is *left one setting out*: the constant best on every other setting is "
-             "applied to the setting left out. Per-block rules exist only on cells with one block "
-             "per layer (LoGra per layer, K-FAC, EK-FAC); `–`: the rule does not apply to any cell of the family "
-             "(older cells stored no spectrum statistics).", "", *_family_header("rule", fams)]
+             "applied to the setting left out. Per-block rules exist only on cells with one "
+             "block per layer (LoGra per layer, K-FAC, EK-FAC); `–`: the rule does not apply to "
+             "any cell of the family (older cells stored no spectrum statistics).", "",
+             *_family_header("rule", fams)]
     for name, g in gaps.items():
         cols = [_mean_max(g[by_family == f]) for f in fams]
         lines.append(f"| {name} | {int(np.isfinite(g).sum())} | {_mean_max(g)} | "
