@@ -201,3 +201,30 @@ def test_report_has_the_beyond_table_and_figure(swept):
     assert "| noisy | iffim | LOO Pearson |" in report
     assert (out / "figures" / "beyond_iffim.png").stat().st_size > 1000
     assert (out / "beyond.csv").exists()
+
+
+def test_retrain_sets_of_two_sizes_on_the_batched_backend(tmp_path):
+    """Removal sets and the full set differ in size: each size is its own batched run, and the
+    full set's row equals a model trained by hand (seed 0: the first model of its run)."""
+    from dataclasses import replace
+
+    from tdatune.evaluate.removal import retrain_sets
+    from tdatune.evaluate.runners import resolve_backend
+    from tdatune.settings.registry import get_setting
+
+    setting = get_setting("digits-mlp")
+    splits, task = setting.build(sizes=(60, 10, 10))
+    recipe = replace(setting.recipe, epochs=2)
+    assert resolve_backend("auto", task, recipe, splits.train) == "batched"
+    masks = torch.ones(4, 60, dtype=torch.bool)
+    masks[0, :5] = False
+    masks[1, 5:10] = False
+    masks[3, :5] = False  # the same set as row 0: trained once
+    explained = splits.test.subset([0, 1])
+    out = retrain_sets(task, recipe, splits.train, explained, masks, 1, 0, tmp_path)
+    assert out.shape == (4, 2) and np.array_equal(out[0], out[3])
+    assert not np.allclose(out[0], out[1])
+    state = train_model(task, splits.train, recipe, 0).state
+    model, params = load_model(task, state, "cpu")
+    ref = task.evaluate(model, params, explained.inputs, explained.targets).double().numpy()
+    np.testing.assert_allclose(out[2], ref, rtol=1e-4, atol=1e-5)

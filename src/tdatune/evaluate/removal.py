@@ -83,17 +83,25 @@ def retrain_sets(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDa
                  directory: Path, *, device: str | torch.device = "cpu",
                  backend: str = "auto", show_progress: bool = False) -> np.ndarray:
     """Outputs [len(masks), len(explained)] (mean over ``seeds``) of models retrained on each
-    keep-mask, stored in ``directory/<fingerprint of the masks>`` (resumed on rerun)."""
+    keep-mask. Identical masks are trained once; masks of one size are one ground-truth run
+    (batched training steps subsets of one size together), stored in
+    ``directory/<fingerprint of its masks>`` and resumed on rerun."""
     unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
-    if len(unique) == 1:  # the ground truth's machinery wants two models at least
-        unique = torch.cat([unique, unique])
-    digest = hashlib.sha256(unique.numpy().tobytes()).hexdigest()[:12]
-    config = GroundTruthConfig(n_subsets=len(unique), alpha=0.5, seeds_per_subset=seeds,
-                               subset_seed=seed, train_seed=seed)
-    gt = build_ground_truth(task, recipe, train, explained, config, directory / digest,
-                            device=device, show_progress=show_progress, backend=backend,
-                            masks=unique)
-    return gt.mean_outputs[inverse.numpy()]
+    out = np.empty((len(unique), len(explained)))
+    sizes = unique.sum(dim=1)
+    for size in sizes.unique().tolist():
+        rows = (sizes == size).nonzero().flatten()
+        group = unique[rows]
+        if len(group) == 1:  # the ground truth's machinery wants two models at least
+            group = torch.cat([group, group])
+        digest = hashlib.sha256(group.numpy().tobytes()).hexdigest()[:12]
+        config = GroundTruthConfig(n_subsets=len(group), alpha=0.5, seeds_per_subset=seeds,
+                                   subset_seed=seed, train_seed=seed)
+        gt = build_ground_truth(task, recipe, train, explained, config, directory / digest,
+                                device=device, show_progress=show_progress, backend=backend,
+                                masks=group)
+        out[rows.numpy()] = gt.mean_outputs[: len(rows)]
+    return out[inverse.numpy()]
 
 
 def removal_effects(outputs: np.ndarray, n_examples: int, n_random: int) -> dict[str, Any]:
