@@ -53,6 +53,11 @@ def test_flip_labels_flips_exactly_the_reported_ones():
     again, flipped2 = flip_labels(data, 0.1, 4, seed=3)
     assert torch.equal(again.targets, noisy.targets) and torch.equal(flipped, flipped2)
     assert not torch.equal(flip_labels(data, 0.1, 4, seed=4)[1], flipped)
+    hf = ArrayDataset({"input_ids": torch.zeros(200, 3, dtype=torch.long), "labels": y})
+    hf_noisy, hf_flipped = flip_labels(hf, 0.1, 4, seed=3)  # the labels inside the batch
+    assert torch.equal(hf_flipped, flipped) and torch.equal(hf_noisy.inputs["labels"],
+                                                           noisy.targets)
+    assert hf_noisy.whole_batch and torch.equal(hf_noisy.inputs["input_ids"], hf.inputs["input_ids"])
     with pytest.raises(ValueError, match="integer targets"):
         flip_labels(ArrayDataset(torch.randn(5, 2), torch.randn(5)), 0.2, 2)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):

@@ -1,5 +1,6 @@
-"""Label noise with a known answer: flip a seeded fraction of a classification set's labels,
-each to another class drawn uniformly, and say which were flipped (mislabel detection)."""
+"""Label noise with a known answer: flip a seeded fraction of a classification set's labels
+(its targets, or the ``labels`` of a Hugging Face dict batch), each to another class drawn
+uniformly, and say which were flipped (mislabel detection)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ def flip_labels(data: ArrayDataset, fraction: float, num_classes: int, seed: int
     draw depends only on ``seed``, n and the fraction."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"the flipped fraction must be in (0, 1), got {fraction}")
-    y = data.targets
-    if (data.whole_batch or not torch.is_tensor(y) or y.dim() != 1
+    hf = data.whole_batch and isinstance(data.inputs, dict) and "labels" in data.inputs
+    y = data.inputs["labels"] if hf else data.targets  # a Hugging Face batch carries its labels
+    if ((data.whole_batch and not hf) or not torch.is_tensor(y) or y.dim() != 1
             or y.is_floating_point() or y.is_complex()):
         raise ValueError("label flips need a classification set: integer targets, one per "
-                         f"example (got {data.describe()})")
+                         "example, or a dict batch with integer `labels` (got "
+                         f"{data.describe()})")
     if num_classes < 2:
         raise ValueError(f"label flips need at least 2 classes, got {num_classes}")
     n = len(data)
@@ -32,4 +35,6 @@ def flip_labels(data: ArrayDataset, fraction: float, num_classes: int, seed: int
     shift = torch.randint(1, num_classes, (k,), generator=gen)
     new = y.clone()
     new[flipped] = (y[flipped] + shift.to(y.dtype)) % num_classes
+    if hf:
+        return ArrayDataset({**data.inputs, "labels": new}), flipped
     return ArrayDataset(data.inputs, new), flipped
