@@ -145,7 +145,7 @@ class KroneckerFit:
 
     def to_parameter_basis(self, w: torch.Tensor) -> list[torch.Tensor]:
         """Eigen-coordinates [m, p] back in the parameter basis, Q_S W Q_A^T per Kronecker
-        block, at the precision of ``w``, in the blocks of :meth:`parameter_rows`."""
+        block, at the precision of ``w``: one [m, size] matrix per entry of ``block_sizes``."""
         out, start = [], 0
         for b in self.blocks:
             size = b.sigma.numel()
@@ -184,17 +184,13 @@ class KroneckerFit:
                     chunk_size: int, show_progress: bool = False) -> torch.Tensor:
         """masks @ coords [M, p] (float64): the masked sums of the examples' gradients in the
         parameter basis, rotated once at the end (rotation is linear)."""
-        sums: list[torch.Tensor] | None = None
+        sums = [torch.zeros(masks.shape[0], size, dtype=torch.float64)
+                for size in self.block_sizes]
         for start, captured in self._batches(data, target, chunk_size, show_progress,
                                              "masked sums"):
             m = masks[:, start : start + captured.b].double()
             for j, where, rows in self._block_rows(captured):
-                if sums is None:
-                    sums = [torch.zeros(masks.shape[0], size, dtype=torch.float64)
-                            for size in self.block_sizes]
                 sums[j] += m[:, where] @ rows.double()
-        if sums is None:
-            return torch.zeros(masks.shape[0], self.sigma.numel(), dtype=torch.float64)
         out = []
         for b, acc in zip(self.blocks, sums, strict=False):
             acc = b.q_s.T @ acc.reshape(-1, *b.sigma.shape)

@@ -106,10 +106,12 @@ def removal_record(trained: TrainedSetting, att: Any, config: RemovalConfig,
     if config.loo:
         loo = _retrain(trained, explained, loo_masks(len(train)), config, directory, seed)
         delta = loo[-1][:, None] - loo[:-1].T  # [E, n]: f_full(z_j) - f_{-i}(z_j)
-        grid_all = grid_lambdas(record) if eigen else [float("nan")]
-        result["loo"] = [{"lam": lam, **loo_correlations(
-            (path.scores(lam) if path is not None else att.score(explained)).double(), delta)}
-            for lam in grid_all]
+        if path is None:  # no damping: the scores of the removal above
+            result["loo"] = [{"lam": float("nan"),
+                              **loo_correlations(scores[0].double(), delta)}]
+        else:
+            result["loo"] = [{"lam": lam, **loo_correlations(path.scores(lam).double(), delta)}
+                             for lam in grid_lambdas(record)]
     return result
 
 

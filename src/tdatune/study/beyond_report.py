@@ -14,10 +14,10 @@ from tdatune.study.figures import write_csv
 from tdatune.study.plots import _pyplot, save_figure
 from tdatune.study.results import SweepResults
 
-METRICS = (  # (name, label, where in the cell, value key)
-    ("mislabel_auc", "mislabel AUC", "mislabel", "auc"),
-    ("removal_effect", "removal effect", "removal", "effect"),
-    ("loo_pearson", "LOO Pearson", "loo", "pearson"),
+METRICS = (  # (name in _curves, label)
+    ("mislabel_auc", "mislabel AUC"),
+    ("removal_effect", "removal effect"),
+    ("loo_pearson", "LOO Pearson"),
 )
 
 
@@ -75,7 +75,7 @@ def beyond_rows(results: SweepResults) -> list[dict[str, Any]]:
     out = []
     for cell in results.cells:
         curves = _curves(cell)
-        for name, label, _, _ in METRICS:
+        for name, label in METRICS:
             curve = curves.get(name)
             if not curve:
                 if name == "mislabel_auc" and cell.get("mislabel", {}).get("rows"):
@@ -131,18 +131,17 @@ def beyond_figures(results: SweepResults, figdir: Path) -> list[dict[str, Any]]:
     xi = f"xi@{results.spec.threshold:g}"
     made = []
     for method in results.spec.methods:
-        cells = [c for c in results.cells if c["method"] == method.label
-                 and any(k in _curves(c) for k, _, _, _ in METRICS)]
-        if not cells:
+        by_cell = [(c, _curves(c)) for c in results.cells if c["method"] == method.label]
+        by_cell = [(c, cv) for c, cv in by_cell if any(k in cv for k, _ in METRICS)]
+        if not by_cell:
             continue
-        names = ["lds"] + [m for m, _, _, _ in METRICS
-                           if any(m in _curves(c) for c in cells)]
-        labels = {"lds": "LDS", **{m: lab for m, lab, _, _ in METRICS}}
+        cells = [c for c, _ in by_cell]
+        names = ["lds"] + [m for m, _ in METRICS if any(m in cv for _, cv in by_cell)]
+        labels = {"lds": "LDS", **dict(METRICS)}
         fig, axes = plt.subplots(len(names), len(cells), squeeze=False,
                                  figsize=(3.6 * len(cells), 2.3 * len(names)), sharex="col")
         rows = []
-        for col, cell in enumerate(cells):
-            curves = _curves(cell)
+        for col, (cell, curves) in enumerate(by_cell):
             marks = {"surrogate": _rule_lambda(cell, xi), "LDS best": _rule_lambda(cell, "lds-best")}
             for row, name in enumerate(names):
                 ax = axes[row][col]

@@ -2,9 +2,10 @@
 that raise their output most (proponents) and lower it most (opponents), on a page a person
 checks (``explain_page``).
 
-``explain_scores`` takes any scores (yours included); ``explain_run`` rebuilds a lambda-study
-run directory (``tdatune demo`` / ``tdatune lambda``): its trained model from the stored
-checkpoints, the attributor it studied, scored at the lambda it selected (or a given one).
+``explain_scores`` takes any scores (yours included); ``explain_run`` rebuilds a run
+directory from its stored checkpoints: a lambda study's (``tdatune demo`` / ``tdatune
+lambda``: the attributor it studied, at the lambda it selected) or a sweep's (a setting and a
+method entry at its study defaults, at the default rule's lambda); or at a given lambda.
 """
 
 from __future__ import annotations
