@@ -228,3 +228,31 @@ def test_retrain_sets_of_two_sizes_on_the_batched_backend(tmp_path):
     model, params = load_model(task, state, "cpu")
     ref = task.evaluate(model, params, explained.inputs, explained.targets).double().numpy()
     np.testing.assert_allclose(out[2], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_retrain_sets_with_more_seeds_in_the_same_directory(tmp_path):
+    """Asking the same removal sets again with two retraining seeds (a changed ``[removal]``)
+    in the directory of the one-seed run retrains, and each row is the mean of the models
+    trained by hand with the ground truth's seeds (0 and 10,000 for the first set)."""
+    from dataclasses import replace
+
+    from tdatune.evaluate.removal import retrain_sets
+    from tdatune.settings.registry import get_setting
+
+    setting = get_setting("digits-mlp")
+    splits, task = setting.build(sizes=(40, 10, 10))
+    recipe = replace(setting.recipe, epochs=2)
+    masks = torch.ones(2, 40, dtype=torch.bool)
+    masks[0, :5] = False
+    explained = splits.test.subset([0, 1])
+    one = retrain_sets(task, recipe, splits.train, explained, masks, 1, 0, tmp_path)
+    two = retrain_sets(task, recipe, splits.train, explained, masks, 2, 0, tmp_path)
+
+    def by_hand(seed):
+        state = train_model(task, splits.train, recipe, seed).state
+        model, params = load_model(task, state, "cpu")
+        return task.evaluate(model, params, explained.inputs, explained.targets).double().numpy()
+
+    np.testing.assert_allclose(one[1], by_hand(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(two[1], (by_hand(0) + by_hand(10_000)) / 2, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(one[1], two[1])

@@ -85,7 +85,8 @@ def retrain_sets(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDa
     """Outputs [len(masks), len(explained)] (mean over ``seeds``) of models retrained on each
     keep-mask. Identical masks are trained once; masks of one size are one ground-truth run
     (batched training steps subsets of one size together), stored in
-    ``directory/<fingerprint of its masks>`` and resumed on rerun."""
+    ``directory/<fingerprint of its masks, seeds and seed>`` and resumed on rerun; another
+    number of seeds is another directory, so a changed experiment never meets a stored one."""
     unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
     out = np.empty((len(unique), len(explained)))
     sizes = unique.sum(dim=1)
@@ -94,7 +95,8 @@ def retrain_sets(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDa
         group = unique[rows]
         if len(group) == 1:  # the ground truth's machinery wants two models at least
             group = torch.cat([group, group])
-        digest = hashlib.sha256(group.numpy().tobytes()).hexdigest()[:12]
+        key = group.numpy().tobytes() + f"seeds={seeds},seed={seed}".encode()
+        digest = hashlib.sha256(key).hexdigest()[:12]
         config = GroundTruthConfig(n_subsets=len(group), alpha=0.5, seeds_per_subset=seeds,
                                    subset_seed=seed, train_seed=seed)
         gt = build_ground_truth(task, recipe, train, explained, config, directory / digest,
