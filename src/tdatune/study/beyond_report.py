@@ -13,6 +13,7 @@ import numpy as np
 from tdatune.study.figures import write_csv
 from tdatune.study.plots import _pyplot, save_figure
 from tdatune.study.results import SweepResults
+from tdatune.study.spec import plain
 
 METRICS = (  # (name in _curves, label)
     ("mislabel_auc", "mislabel AUC"),
@@ -67,13 +68,28 @@ def _rule_lambda(cell: dict[str, Any], rule: str) -> float | None:
     return None if hit is None else float(hit["lam"])
 
 
+def path_cells(results: SweepResults) -> list[dict[str, Any]]:
+    """The cells that trace lambda: damped cells scored along the spectrum grid, and cells of
+    undamped methods (TracIn) at the study defaults. A one-factor cell at one damping (another
+    projection size, checkpoint, ...) belongs to :mod:`tdatune.study.beyond_factors`."""
+    out = []
+    for cell in results.cells:
+        if any(r.get("spectrum") for r in cell.get("rows", [])):
+            out.append(cell)
+        elif not any("lam" in r for r in cell.get("rows", [])):
+            base = plain(tuple(results.spec.method(cell["method"]).base_values().items()))
+            if all(base[k] == v for k, v in cell["fit"].items() if k in base):
+                out.append(cell)
+    return out
+
+
 def beyond_rows(results: SweepResults) -> list[dict[str, Any]]:
     """Per cell with a beyond-LDS metric and per metric: its best value over lambda, its value
     at the surrogate's lambda, at the LDS-best lambda and at the 0.9 quantile, and the LDS at
     the metric's own best lambda."""
     xi = f"xi@{results.spec.threshold:g}"
     out = []
-    for cell in results.cells:
+    for cell in path_cells(results):
         curves = _curves(cell)
         for name, label in METRICS:
             curve = curves.get(name)
@@ -131,7 +147,7 @@ def beyond_figures(results: SweepResults, figdir: Path) -> list[dict[str, Any]]:
     xi = f"xi@{results.spec.threshold:g}"
     made = []
     for method in results.spec.methods:
-        by_cell = [(c, _curves(c)) for c in results.cells if c["method"] == method.label]
+        by_cell = [(c, _curves(c)) for c in path_cells(results) if c["method"] == method.label]
         by_cell = [(c, cv) for c, cv in by_cell if any(k in cv for k, _ in METRICS)]
         if not by_cell:
             continue

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tdatune.study.beyond_factors import factor_figures, factor_rows, factor_summary, factor_table
 from tdatune.study.beyond_report import beyond_figures, beyond_rows, beyond_table
 from tdatune.study.figures import all_figures, write_csv
 from tdatune.study.results import SweepResults, is_default, load_results
@@ -101,7 +102,13 @@ def write_report(out: str | Path) -> Path:
     beyond = beyond_rows(results)
     if beyond:
         write_csv(out / "beyond.csv", beyond)
-    figures = all_figures(results) + beyond_figures(results, out / "figures")
+    factors = factor_rows(results)
+    summary = factor_summary(factors)
+    if factors:
+        write_csv(out / "beyond_factors.csv", factors)
+        write_csv(out / "beyond_factors_summary.csv", summary)
+    figures = (all_figures(results) + beyond_figures(results, out / "figures")
+               + factor_figures(factors, out / "figures"))
 
     lines = [f"# Sweep report: {spec.name}", ""]
     lines += _overview(results)
@@ -118,6 +125,7 @@ def write_report(out: str | Path) -> Path:
     if sel:
         lines += _selection_tables(results, sel)
     lines += beyond_table(beyond, spec.threshold)
+    lines += factor_table(summary)
     lines += ["", "## Figures", ""]
     for fig in figures:
         lines += [f"### {fig['png'].stem}", "", fig["caption"] + ".", "",

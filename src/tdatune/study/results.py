@@ -123,7 +123,8 @@ def _experiments(results: SweepResults, setting: str, method: MethodSpec) -> lis
             for row in _rows_for(cell, point.score, method.eigen):
                 values = {k: (row["lam"] if k == "lam" else _axis_value(v)) for k, v in varied.items()}
                 sub.records.append({**values, "lds": row["lds"], "sem": row["sem"],
-                                    "file": cell["file"], "cell_id": cell_id})
+                                    "file": cell["file"], "cell_id": cell_id,
+                                    "row_lam": row.get("lam")})
         subs.append(sub)
     return subs
 

@@ -1,0 +1,118 @@
+"""Beyond LDS one factor at a time: a sweep that moves the checkpoint of IFFIM and the
+checkpoint set of TracIn on a setting with flipped labels and removal; each value's mislabel
+AUC against dense self-influence at that checkpoint with pair counting, its removal effect
+against models retrained by hand; the report's section and figure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attr_problems import Problem, loop_grads
+from tdatune.evaluate.removal import random_removals
+from tdatune.models.training import load_model, train_model
+from tdatune.study.beyond_factors import factor_rows, factor_summary
+from tdatune.study.report import write_report
+from tdatune.study.results import load_results
+from tdatune.study.sweep import Workspace, run_sweep, spec_from_dict
+
+SPEC = {
+    "name": "factors", "grid_points": 5, "threshold": 0.5,
+    "settings": [{"name": "digits-lr", "label": "noisy", "sizes": [80, 20, 20],
+                  "label_noise": 0.1}],
+    "groundtruth": {"n_subsets": 4},
+    "removal": {"examples": 2, "remove": 6, "lambdas": 2, "random": 2},
+    "methods": [{"name": "iffim", "vary": [{"lam": "spectrum"}, {"epoch": [1, 3]}]},
+                {"name": "tracin", "vary": [{"checkpoints": [[2], "none"]}]}],
+}
+
+
+def quiet(*_a):
+    """A silent ``say``."""
+
+
+def _brute_auc(scores, flagged):
+    pos = torch.zeros(len(scores), dtype=torch.bool)
+    pos[flagged] = True
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0
+               for a in scores[pos].tolist() for b in scores[~pos].tolist())
+    return wins / (int(pos.sum()) * int((~pos).sum()))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("factors") / "out"
+    spec = spec_from_dict(SPEC)
+    outcome = run_sweep(spec, out, show_progress=False, say=quiet)
+    assert not outcome.failed, outcome.failed
+    trained = Workspace(spec, out, "cpu", False, quiet).trained("noisy")
+    return out, trained, factor_rows(load_results(out))
+
+
+def test_each_checkpoint_value_equals_dense_self_influence_and_retraining(swept):
+    _, trained, rows = swept
+    flipped = torch.tensor(trained.splits.info["flipped"])
+    prob = Problem(trained.task, trained.splits.train, trained.splits.test, trained.context, 0.0)
+    epochs = [r for r in rows if r["method"] == "iffim" and r["hyperparameter"] == "epoch"]
+    assert sorted(r["value"] for r in epochs) == [1, 3]
+    recipe, train, test = trained.recipe, trained.splits.train, trained.splits.test
+
+    def output(keep, j):
+        state = train_model(trained.task, train.subset(keep), recipe, 0).state
+        model, params = load_model(trained.task, state, "cpu")
+        x = test.subset([j])
+        return float(trained.task.evaluate(model, params, x.inputs, x.targets)[0])
+
+    rand = random_removals(80, 6, 2, seed=0)
+    baseline = [np.mean([output(rand[r], j) for r in range(2)]) for j in (0, 1)]
+    for row in epochs:
+        assert row["lam"] == pytest.approx(1e-3)  # IFFIM's study default
+        g = loop_grads(prob, prob.train, "loss", row["value"])
+        fisher = g.T @ g / len(g) + row["lam"] * torch.eye(g.shape[1], dtype=g.dtype)
+        self_inf = (g * torch.linalg.solve(fisher, g.T).T).sum(1)
+        assert row["mislabel_auc"] == pytest.approx(_brute_auc(self_inf, flipped), abs=1e-9)
+        v = loop_grads(prob, test.subset([0, 1]), "output", row["value"])
+        scores = -v @ torch.linalg.solve(fisher, g.T)
+        keep = torch.ones(2, 80, dtype=torch.bool)
+        keep.scatter_(1, scores.topk(6, dim=1).indices, False)
+        effect = np.mean([baseline[j] - output(keep[j], j) for j in (0, 1)])
+        assert row["removal_effect"] == pytest.approx(effect, rel=0.02, abs=1e-3)
+
+    # TracIn at one checkpoint: lr x squared loss-gradient norms there
+    one = next(r for r in rows if r["method"] == "tracin" and r["value"] == "[2]")
+    g = loop_grads(prob, prob.train, "loss", 2)
+    lr = (trained.context.learning_rates or [1.0] * len(trained.context.checkpoints))[2]
+    assert one["mislabel_auc"] == pytest.approx(_brute_auc(lr * g.square().sum(1), flipped),
+                                                abs=1e-9)
+
+
+def test_the_surrogate_column_is_the_cells_xi_row(swept):
+    """Read from the cell files by hand: the removal effect at xi's lambda of each value."""
+    out, _, rows = swept
+    for row in rows:
+        cell = json.loads((out / row["file"]).read_text())
+        xi = [r for r in cell["removal"]["rows"] if r["rule"] == "xi@0.5"]
+        if row["method"] == "tracin":
+            assert not xi and np.isnan(row["removal_effect_xi"])
+        else:
+            assert row["removal_effect_xi"] == pytest.approx(xi[0]["effect"], abs=0)
+
+
+def test_summary_and_report(swept):
+    out, _, rows = swept
+    summary = {(s["method"], s["hyperparameter"]): s for s in factor_summary(rows)}
+    epochs = [r for r in rows if r["method"] == "iffim" and r["hyperparameter"] == "epoch"]
+    aucs = [r["mislabel_auc"] for r in epochs]
+    s = summary[("iffim", "epoch")]
+    assert s["values"] == 2
+    assert s["mislabel_auc_range"] == pytest.approx(max(aucs) - min(aucs), abs=1e-12)
+    assert s["mislabel_auc_best_at"] == epochs[int(np.argmax(aucs))]["value"]
+    report = write_report(out).read_text()
+    assert "## Beyond LDS, one factor at a time" in report
+    assert "| noisy | iffim | epoch | 2 |" in report
+    assert report.count("| noisy | iffim | mislabel AUC |") == 1  # the lambda path alone
+    assert (out / "figures" / "beyond_factors_iffim.png").stat().st_size > 1000
+    assert (out / "beyond_factors.csv").exists()
