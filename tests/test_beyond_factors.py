@@ -1,4 +1,5 @@
-"""Beyond LDS one factor at a time: a sweep that moves the checkpoint of IFFIM and the
+"""Beyond LDS one factor at a time: a sweep that moves the checkpoint of IFFIM (the
+last one is the lambda-path cell, scored along a grid besides the default damping) and the
 checkpoint set of TracIn on a setting with flipped labels and removal; each value's mislabel
 AUC against dense self-influence at that checkpoint with pair counting, its removal effect
 against models retrained by hand; the report's section and figure."""
@@ -25,7 +26,7 @@ SPEC = {
                   "label_noise": 0.1}],
     "groundtruth": {"n_subsets": 4},
     "removal": {"examples": 2, "remove": 6, "lambdas": 2, "random": 2},
-    "methods": [{"name": "iffim", "vary": [{"lam": "spectrum"}, {"epoch": [1, 3]}]},
+    "methods": [{"name": "iffim", "vary": [{"lam": "spectrum"}, {"epoch": [1, 3, -1]}]},
                 {"name": "tracin", "vary": [{"checkpoints": [[2], "none"]}]}],
 }
 
@@ -57,7 +58,7 @@ def test_each_checkpoint_value_equals_dense_self_influence_and_retraining(swept)
     flipped = torch.tensor(trained.splits.info["flipped"])
     prob = Problem(trained.task, trained.splits.train, trained.splits.test, trained.context, 0.0)
     epochs = [r for r in rows if r["method"] == "iffim" and r["hyperparameter"] == "epoch"]
-    assert sorted(r["value"] for r in epochs) == [1, 3]
+    assert sorted(r["value"] for r in epochs) == [-1, 1, 3]  # -1: the lambda-path cell
     recipe, train, test = trained.recipe, trained.splits.train, trained.splits.test
 
     def output(keep, j):
@@ -107,12 +108,12 @@ def test_summary_and_report(swept):
     epochs = [r for r in rows if r["method"] == "iffim" and r["hyperparameter"] == "epoch"]
     aucs = [r["mislabel_auc"] for r in epochs]
     s = summary[("iffim", "epoch")]
-    assert s["values"] == 2
+    assert s["values"] == 3
     assert s["mislabel_auc_range"] == pytest.approx(max(aucs) - min(aucs), abs=1e-12)
     assert s["mislabel_auc_best_at"] == epochs[int(np.argmax(aucs))]["value"]
     report = write_report(out).read_text()
     assert "## Beyond LDS, one factor at a time" in report
-    assert "| noisy | iffim | epoch | 2 |" in report
+    assert "| noisy | iffim | epoch | 3 |" in report
     assert report.count("| noisy | iffim | mislabel AUC |") == 1  # the lambda path alone
     assert (out / "figures" / "beyond_factors_iffim.png").stat().st_size > 1000
     assert (out / "beyond_factors.csv").exists()

@@ -76,18 +76,24 @@ def _picks(lams: list[float], count: int) -> list[float]:
 def removal_record(trained: TrainedSetting, att: Any, config: RemovalConfig,
                    record: dict[str, Any], threshold: float, directory: Path, seed: int,
                    eigen: bool) -> dict[str, Any]:
-    """Retrain without each explained example's top proponents at a few lambdas (and each
-    rule's), without random sets and on all data; with ``config.loo``, leave-one-out too."""
+    """Retrain without each explained example's top proponents at ``config.lambdas`` lambdas
+    spread along the spectrum grid, at every lambda the cell lists (a one-factor
+    sub-experiment's damping) and at each rule's; without random sets and on all data; with
+    ``config.loo``, leave-one-out too."""
     test = trained.splits.test
     e = min(config.examples, len(test))
     explained = test.subset(torch.arange(e))
     train = trained.splits.train
     if eigen:
         path = att.lambda_path(explained)
-        grid = grid_lambdas(record)
+        rows = [r for r in record.get("rows", []) if "lam" in r]
+        spectrum = sorted(float(r["lam"]) for r in rows if r.get("spectrum"))
+        listed = sorted(float(r["lam"]) for r in rows if not r.get("spectrum"))
+        picks = _picks(spectrum, config.lambdas)  # along the grid, and every listed lambda
+        grid = picks + [lam for lam in listed if lam not in picks]
         rules = {k: v for k, v in rule_lambdas(record, threshold).items()
                  if k.startswith("xi@") or k in REMOVAL_RULES}
-        lams = _picks(grid, config.lambdas) + list(rules.values())
+        lams = grid + list(rules.values())
         names = ["grid"] * (len(lams) - len(rules)) + list(rules)
         scores = [path.scores(lam) for lam in lams]
     else:

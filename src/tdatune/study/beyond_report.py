@@ -23,21 +23,22 @@ METRICS = (  # (name in _curves, label)
 
 
 def _curves(cell: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
-    """Per metric, (lambda, value) along the cell's lambdas (grid points only), ascending."""
+    """Per metric, (lambda, value) along the cell's positive lambdas, ascending (TRAK's
+    undamped lambda = 0 has no place on a log axis)."""
     out: dict[str, list[tuple[float, float]]] = {}
-    lds = [(r["lam"], r["lds"]) for r in cell.get("rows", []) if "lam" in r]
+    lds = [(r["lam"], r["lds"]) for r in cell.get("rows", []) if r.get("lam", 0) > 0]
     if lds:
         out["lds"] = sorted(lds)
     mis = cell.get("mislabel", {}).get("rows", [])
     if mis and "lam" in mis[0]:
-        out["mislabel_auc"] = sorted((r["lam"], r["auc"]) for r in mis)
+        out["mislabel_auc"] = sorted((r["lam"], r["auc"]) for r in mis if r["lam"] > 0)
     rem = {r["lam"]: r["effect"] for r in cell.get("removal", {}).get("rows", [])
-           if np.isfinite(r["lam"])}  # grid picks and rule lambdas: all measured
+           if r["lam"] > 0}  # grid picks and rule lambdas: all measured (NaN: no damping)
     if rem:
         out["removal_effect"] = sorted(rem.items())
     loo = cell.get("removal", {}).get("loo", [])
     if loo and np.isfinite(loo[0]["lam"]):
-        out["loo_pearson"] = sorted((r["lam"], r["pearson"]) for r in loo)
+        out["loo_pearson"] = sorted((r["lam"], r["pearson"]) for r in loo if r["lam"] > 0)
     return out
 
 
