@@ -179,11 +179,16 @@ def test_spec_checks_label_noise_and_removal():
     assert spec.removal_on("noisy") == RemovalConfig(loo=True)
 
 
-def test_a_changed_removal_or_label_noise_changes_the_cells_definition():
+def test_a_changed_removal_or_label_noise_changes_the_cells_definition(monkeypatch):
+    import tdatune.study.sweep as sweep_module
     from tdatune.study.sweep import expand_cells
 
     base = spec_from_dict(SPEC)
     cell = expand_cells(base)[0]
+    before = cell.definition(base)
+    monkeypatch.setattr(sweep_module, "REMOVAL_FORMAT", sweep_module.REMOVAL_FORMAT + 1)
+    assert cell.definition(base) != before  # removal measured another way: recomputed
+    monkeypatch.undo()
     changed = spec_from_dict({**SPEC, "removal": {**SPEC["removal"], "remove": 7}})
     assert cell.definition(changed) != cell.definition(base)
     noisier = spec_from_dict({**SPEC, "settings": [{**SPEC["settings"][0], "label_noise": 0.2}]})
@@ -205,7 +210,8 @@ def test_report_has_the_beyond_table_and_figure(swept):
 
 def test_retrain_sets_of_two_sizes_on_the_batched_backend(tmp_path):
     """Removal sets and the full set differ in size: each size is its own batched run, and the
-    full set's row equals a model trained by hand (seed 0: the first model of its run)."""
+    full set's row and the second removal set's equal models trained by hand with seed 0:
+    every set is trained with the same seeds, whatever its place among the others."""
     from dataclasses import replace
 
     from tdatune.evaluate.removal import retrain_sets
@@ -224,10 +230,11 @@ def test_retrain_sets_of_two_sizes_on_the_batched_backend(tmp_path):
     out = retrain_sets(task, recipe, splits.train, explained, masks, 1, 0, tmp_path)
     assert out.shape == (4, 2) and np.array_equal(out[0], out[3])
     assert not np.allclose(out[0], out[1])
-    state = train_model(task, splits.train, recipe, 0).state
-    model, params = load_model(task, state, "cpu")
-    ref = task.evaluate(model, params, explained.inputs, explained.targets).double().numpy()
-    np.testing.assert_allclose(out[2], ref, rtol=1e-4, atol=1e-5)
+    for row, keep in ((2, masks[2]), (1, masks[1])):
+        state = train_model(task, splits.train.subset(keep), recipe, 0).state
+        model, params = load_model(task, state, "cpu")
+        ref = task.evaluate(model, params, explained.inputs, explained.targets).double().numpy()
+        np.testing.assert_allclose(out[row], ref, rtol=1e-4, atol=1e-5)
 
 
 def test_retrain_sets_with_more_seeds_in_the_same_directory(tmp_path):
@@ -256,3 +263,8 @@ def test_retrain_sets_with_more_seeds_in_the_same_directory(tmp_path):
     np.testing.assert_allclose(one[1], by_hand(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(two[1], (by_hand(0) + by_hand(10_000)) / 2, rtol=1e-4, atol=1e-5)
     assert not np.allclose(one[1], two[1])
+    from tdatune.evaluate.groundtruth import PairedSeeds, load_ground_truth
+
+    stored = [load_ground_truth(d).config for d in sorted(tmp_path.iterdir())]
+    assert {type(c) for c in stored} == {PairedSeeds}
+    assert sorted(c.seeds_per_subset for c in stored) == [1, 1, 2, 2]

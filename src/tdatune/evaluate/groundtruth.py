@@ -80,6 +80,25 @@ class GroundTruthConfig:
         """The training seed of one retrained model."""
         return self.train_seed + 10_000 * replicate + subset
 
+    def identity(self) -> dict[str, Any]:
+        """The configuration as the manifest records it."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairedSeeds(GroundTruthConfig):
+    """Every subset trained with the same seeds (replicate r: ``train_seed + 10,000 r``), for
+    comparisons between given subsets (removal experiments): a set gets the same models
+    whatever is retrained beside it, and two sets compared share their initialisations."""
+
+    def model_seed(self, subset: int, replicate: int) -> int:
+        """The training seed of one retrained model: the same for every subset."""
+        return self.train_seed + 10_000 * replicate
+
+    def identity(self) -> dict[str, Any]:
+        """The configuration as the manifest records it, with the seeding named."""
+        return {**asdict(self), "seeding": "paired"}
+
 
 @dataclass(frozen=True)
 class RetrainJob:
@@ -175,7 +194,7 @@ def manifest_for(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDa
     explained data (fingerprints of their contents)."""
     return {
         "format": GT_FORMAT,
-        "config": asdict(config),
+        "config": config.identity(),
         "recipe": recipe.to_dict(),
         "task": task_identity(task),
         "train_fingerprint": train.fingerprint(),
@@ -315,9 +334,10 @@ def load_ground_truth(directory: str | Path) -> GroundTruth:
             "rerun build_ground_truth to resume"
         )
     manifest = read_json(directory / "manifest.json", _MANIFEST_FIX)
+    config = dict(manifest["config"])
+    kind = PairedSeeds if config.pop("seeding", None) == "paired" else GroundTruthConfig
     return GroundTruth(torch.from_numpy(load_npy_verified(directory / "masks.npy", _RERUN)),
-                       load_npy_verified(outputs_path, _RERUN),
-                       GroundTruthConfig(**manifest["config"]), directory)
+                       load_npy_verified(outputs_path, _RERUN), kind(**config), directory)
 
 
 def _check_or_write_manifest(directory: Path, manifest: dict[str, Any], legacy_fp: str) -> None:

@@ -5,7 +5,8 @@ truth's machinery (one file per retrained model, resumable, any backend).
 
 Conventions. A *removal set* of explained example j at one damping is its ``remove``
 highest-scored training examples; the model is retrained on the rest. The explained output
-of model S at example j is f_S(z_j), averaged over the retraining seeds.
+of model S at example j is f_S(z_j), averaged over the retraining seeds (the same seeds for
+every set).
 
 - ``effect`` = mean_j [ mean_r f_{-rand_r}(z_j) - f_{-top_j}(z_j) ]: how much more removing
   the proponents lowers the output than removing random examples (> 0: the ranking works).
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from tdatune.data.base import ArrayDataset
-from tdatune.evaluate.groundtruth import GroundTruthConfig, build_ground_truth
+from tdatune.evaluate.groundtruth import PairedSeeds, build_ground_truth
 from tdatune.evaluate.lds import pearson_rows, spearman_rows
 from tdatune.models.task import Task
 from tdatune.models.training import TrainFunction, TrainRecipe
@@ -83,7 +84,10 @@ def retrain_sets(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDa
                  directory: Path, *, device: str | torch.device = "cpu",
                  backend: str = "auto", show_progress: bool = False) -> np.ndarray:
     """Outputs [len(masks), len(explained)] (mean over ``seeds``) of models retrained on each
-    keep-mask. Identical masks are trained once; masks of one size are one ground-truth run
+    keep-mask, every mask with the same training seeds (``seed + 10,000 r`` for r < ``seeds``:
+    a set's outputs do not depend on the sets beside it, and a removal and its random
+    baseline share their initialisations). Identical masks are trained once; masks of one
+    size are one ground-truth run
     (batched training steps subsets of one size together), stored in
     ``directory/<fingerprint of its masks, seeds and seed>`` and resumed on rerun; another
     number of seeds is another directory, so a changed experiment never meets a stored one."""
@@ -95,10 +99,10 @@ def retrain_sets(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDa
         group = unique[rows]
         if len(group) == 1:  # the ground truth's machinery wants two models at least
             group = torch.cat([group, group])
-        key = group.numpy().tobytes() + f"seeds={seeds},seed={seed}".encode()
+        key = group.numpy().tobytes() + f"seeds={seeds},seed={seed},paired".encode()
         digest = hashlib.sha256(key).hexdigest()[:12]
-        config = GroundTruthConfig(n_subsets=len(group), alpha=0.5, seeds_per_subset=seeds,
-                                   subset_seed=seed, train_seed=seed)
+        config = PairedSeeds(n_subsets=len(group), alpha=0.5, seeds_per_subset=seeds,
+                             subset_seed=seed, train_seed=seed)
         gt = build_ground_truth(task, recipe, train, explained, config, directory / digest,
                                 device=device, show_progress=show_progress, backend=backend,
                                 masks=group)

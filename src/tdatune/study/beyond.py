@@ -26,6 +26,8 @@ from tdatune.study.prepare import TrainedSetting
 
 RETRAIN_DIR = "retrain"  # beside a setting's ground truths: removal and LOO models
 REMOVAL_RULES = ("q0.9", "lds-best")  # retrained at these lambdas besides xi's (costly)
+REMOVAL_FORMAT = 2  # in a removal cell's definition; bump when what removal measures changes
+# 2: every set retrained with the same seeds (paired); removal also at each listed lambda
 
 
 def rule_lambdas(record: dict[str, Any], threshold: float) -> dict[str, float]:

@@ -36,7 +36,7 @@ from tdatune.models.task import Task
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambdas
 from tdatune.settings.registry import Setting
-from tdatune.study.beyond import RETRAIN_DIR, mislabel_record, removal_record
+from tdatune.study.beyond import REMOVAL_FORMAT, RETRAIN_DIR, mislabel_record, removal_record
 from tdatune.study.diagnosis import diagnose
 from tdatune.study.prepare import (
     TrainedSetting,
@@ -101,7 +101,7 @@ class Cell:
         subset = {"explain": method.explain} if method.explain else {}
         removal = spec.removal_on(self.setting)
         if removal is not None:
-            subset["removal"] = asdict(removal)
+            subset["removal"] = {**asdict(removal), "format": REMOVAL_FORMAT}
         return {
             **subset,
             "format": CELL_FORMAT,
