@@ -54,6 +54,11 @@ def test_removal_sets_and_effects_by_hand():
     assert got["effect"] == pytest.approx([(3 + 3) / 2, (4 + 4) / 2])
     assert got["drop"] == pytest.approx([(3.5 + 3.5) / 2, (4.5 + 4.5) / 2])
     assert got["random_drop"] == pytest.approx(0.5)
+    assert got["effect_sem"] == pytest.approx([0.0, 0.0])  # both examples moved alike
+    # one damping, example effects 3 and 2: mean 2.5, standard error sd / sqrt(2) = 0.5
+    got = removal_effects(np.array([[1.0, 9.0], [9.0, 3.0], [3.0, 4.0], [5.0, 6.0],
+                                    [0.0, 0.0]]), 2, 2)
+    assert got["effect"] == pytest.approx([2.5]) and got["effect_sem"] == pytest.approx([0.5])
     with pytest.raises(ValueError, match="random must be >= 2"):
         RemovalConfig(random=1)
     with pytest.raises(ValueError, match="cannot remove 4 of 4"):

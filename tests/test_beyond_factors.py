@@ -79,8 +79,10 @@ def test_each_checkpoint_value_equals_dense_self_influence_and_retraining(swept)
         scores = -v @ torch.linalg.solve(fisher, g.T)
         keep = torch.ones(2, 80, dtype=torch.bool)
         keep.scatter_(1, scores.topk(6, dim=1).indices, False)
-        effect = np.mean([baseline[j] - output(keep[j], j) for j in (0, 1)])
-        assert row["removal_effect"] == pytest.approx(effect, rel=0.02, abs=1e-3)
+        each = [baseline[j] - output(keep[j], j) for j in (0, 1)]
+        assert row["removal_effect"] == pytest.approx(np.mean(each), rel=0.02, abs=1e-3)
+        assert row["removal_effect_sem"] == pytest.approx(abs(each[0] - each[1]) / 2,
+                                                          rel=0.05, abs=2e-3)
 
     # TracIn at one checkpoint: lr x squared loss-gradient norms there
     one = next(r for r in rows if r["method"] == "tracin" and r["value"] == "[2]")

@@ -10,6 +10,7 @@ every set).
 
 - ``effect`` = mean_j [ mean_r f_{-rand_r}(z_j) - f_{-top_j}(z_j) ]: how much more removing
   the proponents lowers the output than removing random examples (> 0: the ranking works).
+  ``effect_sem``: its standard error over the explained examples.
 - ``drop`` = mean_j [ f_full(z_j) - f_{-top_j}(z_j) ], against a model retrained on all data.
 - LOO: Delta_ij = f_full(z_j) - f_{-i}(z_j), the effect of example i on z_j, against the
   scores s_ji (a positive score says including i raises f(z_j)): Pearson and Spearman per
@@ -118,7 +119,9 @@ def removal_effects(outputs: np.ndarray, n_examples: int, n_random: int) -> dict
     removed = np.stack([np.diagonal(t) for t in top])  # [L, E]: f_{-top_j}(z_j)
     rand = outputs[-n_random - 1 : -1].mean(axis=0)  # [E]
     full = outputs[-1]
-    return {"effect": (rand[None, :] - removed).mean(axis=1).tolist(),
+    each = rand[None, :] - removed  # [L, E]
+    sem = each.std(axis=1, ddof=1) / np.sqrt(e) if e > 1 else np.full(len(each), np.nan)
+    return {"effect": each.mean(axis=1).tolist(), "effect_sem": sem.tolist(),
             "drop": (full[None, :] - removed).mean(axis=1).tolist(),
             "random_drop": float((full - rand).mean())}
 

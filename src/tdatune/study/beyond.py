@@ -26,8 +26,9 @@ from tdatune.study.prepare import TrainedSetting
 
 RETRAIN_DIR = "retrain"  # beside a setting's ground truths: removal and LOO models
 REMOVAL_RULES = ("q0.9", "lds-best")  # retrained at these lambdas besides xi's (costly)
-REMOVAL_FORMAT = 2  # in a removal cell's definition; bump when what removal measures changes
+REMOVAL_FORMAT = 3  # in a removal cell's definition; bump when what removal measures changes
 # 2: every set retrained with the same seeds (paired); removal also at each listed lambda
+# 3: each removal row records its standard error over the explained examples
 
 
 def rule_lambdas(record: dict[str, Any], threshold: float) -> dict[str, float]:
@@ -106,9 +107,10 @@ def removal_record(trained: TrainedSetting, att: Any, config: RemovalConfig,
                          torch.ones(1, len(train), dtype=torch.bool)])
     out = _retrain(trained, explained, masks, config, directory, seed)
     effects = removal_effects(out, e, config.random)
-    rows = [{"lam": lam, "rule": name, "effect": eff, "drop": drop}
-            for lam, name, eff, drop in zip(lams, names, effects["effect"], effects["drop"],
-                                            strict=True)]
+    rows = [{"lam": lam, "rule": name, "effect": eff, "effect_sem": sem, "drop": drop}
+            for lam, name, eff, sem, drop in zip(lams, names, effects["effect"],
+                                                 effects["effect_sem"], effects["drop"],
+                                                 strict=True)]
     result: dict[str, Any] = {"n_explained": e, "remove": config.remove, "rows": rows,
                               "random_drop": effects["random_drop"]}
     if config.loo:

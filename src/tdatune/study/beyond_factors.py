@@ -37,16 +37,18 @@ def mislabel_at(cell: dict[str, Any], lam: float | None) -> float:
     return next((float(r["auc"]) for r in rows if _same(r["lam"], lam)), float("nan"))
 
 
-def removal_at(cell: dict[str, Any], lam: float | None, rule: str = "grid") -> float:
+def removal_at(cell: dict[str, Any], lam: float | None, rule: str = "grid",
+               field: str = "effect") -> float:
     """The cell's removal effect at ``lam`` among its ``rule`` rows (``grid``: the damping of
     the sub-experiment; ``xi@t``: the surrogate's, whatever its value); a cell without damping
-    has one ``default`` row, and no surrogate. NaN where not measured."""
+    has one ``default`` row, and no surrogate. ``field``: ``effect`` or ``effect_sem``. NaN
+    where not measured."""
     rows = cell.get("removal", {}).get("rows", [])
     if rows and rows[0].get("rule") == "default":
-        return float(rows[0]["effect"]) if rule == "grid" else float("nan")
+        return float(rows[0].get(field, "nan")) if rule == "grid" else float("nan")
     for r in rows:
         if r.get("rule") == rule and (rule != "grid" or _same(r["lam"], lam)):
-            return float(r["effect"])
+            return float(r.get(field, "nan"))
     return float("nan")
 
 
@@ -68,7 +70,10 @@ def factor_rows(results: SweepResults) -> list[dict[str, Any]]:
                         "value": rec[key], "lam": lam, "lds": rec["lds"],
                         "mislabel_auc": mislabel_at(cell, lam),
                         "removal_effect": removal_at(cell, lam),
-                        "removal_effect_xi": removal_at(cell, None, xi), "file": rec["file"]})
+                        "removal_effect_sem": removal_at(cell, lam, field="effect_sem"),
+                        "removal_effect_xi": removal_at(cell, None, xi),
+                        "removal_effect_xi_sem": removal_at(cell, None, xi, "effect_sem"),
+                        "file": rec["file"]})
     return out
 
 
