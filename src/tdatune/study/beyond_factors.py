@@ -67,7 +67,7 @@ def factor_rows(results: SweepResults) -> list[dict[str, Any]]:
                 continue
             lam = rec.get("row_lam")
             out.append({"setting": sub.setting, "method": sub.method, "hyperparameter": key,
-                        "value": rec[key], "lam": lam, "lds": rec["lds"],
+                        "value": rec[key], "lam": lam, "lds": rec["lds"], "lds_sem": rec["sem"],
                         "mislabel_auc": mislabel_at(cell, lam),
                         "removal_effect": removal_at(cell, lam),
                         "removal_effect_sem": removal_at(cell, lam, field="effect_sem"),
@@ -139,14 +139,19 @@ def factor_figures(rows: list[dict[str, Any]], figdir: Path) -> list[dict[str, A
                 ax = axes[row][col]
                 numeric, cats = _x_axis(ax, key, [r["value"] for r in at_key])
                 for setting, style in zip(settings, styles(len(settings)), strict=True):
-                    pts = [(r["value"], r[name]) for r in at_key if r["setting"] == setting
+                    pts = [(r["value"], r[name], r.get(f"{name}_sem", float("nan")))
+                           for r in at_key if r["setting"] == setting
                            and r[name] is not None and np.isfinite(r[name])]
                     if numeric:
                         pts.sort(key=lambda p: p[0])
                         xs = [float(p[0]) for p in pts]
                     else:
                         xs = [cats.index(str(p[0])) for p in pts]
-                    ax.plot(xs, [p[1] for p in pts], lw=1.4, ms=3.5, label=setting, **style)
+                    ys = np.array([p[1] for p in pts])
+                    sem = np.nan_to_num(np.array([p[2] for p in pts], dtype=float))
+                    ax.plot(xs, ys, lw=1.4, ms=3.5, label=setting, **style)
+                    ax.fill_between(xs, ys - sem, ys + sem, color=style["color"], alpha=0.15,
+                                    lw=0)
                 ax.grid(alpha=0.3)
                 if col == 0:
                     ax.set_ylabel(label, fontsize=8)
@@ -156,7 +161,7 @@ def factor_figures(rows: list[dict[str, Any]], figdir: Path) -> list[dict[str, A
                     ax.set_title(key, fontsize=9)
                     ax.legend(fontsize=6)
         fig.suptitle(f"{method}: LDS and the beyond-LDS metrics, one hyperparameter at a time "
-                     "(others at the study defaults)", fontsize=10)
+                     "(others at the study defaults; bands: ± 1 s.e.)", fontsize=10)
         fig.tight_layout()
         png = save_figure(fig, figdir / f"beyond_factors_{method}.png")
         csv = write_csv(figdir / f"beyond_factors_{method}.csv", mine)
