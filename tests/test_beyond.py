@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attr_problems import Problem, loop_grads
+from beyond_checks import brute_auc, quiet, quiet_sweep, retrained_output
 from tdatune.data.digits import load_digits_splits
 from tdatune.evaluate.removal import (
     RemovalConfig,
@@ -19,7 +20,7 @@ from tdatune.evaluate.removal import (
 )
 from tdatune.models.training import load_model, train_model
 from tdatune.study.report import write_report
-from tdatune.study.sweep import Workspace, run_sweep, spec_from_dict
+from tdatune.study.sweep import Workspace, spec_from_dict
 
 SPEC = {
     "name": "beyond", "grid_points": 5,
@@ -29,10 +30,6 @@ SPEC = {
     "removal": {"examples": 2, "remove": 6, "lambdas": 2, "random": 2, "loo": True},
     "methods": [{"name": "iffim"}, {"name": "tracin"}],
 }
-
-
-def quiet(*_a):
-    """A silent ``say``."""
 
 
 def test_removal_sets_and_effects_by_hand():
@@ -68,18 +65,8 @@ def test_removal_sets_and_effects_by_hand():
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     out = tmp_path_factory.mktemp("beyond") / "out"
-    spec = spec_from_dict(SPEC)
-    outcome = run_sweep(spec, out, show_progress=False, say=quiet)
-    assert not outcome.failed, outcome.failed
+    spec, outcome = quiet_sweep(SPEC, out)
     return spec, out, {c["method"]: c for c in outcome}
-
-
-def _brute_auc(scores, flagged):
-    pos = torch.zeros(len(scores), dtype=torch.bool)
-    pos[flagged] = True
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0
-               for a in scores[pos].tolist() for b in scores[~pos].tolist())
-    return wins / (int(pos.sum()) * int((~pos).sum()))
 
 
 def test_mislabel_and_removal_cells_equal_independent_computations(swept):
@@ -98,7 +85,7 @@ def test_mislabel_and_removal_cells_equal_independent_computations(swept):
     for row in mis["rows"][::2]:
         inv = torch.linalg.solve(fisher + row["lam"] * torch.eye(g.shape[1], dtype=g.dtype), g.T)
         self_inf = (g * inv.T).sum(1)
-        assert row["auc"] == pytest.approx(_brute_auc(self_inf, flipped), abs=1e-9)
+        assert row["auc"] == pytest.approx(brute_auc(self_inf, flipped), abs=1e-9)
         top = torch.sort(-self_inf, stable=True).indices[:8]
         assert row["found_top"] == pytest.approx(np.isin(top, flipped).sum() / 8)
 
@@ -107,32 +94,24 @@ def test_mislabel_and_removal_cells_equal_independent_computations(swept):
     ref = sum(lrs[e] * loop_grads(prob, prob.train, "loss", e).square().sum(1)
               for e in range(max(0, len(lrs) - 10), len(lrs)))
     assert cells["tracin"]["mislabel"]["rows"][0]["auc"] == pytest.approx(
-        _brute_auc(ref, flipped), abs=1e-9)
+        brute_auc(ref, flipped), abs=1e-9)
 
     # removal: retrain by hand without each explained example's top 6 by the dense scores
     v = loop_grads(prob, trained.splits.test.subset([0, 1]), "output")
-    recipe, train, test = trained.recipe, trained.splits.train, trained.splits.test
-
-    def output(keep, j):
-        state = train_model(trained.task, train.subset(keep), recipe, 0).state
-        model, params = load_model(trained.task, state, "cpu")
-        x = test.subset([j])
-        return float(trained.task.evaluate(model, params, x.inputs, x.targets)[0])
-
-    full = [output(torch.ones(80, dtype=torch.bool), j) for j in (0, 1)]
+    full = [retrained_output(trained, torch.ones(80, dtype=torch.bool), j) for j in (0, 1)]
     row = next(r for r in cells["iffim"]["removal"]["rows"] if r["rule"] == "grid")
     scores = -v @ torch.linalg.solve(fisher + row["lam"] * torch.eye(g.shape[1], dtype=g.dtype),
                                      g.T)
     keep = torch.ones(2, 80, dtype=torch.bool)
     keep.scatter_(1, scores.topk(6, dim=1).indices, False)
-    drop = np.mean([full[j] - output(keep[j], j) for j in (0, 1)])
+    drop = np.mean([full[j] - retrained_output(trained, keep[j], j) for j in (0, 1)])
     assert row["drop"] == pytest.approx(drop, rel=0.02, abs=1e-3)
 
     # leave-one-out: Pearson of the scores with f_full - f_{-i}, every i retrained by hand
     loo = cells["iffim"]["removal"]["loo"]
     assert [r["lam"] for r in loo] == [r["lam"] for r in mis["rows"]]
-    delta = np.array([[full[j] - output(torch.arange(80) != i, j) for i in range(80)]
-                      for j in (0, 1)])
+    delta = np.array([[full[j] - retrained_output(trained, torch.arange(80) != i, j)
+                       for i in range(80)] for j in (0, 1)])
     mid = loo[len(loo) // 2]
     scores = -v @ torch.linalg.solve(fisher + mid["lam"] * torch.eye(g.shape[1], dtype=g.dtype),
                                      g.T)

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from attr_problems import Problem, loop_grads
+from beyond_checks import brute_auc, quiet, quiet_sweep, retrained_output
 from tdatune.evaluate.removal import random_removals
-from tdatune.models.training import load_model, train_model
 from tdatune.study.beyond_factors import factor_rows, factor_summary
 from tdatune.study.report import write_report
 from tdatune.study.results import load_results
-from tdatune.study.sweep import Workspace, run_sweep, spec_from_dict
+from tdatune.study.sweep import Workspace
 
 SPEC = {
     "name": "factors", "grid_points": 5, "threshold": 0.5,
@@ -31,24 +31,10 @@ SPEC = {
 }
 
 
-def quiet(*_a):
-    """A silent ``say``."""
-
-
-def _brute_auc(scores, flagged):
-    pos = torch.zeros(len(scores), dtype=torch.bool)
-    pos[flagged] = True
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0
-               for a in scores[pos].tolist() for b in scores[~pos].tolist())
-    return wins / (int(pos.sum()) * int((~pos).sum()))
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     out = tmp_path_factory.mktemp("factors") / "out"
-    spec = spec_from_dict(SPEC)
-    outcome = run_sweep(spec, out, show_progress=False, say=quiet)
-    assert not outcome.failed, outcome.failed
+    spec, _ = quiet_sweep(SPEC, out)
     trained = Workspace(spec, out, "cpu", False, quiet).trained("noisy")
     return out, trained, factor_rows(load_results(out))
 
@@ -59,27 +45,21 @@ def test_each_checkpoint_value_equals_dense_self_influence_and_retraining(swept)
     prob = Problem(trained.task, trained.splits.train, trained.splits.test, trained.context, 0.0)
     epochs = [r for r in rows if r["method"] == "iffim" and r["hyperparameter"] == "epoch"]
     assert sorted(r["value"] for r in epochs) == [-1, 1, 3]  # -1: the lambda-path cell
-    recipe, train, test = trained.recipe, trained.splits.train, trained.splits.test
-
-    def output(keep, j):
-        state = train_model(trained.task, train.subset(keep), recipe, 0).state
-        model, params = load_model(trained.task, state, "cpu")
-        x = test.subset([j])
-        return float(trained.task.evaluate(model, params, x.inputs, x.targets)[0])
+    test = trained.splits.test
 
     rand = random_removals(80, 6, 2, seed=0)
-    baseline = [np.mean([output(rand[r], j) for r in range(2)]) for j in (0, 1)]
+    baseline = [np.mean([retrained_output(trained, rand[r], j) for r in range(2)]) for j in (0, 1)]
     for row in epochs:
         assert row["lam"] == pytest.approx(1e-3)  # IFFIM's study default
         g = loop_grads(prob, prob.train, "loss", row["value"])
         fisher = g.T @ g / len(g) + row["lam"] * torch.eye(g.shape[1], dtype=g.dtype)
         self_inf = (g * torch.linalg.solve(fisher, g.T).T).sum(1)
-        assert row["mislabel_auc"] == pytest.approx(_brute_auc(self_inf, flipped), abs=1e-9)
+        assert row["mislabel_auc"] == pytest.approx(brute_auc(self_inf, flipped), abs=1e-9)
         v = loop_grads(prob, test.subset([0, 1]), "output", row["value"])
         scores = -v @ torch.linalg.solve(fisher, g.T)
         keep = torch.ones(2, 80, dtype=torch.bool)
         keep.scatter_(1, scores.topk(6, dim=1).indices, False)
-        each = [baseline[j] - output(keep[j], j) for j in (0, 1)]
+        each = [baseline[j] - retrained_output(trained, keep[j], j) for j in (0, 1)]
         assert row["removal_effect"] == pytest.approx(np.mean(each), rel=0.02, abs=1e-3)
         assert row["removal_effect_sem"] == pytest.approx(abs(each[0] - each[1]) / 2,
                                                           rel=0.05, abs=2e-3)
@@ -88,7 +68,7 @@ def test_each_checkpoint_value_equals_dense_self_influence_and_retraining(swept)
     one = next(r for r in rows if r["method"] == "tracin" and r["value"] == "[2]")
     g = loop_grads(prob, prob.train, "loss", 2)
     lr = (trained.context.learning_rates or [1.0] * len(trained.context.checkpoints))[2]
-    assert one["mislabel_auc"] == pytest.approx(_brute_auc(lr * g.square().sum(1), flipped),
+    assert one["mislabel_auc"] == pytest.approx(brute_auc(lr * g.square().sum(1), flipped),
                                                 abs=1e-9)
 
 

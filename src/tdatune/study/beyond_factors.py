@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from tdatune.study.figures import _x_axis, styles, write_csv
-from tdatune.study.plots import _pyplot, save_figure
+from tdatune.study.beyond_report import label_panel
+from tdatune.study.figures import _save, _x_axis, styles
+from tdatune.study.plots import _pyplot
 from tdatune.study.results import SweepResults
 from tdatune.study.spec import ALPHA
 
@@ -152,21 +153,13 @@ def factor_figures(rows: list[dict[str, Any]], figdir: Path) -> list[dict[str, A
                     ax.plot(xs, ys, lw=1.4, ms=3.5, label=setting, **style)
                     ax.fill_between(xs, ys - sem, ys + sem, color=style["color"], alpha=0.15,
                                     lw=0)
-                ax.grid(alpha=0.3)
-                if col == 0:
-                    ax.set_ylabel(label, fontsize=8)
+                label_panel(ax, row, col, label, key)
                 if row != len(names) - 1:
                     ax.set_xlabel("")
-                if row == 0:
-                    ax.set_title(key, fontsize=9)
-                    ax.legend(fontsize=6)
         fig.suptitle(f"{method}: LDS and the beyond-LDS metrics, one hyperparameter at a time "
                      "(others at the study defaults; bands: ± 1 s.e.)", fontsize=10)
         fig.tight_layout()
-        png = save_figure(fig, figdir / f"beyond_factors_{method}.png")
-        csv = write_csv(figdir / f"beyond_factors_{method}.csv", mine)
-        made.append({"png": png, "csv": csv,
-                     "caption": f"{method}: LDS, mislabel AUC and removal effect against each "
-                                "hyperparameter varied alone",
-                     "sources": sorted({r["file"] for r in mine})})
+        made.append(_save(fig, figdir, f"beyond_factors_{method}", mine,
+                          f"{method}: LDS, mislabel AUC and removal effect against each "
+                          "hyperparameter varied alone", [], files=[r["file"] for r in mine]))
     return made

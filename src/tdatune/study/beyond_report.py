@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from tdatune.study.figures import write_csv
-from tdatune.study.plots import _pyplot, save_figure
+from tdatune.study.figures import _save
+from tdatune.study.plots import _pyplot
 from tdatune.study.results import SweepResults
 from tdatune.study.spec import plain
 
@@ -141,6 +141,17 @@ def _f(x: float, fmt: str = ".3f") -> str:
     return "—" if x is None or not np.isfinite(x) else format(x, fmt)
 
 
+def label_panel(ax: Any, row: int, col: int, ylabel: str, title: str) -> None:
+    """A grid of metric panels: a light grid, the metric on the first column, the title and
+    the legend on the first row."""
+    ax.grid(alpha=0.3)
+    if col == 0:
+        ax.set_ylabel(ylabel, fontsize=8)
+    if row == 0:
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+
+
 def beyond_figures(results: SweepResults, figdir: Path) -> list[dict[str, Any]]:
     """Per method with beyond-LDS cells: LDS and each metric against lambda, one column per
     setting, the surrogate's lambda (green) and the LDS-best lambda (black) marked."""
@@ -171,20 +182,12 @@ def beyond_figures(results: SweepResults, figdir: Path) -> list[dict[str, Any]]:
                     if lam is not None:
                         ax.axvline(lam, color=color, lw=1, ls="--", label=what)
                 ax.set_xscale("log")
-                ax.grid(alpha=0.3)
-                if col == 0:
-                    ax.set_ylabel(labels[name], fontsize=8)
-                if row == 0:
-                    ax.set_title(cell["setting"], fontsize=9)
-                    ax.legend(fontsize=6)
+                label_panel(ax, row, col, labels[name], cell["setting"])
             axes[-1][col].set_xlabel("λ", fontsize=8)
         fig.suptitle(f"{method.label}: LDS and the beyond-LDS metrics against λ (green: "
                      "surrogate's λ; black: LDS-best λ)", fontsize=10)
         fig.tight_layout()
-        png = save_figure(fig, figdir / f"beyond_{method.label}.png")
-        csv = write_csv(figdir / f"beyond_{method.label}.csv", rows)
-        made.append({"png": png, "csv": csv,
-                     "caption": f"{method.label}: LDS, mislabel AUC, removal effect and LOO "
-                                "Pearson against λ per setting",
-                     "sources": sorted({c["file"] for c in cells})})
+        made.append(_save(fig, figdir, f"beyond_{method.label}", rows,
+                          f"{method.label}: LDS, mislabel AUC, removal effect and LOO Pearson "
+                          "against λ per setting", [], files=[c["file"] for c in cells]))
     return made
