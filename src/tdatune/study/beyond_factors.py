@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from tdatune.study.beyond_report import label_panel
-from tdatune.study.figures import _save, _x_axis, styles
+from tdatune.study.beyond_report import _f, label_panel
+from tdatune.study.figures import _line, _save, _x_axis, styles
 from tdatune.study.plots import _pyplot
 from tdatune.study.results import SweepResults
 from tdatune.study.spec import ALPHA
@@ -89,7 +89,7 @@ def factor_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"setting": setting, "method": method, "hyperparameter": key,
                                  "values": len(group)}
         for name, _ in METRICS:
-            finite = [r for r in group if r[name] is not None and np.isfinite(r[name])]
+            finite = [r for r in group if np.isfinite(r[name])]
             best = max(finite, key=lambda r: r[name]) if finite else None
             entry[f"{name}_range"] = (best[name] - min(r[name] for r in finite)
                                       if best else float("nan"))
@@ -118,10 +118,6 @@ def factor_table(summary: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _f(x: float) -> str:
-    return format(x, ".3f")
-
-
 def factor_figures(rows: list[dict[str, Any]], figdir: Path) -> list[dict[str, Any]]:
     """Per method: a column per varied hyperparameter, a row per metric, a line per setting."""
     plt = _pyplot()
@@ -129,8 +125,7 @@ def factor_figures(rows: list[dict[str, Any]], figdir: Path) -> list[dict[str, A
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         keys = list(dict.fromkeys(r["hyperparameter"] for r in mine))
-        names = [(n, label) for n, label in METRICS
-                 if any(np.isfinite(r[n]) for r in mine if r[n] is not None)]
+        names = [(n, label) for n, label in METRICS if any(np.isfinite(r[n]) for r in mine)]
         fig, axes = plt.subplots(len(names), len(keys), squeeze=False,
                                  figsize=(3.6 * len(keys), 2.3 * len(names)))
         for col, key in enumerate(keys):
@@ -140,19 +135,8 @@ def factor_figures(rows: list[dict[str, Any]], figdir: Path) -> list[dict[str, A
                 ax = axes[row][col]
                 numeric, cats = _x_axis(ax, key, [r["value"] for r in at_key])
                 for setting, style in zip(settings, styles(len(settings)), strict=True):
-                    pts = [(r["value"], r[name], r.get(f"{name}_sem", float("nan")))
-                           for r in at_key if r["setting"] == setting
-                           and r[name] is not None and np.isfinite(r[name])]
-                    if numeric:
-                        pts.sort(key=lambda p: p[0])
-                        xs = [float(p[0]) for p in pts]
-                    else:
-                        xs = [cats.index(str(p[0])) for p in pts]
-                    ys = np.array([p[1] for p in pts])
-                    sem = np.nan_to_num(np.array([p[2] for p in pts], dtype=float))
-                    ax.plot(xs, ys, lw=1.4, ms=3.5, label=setting, **style)
-                    ax.fill_between(xs, ys - sem, ys + sem, color=style["color"], alpha=0.15,
-                                    lw=0)
+                    _line(ax, [r for r in at_key if r["setting"] == setting], "value", numeric,
+                          cats, style, setting, y=name, sem=f"{name}_sem")
                 label_panel(ax, row, col, label, key)
                 if row != len(names) - 1:
                     ax.set_xlabel("")

@@ -158,8 +158,9 @@ def beyond_figures(results: SweepResults, figdir: Path) -> list[dict[str, Any]]:
     plt = _pyplot()
     xi = f"xi@{results.spec.threshold:g}"
     made = []
+    paths = path_cells(results)
     for method in results.spec.methods:
-        by_cell = [(c, _curves(c)) for c in path_cells(results) if c["method"] == method.label]
+        by_cell = [(c, _curves(c)) for c in paths if c["method"] == method.label]
         by_cell = [(c, cv) for c, cv in by_cell if any(k in cv for k, _ in METRICS)]
         if not by_cell:
             continue

@@ -83,8 +83,10 @@ def _x_axis(ax: Any, key: str, values: list[Any]) -> tuple[bool, list[Any]]:
 
 
 def _line(ax: Any, records: list[dict[str, Any]], key: str, numeric: bool, cats: list[str],
-          style: dict[str, Any], label: str) -> None:
-    pts = [(r[key], r["lds"], r["sem"]) for r in records if np.isfinite(r["lds"])]
+          style: dict[str, Any], label: str, y: str = "lds", sem: str = "sem") -> None:
+    """``y`` against ``key`` over ``records`` (its finite values), a ± ``sem`` band where the
+    records carry one."""
+    pts = [(r[key], r[y], r.get(sem, np.nan)) for r in records if np.isfinite(r[y])]
     if not pts:
         return
     if numeric:
