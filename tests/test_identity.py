@@ -181,9 +181,10 @@ def test_a_changed_model_makes_the_cell_stale_for_the_report(out):
         load_results(out)
 
 
-def test_a_format_2_cell_with_matching_fields_is_kept_and_upgraded(out, tmp_path):
+def test_a_format_2_cell_is_read_by_the_report_and_recomputed_by_a_sweep(out, tmp_path):
     """A cell written before inputs were recorded (format 2, no inputs, a stored surrogate) is
-    usable; a sweep records today's inputs in it; a changed field still recomputes."""
+    read by the report (marked legacy); a sweep cannot check the model it came from, so it
+    recomputes it and writes today's format."""
     (path,) = list((out / "cells").glob("*.json"))
     raw = json.loads(path.read_text())
     raw["definition"]["format"] = 2
@@ -196,9 +197,10 @@ def test_a_format_2_cell_with_matching_fields_is_kept_and_upgraded(out, tmp_path
     assert results.legacy == [raw["cell_id"]]
     assert results.cells[0]["surrogate"]["threshold"] == 0.5  # picked now, not the stored one
     _, said = _sweep(tmp_path, BASE, out, "e.toml")
-    assert any("1 already done, 0 to run" in s for s in said)
-    upgraded = json.loads(path.read_text())
-    assert upgraded["definition"]["format"] == 3 and "inputs" in upgraded["definition"]
+    assert any("0 already done, 1 to run" in s for s in said)
+    assert any("computed by cell format 2" in s and "recomputing" in s for s in said)
+    rewritten = json.loads(path.read_text())
+    assert rewritten["definition"]["format"] == 3 and "inputs" in rewritten["definition"]
     assert load_results(out).legacy == []
 
 
@@ -284,9 +286,10 @@ def test_every_task_field_is_part_of_the_identity():
         task_identity(make_task(mlp_tanh, cross_entropy, "margin", name="t"))["architecture"]
 
 
-def test_a_format_1_manifest_is_upgraded_only_when_every_field_matches(tmp_path):
-    """A manifest written before the architecture was recorded: accepted when what it did
-    record matches (and rewritten with today's identity), refused when it does not."""
+def test_a_manifest_of_an_older_format_is_refused_with_the_command_to_rebuild(tmp_path):
+    """A manifest written before the task identity held every field by content (format 1, or
+    identity format 1) cannot be compared field by field: refused, naming the formats and the
+    directory to delete, whether or not its other fields match."""
     task = make_task(linear, "cross_entropy", "margin", name="t")
     _gt(task, tmp_path)
     path = tmp_path / "manifest.json"
@@ -296,12 +299,30 @@ def test_a_format_1_manifest_is_upgraded_only_when_every_field_matches(tmp_path)
     legacy = {k: v for k, v in manifest.items() if k not in ("format", "fingerprint")}
     legacy["task"] = {"name": "t", "output": "margin"}  # what format 1 recorded, by hand
     atomic_write_json(path, {**legacy, "fingerprint": fingerprint_config(legacy)})
-    _gt(task, tmp_path)
-    assert json.loads(path.read_text())["format"] == 2
-    legacy["n_train"] = 15
-    atomic_write_json(path, {**legacy, "fingerprint": fingerprint_config(legacy)})
-    with pytest.raises(ValueError, match="n_train"):
+    with pytest.raises(ValueError, match=r"older tdatune \(record format 1, task identity format 1"
+                       ) as err:
         _gt(task, tmp_path)
+    assert f"rm -r {tmp_path}" in str(err.value)
+    older = {k: v for k, v in manifest.items() if k != "fingerprint"}
+    older["task"] = {**manifest["task"], "identity_format": 1}
+    atomic_write_json(path, {**older, "fingerprint": fingerprint_config(older)})
+    with pytest.raises(ValueError, match="task identity format 1"):
+        _gt(task, tmp_path)
+
+
+def test_checkpoints_of_an_older_format_are_refused_with_the_command_to_rebuild(tmp_path):
+    """The same for a checkpoint directory: a format-1 record (no architecture) is refused."""
+    data = _data(12, 0)
+    task = make_task(linear, "cross_entropy", "margin", name="t")
+    recipe = RECIPE
+    train_model(task, data, recipe, seed=0, checkpoint_dir=tmp_path)
+    path = tmp_path / "recipe.json"
+    saved = json.loads(path.read_text())
+    old = {"recipe": saved["meta"]["recipe"], "seed": 0, "task": "t", "n": 12}
+    atomic_write_json(path, {"fingerprint": "f1", "meta": old})
+    with pytest.raises(ValueError, match=r"older tdatune \(record format 1") as err:
+        train_model(task, data, recipe, seed=0, checkpoint_dir=tmp_path)
+    assert f"rm -r {tmp_path}" in str(err.value)
 
 
 # -- a training function must train on what it is given -------------------------------------------

@@ -229,3 +229,38 @@ def test_kfac_on_an_embedding_equals_its_one_hot_kronecker_fisher():
     want = -torch.einsum("mjk,njk->mn", v / (torch.outer(l_s, l_a) + lam), g)
     got = att.score(ArrayDataset(ids[:3], y[:3]), lam=lam).double()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_a_dead_input_feature_accepts_every_lambda_of_its_own_default_grid(strategy):
+    """An input feature that is always 0 gives the first layer's input factor a zero eigenvalue.
+    Every lambda of ``default_lambda_grid(path.sigma)`` must be accepted (as the kernel paths
+    accept theirs: before, ~1e-13 x top was refused as "singular"), and the scores at a middle
+    lambda equal (at the smallest, correlate with) the dense damped solve worked here, whose
+    null-space rows meet zero training gradients."""
+    from tdatune.select.surrogate import default_lambda_grid
+
+    model = mlp().eval()
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    xe, ye = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    x[:, 2], xe[:, 2] = 0.0, 0.0  # dead: a zero eigenvalue of the first input factor
+    x[:, 4], xe[:, 4] = x[:, 4] * 1e-3, xe[:, 4] * 1e-3  # faint: the grid reaches 1e-13 x top
+    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    att = make_attributor(strategy).fit(AttributionContext(task, ArrayDataset(x, y),
+                                                           [model.state_dict()], chunk_size=7))
+    explained = ArrayDataset(xe, ye)
+    path = att.lambda_path(explained)
+    assert int((path.sigma <= 1e-12 * path.sigma.max()).sum()) >= 5  # the dead feature, block 1
+    grid = default_lambda_grid(path.sigma, num=25)
+    masks = torch.rand(6, 30, generator=gen) < 0.5
+    preds = path.subset_predictions(masks, grid)
+    assert bool(torch.isfinite(preds).all())
+    mid = float(grid[12])
+    want = dense_scores(model, (x, y), (xe, ye), mid, strategy)
+    torch.testing.assert_close(att.score(explained, lam=mid).double(), want, rtol=1e-3,
+                               atol=1e-6 * float(want.abs().max()))
+    # at 1e-13 x top the float32 training coordinates limit agreement to a few per cent
+    want = dense_scores(model, (x, y), (xe, ye), float(grid[0]), strategy).reshape(-1)
+    got = att.score(explained, lam=float(grid[0])).double().reshape(-1)
+    assert float(torch.corrcoef(torch.stack([got, want]))[0, 1]) > 0.99

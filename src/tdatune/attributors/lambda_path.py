@@ -5,9 +5,15 @@ With F = U diag(sigma) U^T, c = V U (explained) and a = G U (training):
 Subset sums for LDS need no score matrix: project the subset masks once, B = masks @ a
 ([M, k]), and each lambda costs one [m, k] x [k, M] product.
 
-lambda = 0 is allowed when every kept eigenvalue is non-zero: eigensystems drop the null
-space, so this is the pseudo-inverse (TRAK's default). Signed spectra (an indefinite exact
-Hessian) are allowed too; a lambda that puts sigma_k + lambda at or near zero is refused.
+Null space. Eigenvalues at or below ``NULL_RTOL`` x the largest magnitude are the curvature's
+null space: kernel and parameter eigensystems drop them, and paths that keep them (Kronecker
+factors with a zero eigenvalue, e.g. an input feature that is always 0) give them no weight,
+1 / (sigma_k + lambda) -> 0 (:func:`damped_inverse`). So every lambda >= 0 of a path's own
+default grid is accepted and lambda = 0 is the pseudo-inverse (TRAK's default). The training
+coordinates along a null direction are zero (up to rounding), so at lambda > 0 this changes no
+score beyond rounding, and at tiny lambda it keeps rounding from being amplified by 1 / lambda.
+Signed spectra (an indefinite exact Hessian) are allowed too; a lambda that puts a non-null
+sigma_k + lambda at or near zero is refused.
 
 Ensembles (TRAK over checkpoints, LoGra with one Fisher block per layer) are sums of
 member paths. A sum of paths is again a path over the *concatenated* spectrum, because
@@ -26,12 +32,27 @@ import torch
 from tdatune.utils.checks import check_shape
 
 SINGULAR_RTOL = 1e-12
+NULL_RTOL = 1e-10  # |eigenvalues| at or below this fraction of the largest are the null space
+
+
+def null_space(sigma: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the eigenvalues that count as zero: |sigma_k| <= NULL_RTOL max |sigma|."""
+    s = sigma.abs()
+    top = float(s.max()) if s.numel() else 0.0
+    return s <= NULL_RTOL * top
+
+
+def damped_inverse(sigma: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """1 / (sigma + lam), broadcast, with the null space's entries 0 (the pseudo-inverse there)."""
+    inv = 1.0 / (sigma + lam)
+    return torch.where(null_space(sigma), torch.zeros_like(inv), inv)
 HOLD_LIMIT = 1 << 27  # training coordinates a streamed path agrees to hold (1 GiB in float64)
 
 
 def check_path_lambdas(sigma: torch.Tensor, lambdas: torch.Tensor | Sequence[float] | float
                        ) -> torch.Tensor:
-    """``lambdas`` as float64 [L]: finite, >= 0, and keeping every sigma_k + lambda away from 0."""
+    """``lambdas`` as float64 [L]: finite, >= 0, and keeping every sigma_k + lambda outside the
+    null space away from 0."""
     lam = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
     if lam.numel() == 0:
         raise ValueError("lambdas is empty: pass at least one damping value >= 0")
@@ -44,7 +65,7 @@ def check_path_lambdas(sigma: torch.Tensor, lambdas: torch.Tensor | Sequence[flo
         s = sigma.to(torch.float64)
         top = float(s.abs().max())
         denom = (s[None, :] + lam[:, None]).abs()
-        near = denom <= SINGULAR_RTOL * max(top, torch.finfo(torch.float64).tiny)
+        near = (denom <= SINGULAR_RTOL * max(top, torch.finfo(torch.float64).tiny)) & ~null_space(s)
         if bool(near.any()):
             li, ki = (int(t) for t in near.nonzero()[0])
             raise ValueError(
@@ -75,7 +96,7 @@ class LambdaPath:
         return int(self.train_coords.shape[0])
 
     def _weighted(self, lam: float) -> torch.Tensor:
-        return self.explained_coords / (self.sigma + lam)
+        return self.explained_coords * damped_inverse(self.sigma, lam)
 
     def scores(self, lam: float) -> torch.Tensor:
         """Score matrix [m, n] at one lambda."""
@@ -99,7 +120,7 @@ class LambdaPath:
         lambda), for every lambda: [L, n] (float64). A large value marks an example the model
         fits only by bending to it (the classic detector of mislabelled data)."""
         lam = check_path_lambdas(self.sigma, lambdas)
-        inv = 1.0 / (self.sigma.double()[None, :] + lam[:, None])  # [L, k]
+        inv = damped_inverse(self.sigma.double()[None, :], lam[:, None])  # [L, k]
         out = torch.empty(len(lam), self.n_train, dtype=torch.float64)
         for start, c in self._train_chunks():
             out[:, start : start + c.shape[0]] = inv @ c.double().square().T
@@ -128,16 +149,19 @@ class LambdaPath:
             check_path_lambdas(self.sigma[start: start + size], float(x))
             start += size
         b = self.project_masks(masks) if projected is None else projected
-        return self.sign * ((self.explained_coords / (self.sigma + lam)) @ b.T)
+        return self.sign * ((self.explained_coords * damped_inverse(self.sigma, lam)) @ b.T)
 
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigma, explained_coords) for the surrogate indicator; needs a PSD spectrum."""
-        if bool((self.sigma < 0).any()):
+        """(sigma, explained_coords) for the surrogate indicator, the null space's eigenvalues
+        set to 0 (they carry no weight); needs a PSD spectrum."""
+        negative = (self.sigma < 0) & ~null_space(self.sigma)
+        if bool(negative.any()):
             raise ValueError(
-                f"the curvature has {int((self.sigma < 0).sum())} negative eigenvalue(s) (most "
+                f"the curvature has {int(negative.sum())} negative eigenvalue(s) (most "
                 f"negative {float(self.sigma.min()):.3g}); the surrogate indicator is defined for "
                 "PSD matrices (Fisher, TRAK's Phi^T Phi, LoGra's projected Fisher)")
-        return self.sigma, self.explained_coords
+        sigma = torch.where(null_space(self.sigma), torch.zeros_like(self.sigma), self.sigma)
+        return sigma, self.explained_coords
 
 
 class EnsembleLambdaPath(LambdaPath):
@@ -225,7 +249,7 @@ class StreamedLambdaPath(LambdaPath):
     def _weighted(self, lam: float) -> torch.Tensor:
         """c / (sigma + lam) at the explained coordinates' precision (a wide model's are
         float32)."""
-        return self.explained_coords / (self.sigma + lam).to(self.explained_coords.dtype)
+        return self.explained_coords * damped_inverse(self.sigma, lam).to(self.explained_coords.dtype)
 
     def subset_predictions(self, masks: torch.Tensor, lambdas: torch.Tensor | list[float],
                            projected: torch.Tensor | None = None) -> torch.Tensor:

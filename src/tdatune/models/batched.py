@@ -195,8 +195,11 @@ def train_batched(
 
 def _chunk_key(task: Task, recipe: TrainRecipe, masks: torch.Tensor,
                seeds: Sequence[int]) -> str:
-    """What identifies a chunk's training: task, recipe, subsets and seeds."""
-    return fingerprint_config({"task": task.name, "recipe": recipe.to_dict(),
+    """What identifies a chunk's training: the task's identity (every field by content, the
+    model's architecture), recipe, subsets and seeds."""
+    from tdatune.models.identity import task_identity
+
+    return fingerprint_config({"task": task_identity(task), "recipe": recipe.to_dict(),
                                "seeds": [int(x) for x in seeds],
                                "masks": fingerprint_tensors(masks.cpu())})
 

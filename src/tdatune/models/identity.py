@@ -6,22 +6,22 @@ whose identity differs recomputes or refuses, naming the field that changed.
   every parameter's and buffer's name, shape and dtype, and a Hugging Face model's config.
 * :func:`task_identity`: every field of :class:`~tdatune.models.task.Task`, found with
   :func:`dataclasses.fields` (so a field added to ``Task`` is part of the identity without
-  anyone remembering to add it), callables by qualified name, the model by its architecture.
+  anyone remembering to add it), each by its content (a loss module with its options, a
+  function with its source and closure), the model by its architecture.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from tdatune.models.task import Task, callable_name
-from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
+from tdatune.models.task import Task
+from tdatune.utils.fingerprint import describe_content, fingerprint_config, is_plain, source_fingerprint
 
-IDENTITY_FORMAT = 1  # bump when what the identity records changes
+IDENTITY_FORMAT = 2  # bump when what the identity records changes (2: every field by content)
 # Hugging Face config entries that say where or with what a model was saved, not what it is.
 _VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype",
                     "dtype", "_attn_implementation_autoset")
@@ -31,11 +31,27 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# Public attributes of a module that say how it was loaded or used, not what it computes.
+_VOLATILE_ATTRIBUTES = ("training", "name_or_path", "is_loaded_in_8bit", "is_loaded_in_4bit",
+                        "is_quantized", "warnings_issued")
+
+
+def module_options(module: nn.Module) -> dict[str, Any]:
+    """A module's own plain options (numbers, strings, tuples of them), read off its public
+    attributes: ``eps`` and ``momentum`` of a norm, ``scale`` of a custom block, ``p`` of dropout,
+    whether or not its ``extra_repr`` shows them."""
+    return {k: v for k, v in sorted(vars(module).items())
+            if not k.startswith("_") and k not in _VOLATILE_ATTRIBUTES and is_plain(v)}
+
+
 def architecture(model: nn.Module) -> dict[str, Any]:
     """The model's structure: class, trainable-parameter count and a fingerprint of its module
-    tree, parameter and buffer shapes and dtypes (and a Hugging Face ``config``)."""
+    tree (every submodule's path, class, ``extra_repr``, plain options and, for classes outside
+    torch and transformers, source), parameter and buffer shapes and dtypes, and a Hugging Face
+    ``config``. Weights are not part of it: they are what training produces."""
     tree = {
-        "modules": [[name, _class_name(type(m)), m.extra_repr()] for name, m in model.named_modules()],
+        "modules": [[name, _class_name(type(m)), m.extra_repr(), describe_content(module_options(m)),
+                     source_fingerprint(type(m))] for name, m in model.named_modules()],
         "parameters": [[n, list(p.shape), str(p.dtype), bool(p.requires_grad)]
                        for n, p in model.named_parameters()],
         "buffers": [[n, list(b.shape), str(b.dtype)] for n, b in model.named_buffers()],
@@ -49,21 +65,10 @@ def architecture(model: nn.Module) -> dict[str, Any]:
 
 
 def describe_value(value: Any) -> Any:
-    """A JSON-ready description of one task field: callables by ``module:qualname`` (a torch
-    module also by its ``repr``, which holds its options), plain values as they are."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, nn.Module):
-        return f"{callable_name(value)} {value!r}"
-    if callable(value):
-        return callable_name(value)
-    if isinstance(value, dict):
-        return {str(k): describe_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [describe_value(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return f"tensor {list(value.shape)} {fingerprint_tensors(value)}"
-    return json.loads(json.dumps(value, default=repr))
+    """A JSON-ready description of one task field by its content
+    (:func:`tdatune.utils.fingerprint.describe_content`): a loss module with its options and
+    state, a function with its source, defaults and closure, a partial with its arguments."""
+    return describe_content(value)
 
 
 def task_identity(task: Task, model: nn.Module | None = None) -> dict[str, Any]:
@@ -82,4 +87,29 @@ def task_identity(task: Task, model: nn.Module | None = None) -> dict[str, Any]:
     return identity
 
 
-__all__ = ["IDENTITY_FORMAT", "architecture", "describe_value", "task_identity"]
+def record_versions(record: dict[str, Any]) -> tuple[int, int]:
+    """(record format, task identity format) of a stored manifest or checkpoint record (1 where
+    a format predates the field)."""
+    task = record.get("task")
+    return (int(record.get("format", 1)),
+            int(task.get("identity_format", 1)) if isinstance(task, dict) else 1)
+
+
+def refuse_older_format(stored: dict[str, Any], current: dict[str, Any], holds: str,
+                        redo: str) -> None:
+    """Raise when ``stored`` was written in an older format than ``current``: its fields cannot
+    be compared with today's, so it can be neither reused nor upgraded; the message gives the
+    command that rebuilds it (``holds``: ``"<dir> holds checkpoints"``; ``redo``: the verb)."""
+    old, new = record_versions(stored), record_versions(current)
+    if old == new:
+        return
+    directory = holds.split(" holds ")[0]
+    raise ValueError(
+        f"{holds} recorded by an older tdatune (record format {old[0]}, task identity format "
+        f"{old[1]}; this version writes {new[0]} and {new[1]}), which cannot tell whether they "
+        f"are of this run; delete it (rm -r {directory}) and rerun to {redo}, or use another "
+        "directory")
+
+
+__all__ = ["IDENTITY_FORMAT", "architecture", "describe_value", "module_options", "record_versions",
+           "refuse_older_format", "task_identity"]

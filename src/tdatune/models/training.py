@@ -22,10 +22,11 @@ from torch import nn
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import Tree, batch_len, tree_index
 from tdatune.models.checkpoints import check_state, state_of
+from tdatune.models.identity import refuse_older_format, task_identity
 from tdatune.models.task import Params, Task, callable_name, check_task, model_params, model_state
 from tdatune.utils.atomic import atomic_torch_save, atomic_write_json, read_json, torch_load_verified
 from tdatune.utils.checks import check_choice
-from tdatune.utils.fingerprint import differences, fingerprint_config
+from tdatune.utils.fingerprint import content_fingerprint, describe_content, differences, fingerprint_config
 from tdatune.utils.progress import progress
 
 OPTIMIZERS = ("lbfgs", "sgd", "adam")
@@ -104,7 +105,9 @@ class TrainFunction:
     ``weight_decay`` is the L2 coefficient of your objective (for the curvature attributors;
     put only ``wd / 2 * ||theta||^2`` in your loss or optimizer's ``weight_decay`` for SGD),
     ``learning_rates`` one per returned checkpoint for TracIn. ``name`` identifies the function
-    in manifests (default ``module:qualname``), so results of another function are refused.
+    in manifests (default: ``module:qualname`` and its content, so a function whose source,
+    defaults, closure or partial arguments changed is another function); give it to vouch for
+    the function yourself (e.g. a version string), and results of another name are refused.
     """
 
     fn: Callable[..., Any]
@@ -126,10 +129,13 @@ class TrainFunction:
             object.__setattr__(self, "learning_rates", tuple(float(v) for v in self.learning_rates))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form for manifests."""
+        """Plain-dict form for manifests: the function by name and, unless ``name`` vouches for
+        it, by content (source, defaults, closure, a partial's arguments), and every option by
+        content."""
         return {"train_function": self.name or callable_name(self.fn),
+                "content": None if self.name else content_fingerprint(self.fn),
                 "weight_decay": self.weight_decay, "learning_rates": self.learning_rates,
-                "pass_indices": self.pass_indices, "options": self.options}
+                "pass_indices": self.pass_indices, "options": describe_content(self.options)}
 
     def epoch_learning_rates(self, n_train: int) -> list[float] | None:
         """The learning rates given for TracIn (None: every checkpoint weighs 1)."""
@@ -404,19 +410,8 @@ def training_meta(task: Task, data: ArrayDataset, recipe: TrainRecipe | TrainFun
                   seed: int) -> dict[str, Any]:
     """What identifies a training run: recipe (or training function and options), seed, the
     task's every field with the model's architecture, and the training data's contents."""
-    from tdatune.models.identity import task_identity
-
     return {"format": CHECKPOINT_FORMAT, "recipe": recipe.to_dict(), "seed": seed,
             "task": task_identity(task), "n": len(data), "data": data.fingerprint()}
-
-
-def _format1_meta(meta: dict[str, Any], task: Task, recipe: TrainRecipe | TrainFunction
-                  ) -> dict[str, Any]:
-    """The record tdatune wrote before checkpoint format 2, for the same run."""
-    legacy = {"recipe": meta["recipe"], "seed": meta["seed"], "task": task.name, "n": meta["n"]}
-    if isinstance(recipe, TrainFunction):
-        legacy["data"] = meta["data"]
-    return legacy
 
 
 def check_checkpoint_dir(ckpt_dir: str | Path, task: Task, data: ArrayDataset,
@@ -428,8 +423,8 @@ def check_checkpoint_dir(ckpt_dir: str | Path, task: Task, data: ArrayDataset,
 
 def _claim(ckpt_dir: Path, task: Task, data: ArrayDataset, recipe: TrainRecipe | TrainFunction,
            seed: int, write: bool = True) -> str:
-    """Check ``recipe.json`` against this run (upgrading a matching format-1 record), write it
-    for a new directory; return the run's fingerprint."""
+    """Check ``recipe.json`` against this run (an older format is refused with the command to
+    rebuild), write it for a new directory; return the run's fingerprint."""
     meta = training_meta(task, data, recipe, seed)
     fp = fingerprint_config(meta)
     meta_path = ckpt_dir / "recipe.json"
@@ -441,16 +436,7 @@ def _claim(ckpt_dir: Path, task: Task, data: ArrayDataset, recipe: TrainRecipe |
     if saved.get("fingerprint") == fp:
         return fp
     stored = saved.get("meta") or {}
-    if "format" not in stored and saved.get("fingerprint") == fingerprint_config(
-            _format1_meta(meta, task, recipe)):
-        import sys
-
-        print(f"{ckpt_dir}: checkpoints recorded before format {CHECKPOINT_FORMAT} (without the "
-              "model's architecture); every field they recorded matches, so the record is "
-              "upgraded with the current task's identity", file=sys.stderr)
-        if write:
-            atomic_write_json(meta_path, {"fingerprint": fp, "meta": meta})
-        return fp
+    refuse_older_format(stored, meta, f"{ckpt_dir} holds checkpoints", "retrain")
     diffs = differences(stored, meta)
     raise ValueError(
         f"{ckpt_dir} holds checkpoints of a different training run (differs in: "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tdatune.attributors.lambda_path import NULL_RTOL
 from tdatune.utils.checks import check_open_unit
 
-ZERO_RTOL = 1e-10  # eigenvalues below this fraction of the largest count as zero
+ZERO_RTOL = NULL_RTOL  # eigenvalues below this fraction of the largest count as zero (null space)
 
 
 def quantile_lambda(sigma: torch.Tensor, q: float) -> float:

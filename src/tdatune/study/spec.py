@@ -257,9 +257,10 @@ def spec_from_dict(raw: dict[str, Any]) -> SweepSpec:
         for setting in spec.settings:
             if not method.runs_on(setting.label):
                 continue
-            if method.explain and setting.sizes and method.explain > setting.sizes[2]:
+            n_test = (setting.sizes or setting.setting().sizes)[2]  # given, else the default's
+            if method.explain and method.explain > n_test:
                 raise ValueError(f"{method.label}: explain = {method.explain}, but "
-                                 f"{setting.label} has only {setting.sizes[2]} test examples")
+                                 f"{setting.label} has only {n_test} test examples")
     return spec
 
 

@@ -287,7 +287,7 @@ class CellStore:
     def state(self, cell: Cell) -> tuple[str, str]:
         """(``done`` | ``legacy`` | ``failed`` | ``changed`` | ``missing`` | ``unreadable``,
         detail). ``legacy``: a cell of format 2, which recorded no inputs, whose every recorded
-        field matches (usable; :meth:`upgrade` records the current inputs)."""
+        field matches: the report reads it (and says so), a sweep recomputes it."""
         path = self.path(cell)
         if not path.exists():
             return "missing", ""
@@ -312,13 +312,6 @@ class CellStore:
     def save(self, cell: Cell, result: dict[str, Any]) -> None:
         """Write the cell's record atomically."""
         atomic_write_json(self.path(cell), {**self.header(cell), **result})
-
-    def upgrade(self, cell: Cell) -> None:
-        """Rewrite a ``legacy`` cell with the current header (its numbers kept)."""
-        header = self.header(cell)
-        kept = {k: v for k, v in read_json(self.path(cell)).items()
-                if k not in header and k != "surrogate"}
-        atomic_write_json(self.path(cell), {**header, **kept})
 
     def load(self, cell: Cell) -> dict[str, Any]:
         """The stored record of ``cell`` (with its file name), its ``surrogate`` the selection at
@@ -528,10 +521,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, backend: str = "local",
     for cell in cells:
         state, detail = store.state(cell)
         if state == "legacy":
-            store.upgrade(cell)
             say(f"  {cell.cell_id}: computed by cell format 2, which did not record the trained "
-                "model; every field it recorded matches, so it is kept with today's inputs")
-            state = "done"
+                "model nor the ground truth it came from; recomputing")
+            state = "changed"
         counts[state] = counts.get(state, 0) + 1
         if state == "done":
             continue
