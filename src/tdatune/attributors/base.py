@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import AttributionEstimate
 from tdatune.models.checkpoints import check_state
 from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import load_model
@@ -142,6 +143,15 @@ class Attributor(ABC):
     @abstractmethod
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:
         """Scores [m, n]: row j explains example j of ``explained`` over the n training examples."""
+
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256
+                        ) -> AttributionEstimate | None:
+        """The memory ``fit`` and ``score`` of ``explained`` examples will need, from the
+        architecture alone (:func:`tdatune.features.budget.estimate_attribution`), checked by
+        ``attribute()`` before any work; None: not estimated for this attributor (its own
+        steps still refuse gradients that would not fit)."""
+        return None
 
     def surrogate_spectrum(self, explained: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma, explained coordinates) for ``tdatune.select.select_lambda``: a retraining-free

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from tdatune.attributors.base import (
     CHECKPOINT,
@@ -26,10 +27,12 @@ from tdatune.attributors.base import (
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem, gram_eigensystem
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import AttributionEstimate, estimate_attribution
 from tdatune.features.factored import KroneckerProjector, make_projector
 from tdatune.features.gradients import num_params, per_example_grads
-from tdatune.features.kernel import FactoredGradients
+from tdatune.features.kernel import FactoredGradients, factored_numbers
 from tdatune.features.projection import Projector
+from tdatune.models.task import Params, Task
 
 
 class IFFIM(Attributor):
@@ -47,6 +50,23 @@ class IFFIM(Attributor):
         CHECKPOINT,
     )
 
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256
+                        ) -> AttributionEstimate:
+        """The memory of ``fit`` and ``score``: [n, d] gradients and a d x d eigensystem when
+        projected (or n x n when d > n); unprojected, the p x p eigensystem of the [n, p]
+        rows when n >= p, else the n x n kernel from the hooks' factors."""
+        p, n = num_params(params), len(train)
+        kind, d = self.params["proj_kind"], self.params["proj_dim"]
+        common = {"explained": explained, "validation": validation, "chunk_rows": chunk_size,
+                  "dtype": next(iter(params.values())).dtype}
+        if d is None and kind != "identity":
+            held = factored_numbers(task, model, params, train) if n < p else None
+            return estimate_attribution(n, p, factored_numbers=held, **common)
+        return estimate_attribution(n, p, proj_dim=None if kind == "identity" else d,
+                                    proj_bytes=0 if kind in ("identity", "kronecker") else None,
+                                    **common)
+
     def _fit(self, context: AttributionContext) -> None:
         model, params = context.model_at(self.params["checkpoint"])
         self.projector: Projector | KroneckerProjector | None = None
@@ -62,7 +82,7 @@ class IFFIM(Attributor):
                 context.task, model, params, context.train, target="loss",
                 chunk_size=context.chunk_size, show_progress=context.show_progress,
                 desc="train gradients")
-            self.eigen: Eigensystem = gram_eigensystem(self.factored.gram())
+            self.eigen: Eigensystem = gram_eigensystem(self.factored.gram(), overwrite=True)
             return
         grads = per_example_grads(context.task, model, params, context.train, target="loss",
                                   chunk_size=context.chunk_size, projector=self.projector,

@@ -6,6 +6,11 @@ eigenvectors of F are u_k = G^T w_k / sqrt(n sigma_k). Training gradients lie in
 space of G, so the null space of F never contributes to v^T (F + lambda I)^-1 g_i and both
 forms give the same scores. Eigenvalues at or below ``rtol * max(sigma)`` count as zero and
 are dropped. The decomposition runs in float64 by default.
+
+Memory (counted by :func:`tdatune.features.budget.estimate_attribution`): the s x s matrix
+(s = p or n), scaled in place, ``torch.linalg.eigh``'s eigenvectors and LAPACK workspace
+(about 3 s^2 more), then one copy of the kept eigenvectors; an eigendecomposition larger than
+``EIGH_NOTICE_SIZE`` says so on stderr, with a rough time, before it starts.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from tdatune.features import budget
+from tdatune.utils.atomic import notice
 from tdatune.utils.checks import check_choice, check_finite_rows
 
 FORMS = ("auto", "parameter", "kernel")
@@ -105,21 +112,14 @@ def fisher_eigensystem(
     if form == "auto":
         form = "parameter" if p <= n else "kernel"
     if form == "parameter":
-        fisher = torch.zeros(p, p, dtype=dtype)
-        for s in range(0, n, chunk_rows):
-            g = _rows(grads, s, min(n, s + chunk_rows), dtype)
-            check_finite_rows("training gradients", g, offset=s)
-            fisher += g.T @ g
-        fisher /= n
-        sigma, basis = torch.linalg.eigh(fisher)
-        sigma, basis = sigma.flip(0), basis.flip(1)
-        keep = sigma > rtol * sigma[0].clamp_min(torch.finfo(dtype).tiny)
-        sigma, basis = sigma[keep], basis[:, keep]
-        coords = torch.cat([_rows(grads, s, min(n, s + chunk_rows), dtype) @ basis
-                            for s in range(0, n, chunk_rows)])
-        return Eigensystem(sigma=sigma, train_coords=coords, form=form, n=n, basis=basis,
-                           chunk_rows=chunk_rows)
+        return _parameter_form(grads, dtype=dtype, chunk_rows=chunk_rows, rtol=rtol)
+    return gram_eigensystem(_gram(grads, dtype, chunk_rows), grads=grads, rtol=rtol,
+                            chunk_rows=chunk_rows, overwrite=True)
 
+
+def _gram(grads: RowSource, dtype: torch.dtype, chunk_rows: int) -> torch.Tensor:
+    """G G^T [n, n], built from blocks of rows (each block computed once)."""
+    n = int(grads.shape[0])
     gram = torch.zeros(n, n, dtype=dtype)
     for i in range(0, n, chunk_rows):
         gi = _rows(grads, i, min(n, i + chunk_rows), dtype)
@@ -129,21 +129,77 @@ def fisher_eigensystem(
             block = gi @ gj.T
             gram[i : i + gi.shape[0], j : j + gj.shape[0]] = block
             gram[j : j + gj.shape[0], i : i + gi.shape[0]] = block.T
-    return gram_eigensystem(gram, grads=grads, rtol=rtol, chunk_rows=chunk_rows)
+    return gram
+
+
+def _fisher(grads: RowSource, dtype: torch.dtype, chunk_rows: int) -> torch.Tensor:
+    """F = G^T G / n [p, p], accumulated over chunks of rows."""
+    n, p = int(grads.shape[0]), int(grads.shape[1])
+    fisher = torch.zeros(p, p, dtype=dtype)
+    for s in range(0, n, chunk_rows):
+        g = _rows(grads, s, min(n, s + chunk_rows), dtype)
+        check_finite_rows("training gradients", g, offset=s)
+        fisher += g.T @ g
+    fisher /= n
+    return fisher
+
+
+def _parameter_form(grads: RowSource, *, dtype: torch.dtype, chunk_rows: int, rtol: float
+                    ) -> Eigensystem:
+    """Parameter form: eigh of F [p, p], then G U chunk by chunk (F is freed before the
+    coordinates are built)."""
+    n, p = int(grads.shape[0]), int(grads.shape[1])
+    fisher = _fisher(grads, dtype, chunk_rows)
+    announce_eigh(p, "parameter", dtype)
+    sigma, basis = _top(*torch.linalg.eigh(fisher), rtol=rtol)
+    del fisher
+    coords = torch.empty(n, sigma.numel(), dtype=dtype)
+    for s in range(0, n, chunk_rows):
+        stop = min(n, s + chunk_rows)
+        coords[s:stop] = _rows(grads, s, stop, dtype) @ basis
+    return Eigensystem(sigma=sigma, train_coords=coords, form="parameter", n=n, basis=basis,
+                       chunk_rows=chunk_rows)
+
+
+def _top(sigma: torch.Tensor, vectors: torch.Tensor, *, rtol: float
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenpairs of ``eigh`` (ascending) above ``rtol`` x the largest, in descending
+    order: a suffix of ``eigh``'s, gathered once into a row-major copy (the layout, and so
+    the rounding of every later product, of the flip-then-mask it replaces)."""
+    size = sigma.numel()
+    k = int((sigma > rtol * sigma[-1].clamp_min(torch.finfo(sigma.dtype).tiny)).sum())
+    order = torch.arange(size - 1, size - k - 1, -1, device=sigma.device)
+    return sigma[order], vectors[:, order]
+
+
+def announce_eigh(size: int, form: str, dtype: torch.dtype = torch.float64) -> None:
+    """Say on stderr, before it starts, that an eigendecomposition larger than
+    ``budget.EIGH_NOTICE_SIZE`` will take a while: its size, memory and a rough time."""
+    if size <= budget.EIGH_NOTICE_SIZE:
+        return
+    item = torch.empty(0, dtype=dtype).element_size()
+    held = sum(budget.eigh_bytes(size, item).values())
+    notice(f"eigendecomposition of a {size:,} x {size:,} matrix ({form} form, {dtype}, "
+           f"{budget.format_bytes(held)} while it runs): roughly "
+           f"{budget.format_seconds(budget.eigh_seconds(size))} with "
+           f"{torch.get_num_threads()} torch thread(s), growing as the cube of the size; no "
+           "progress is shown. A projection (proj_dim=) or K-FAC (attributor='kfac') avoids it")
 
 
 def gram_eigensystem(gram: torch.Tensor, *, grads: RowSource | None = None,
-                     rtol: float = 1e-10, chunk_rows: int = 2048) -> Eigensystem:
+                     rtol: float = 1e-10, chunk_rows: int = 2048,
+                     overwrite: bool = False) -> Eigensystem:
     """Kernel-form eigensystem from the Gram matrix G G^T [n, n] (any dtype; solved in
     gram's). Without ``grads`` explained gradients are mapped by
-    :meth:`Eigensystem.coords_from_products`."""
+    :meth:`Eigensystem.coords_from_products`. ``overwrite``: scale ``gram`` in place (saves
+    an n x n copy; ``gram`` then holds G G^T / n)."""
     n = int(gram.shape[0])
     if n == 0:
         raise ValueError("no training gradients: the training set is empty")
     check_finite_rows("training Gram matrix", gram)
-    sigma, w = torch.linalg.eigh(gram / n)
-    sigma, w = sigma.flip(0), w.flip(1)
-    keep = sigma > rtol * sigma[0].clamp_min(torch.finfo(gram.dtype).tiny)
-    sigma, w = sigma[keep], w[:, keep]
+    scaled = gram.div_(n) if overwrite else gram / n
+    announce_eigh(n, "kernel", gram.dtype)
+    sigma, w = _top(*torch.linalg.eigh(scaled), rtol=rtol)
+    del scaled
     return Eigensystem(sigma=sigma, train_coords=w * torch.sqrt(n * sigma), form="kernel", n=n,
                        grads=grads, kernel_vectors=w, chunk_rows=chunk_rows)

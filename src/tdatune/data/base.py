@@ -25,7 +25,7 @@ from tdatune.data.batches import (
     tree_to,
 )
 from tdatune.data.streaming import StreamingDataset, stream_dataset
-from tdatune.utils.checks import check_finite_examples
+from tdatune.utils.checks import NonFiniteExample, check_finite_examples
 from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
 
 
@@ -183,6 +183,15 @@ def as_dataset(data: Any, targets: Any = None, *, pairs: bool = True,
     else:
         tree = as_tensor_tree(data)
     return _as_array_dataset(tree, pairs)
+
+
+def as_split(data: Any, split: str) -> ArrayDataset | StreamingDataset:
+    """:func:`as_dataset` for one split of a problem (``training data``, ``validation set``,
+    ``explained examples``, ...): a refusal of NaN or inf names the split and the example."""
+    try:
+        return as_dataset(data)
+    except NonFiniteExample as exc:
+        raise exc.in_split(split) from None
 
 
 def _as_array_dataset(tree: Tree, pairs: bool) -> ArrayDataset:

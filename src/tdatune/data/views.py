@@ -32,14 +32,27 @@ class ExampleView:
 
 
 def _label(splits: Splits | None, y: Any) -> str:
-    """A classification target in words (``class 3``, or the class's name when known)."""
-    if not torch.is_tensor(y) or y.numel() != 1 or y.is_floating_point():
+    """An example's target in words: a class (``class 3``, or the class's name when known),
+    or a regression target (``target 0.25``); empty for anything else (a token block)."""
+    if not torch.is_tensor(y) or y.numel() != 1 or y.is_complex():
         return ""
+    if y.is_floating_point():
+        return f"target {float(y):.4g}"
     k = int(y)
     names = (splits.info.get("class_names") if splits is not None else None)
     if isinstance(names, list | tuple) and 0 <= k < len(names):
         return f"{names[k]} ({k})"
     return f"class {k}"
+
+
+def _labels_of(x: Any, y: Any) -> Any:
+    """What an example's label is read from: its targets, or the ``labels`` (``label``) entry
+    of a dict of them or of a whole dict batch (Hugging Face style ``{"input_ids",
+    "attention_mask", "labels"}``)."""
+    source = x if y is None else y
+    if isinstance(source, dict):
+        return source.get("labels", source.get("label"))
+    return y
 
 
 def _as_image(x: torch.Tensor) -> np.ndarray | None:
@@ -93,6 +106,7 @@ def view_example(data: ArrayDataset, i: int, splits: Splits | None = None, *,
         raise ValueError(f"example {i} is out of range for {len(data)} examples")
     item = data[i]
     x, y = (item, None) if data.whole_batch else item
+    label = _label(splits, _labels_of(x, y))
     tokens = _tokens(x)
     decode = decode or default_decoder(splits)
     if tokens is not None:
@@ -107,17 +121,17 @@ def view_example(data: ArrayDataset, i: int, splits: Splits | None = None, *,
             if used.numel():
                 roll = roll[int(used.min()) : int(used.max()) + 1]
             words = " ".join(describe_token(t) for t in ids[:12])
-            return ExampleView("roll", f"{len(ids)} events: {words} ...",
-                               _label(splits, y), roll.numpy())
+            return ExampleView("roll", f"{len(ids)} events: {words} ...", label,
+                               roll.numpy())
         if decode is not None:
-            return ExampleView("text", decode(ids), _label(splits, y))
-        return ExampleView("text", " ".join(str(t) for t in ids), _label(splits, y))
+            return ExampleView("text", decode(ids), label)
+        return ExampleView("text", " ".join(str(t) for t in ids), label)
     if torch.is_tensor(x):
         img = _as_image(x)
         if img is not None:
-            return ExampleView("image", f"{tuple(x.shape)} input", _label(splits, y), img)
+            return ExampleView("image", f"{tuple(x.shape)} input", label, img)
         flat = x.detach().flatten().double()
         shown = ", ".join(f"{float(v):.3g}" for v in flat[:8])
         more = f", ... ({flat.numel()} values)" if flat.numel() > 8 else ""
-        return ExampleView("values", f"[{shown}{more}]", _label(splits, y))
-    return ExampleView("values", type(x).__name__, _label(splits, y))
+        return ExampleView("values", f"[{shown}{more}]", label)
+    return ExampleView("values", type(x).__name__, label)

@@ -24,9 +24,7 @@ writer, so any backend can resume any other's partial run. The backend is record
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,8 +34,7 @@ import numpy as np
 import torch
 
 from tdatune.data.base import ArrayDataset
-from tdatune.models.identity import task_identity
-from tdatune.models.outputs import cross_entropy
+from tdatune.models.identity import refuse_older_format, task_identity
 from tdatune.models.task import Task, callable_name, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, load_model, train_model
 from tdatune.utils.atomic import (
@@ -50,7 +47,7 @@ from tdatune.utils.atomic import (
 )
 from tdatune.utils.checks import check_open_unit
 from tdatune.utils.environment import numeric_environment
-from tdatune.utils.fingerprint import differences, fingerprint_config
+from tdatune.utils.fingerprint import differences, fingerprint_config, fingerprint_tensors
 from tdatune.utils.progress import progress
 
 _RERUN = ("rerun build_ground_truth (or `tdatune groundtruth`) with the same arguments: it "
@@ -176,17 +173,6 @@ def sequential_runner(task: Task, recipe: TrainRecipe | TrainFunction, train: Ar
 GT_FORMAT = 2  # 2: the task identity holds every Task field and the model's architecture
 
 
-def _format1_task(task: Task) -> dict[str, Any]:
-    """The task identity tdatune wrote before manifest format 2 (name, output, a non-default
-    loss and forward): what an older manifest is compared with before it is upgraded."""
-    identity: dict[str, Any] = {"name": task.name, "output": task.output_name}
-    if task.loss_fn is not cross_entropy:
-        identity["loss"] = callable_name(task.loss_fn)
-    if task.forward is not None:
-        identity["forward"] = callable_name(task.forward)
-    return identity
-
-
 def manifest_for(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDataset,
                  explained: ArrayDataset, config: GroundTruthConfig) -> dict[str, Any]:
     """What identifies a ground truth: format, configuration, recipe (or training function and
@@ -202,12 +188,6 @@ def manifest_for(task: Task, recipe: TrainRecipe | TrainFunction, train: ArrayDa
         "n_train": len(train),
         "n_explained": len(explained),
     }
-
-
-def _format1_manifest(manifest: dict[str, Any], task: Task) -> dict[str, Any]:
-    legacy = {k: v for k, v in manifest.items() if k not in ("format", "fingerprint")}
-    legacy["task"] = _format1_task(task)
-    return legacy
 
 
 def check_uses_indices(task: Task, function: TrainFunction, train: ArrayDataset, seed: int) -> None:
@@ -251,15 +231,15 @@ def build_ground_truth(
     """
     directory = Path(directory)
     manifest = manifest_for(task, recipe, train, explained, config)
-    legacy = _format1_manifest(manifest, task)
     if masks is not None:
         masks = torch.as_tensor(masks, dtype=torch.bool)
         if tuple(masks.shape) != (config.n_subsets, len(train)):
             raise ValueError(f"given subset masks must be [{config.n_subsets}, {len(train)}] "
                              f"(n_subsets x training examples), got {list(masks.shape)}")
-        manifest["masks_fingerprint"] = hashlib.sha256(masks.numpy().tobytes()).hexdigest()
+        manifest["masks_fingerprint"] = fingerprint_tensors(masks)
     manifest["fingerprint"] = fingerprint_config(manifest)
-    _check_or_write_manifest(directory, manifest, fingerprint_config(legacy))
+    _make_folder(directory)
+    _check_or_write_manifest(directory, manifest)
     masks_path = directory / "masks.npy"
     if masks is not None:
         if not is_intact(masks_path):
@@ -340,21 +320,31 @@ def load_ground_truth(directory: str | Path) -> GroundTruth:
                        load_npy_verified(outputs_path, _RERUN), kind(**config), directory)
 
 
-def _check_or_write_manifest(directory: Path, manifest: dict[str, Any], legacy_fp: str) -> None:
-    """Accept a manifest of the same ground truth, upgrade one written before manifest format 2
-    whose every recorded field matches (said on stderr: the architecture it did not record is
-    taken from the current model), refuse any other naming the fields that differ."""
+def _make_folder(directory: Path) -> None:
+    """Create the ground-truth folder (and its parents), or refuse naming the folder, what
+    stands in the way (a file where a folder should be) and the fix."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (directory, *directory.parents)
+                        if p.exists() and not p.is_dir()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None
+               else exc.strerror or str(exc))
+        raise type(exc)(
+            f"cannot create the ground-truth folder {directory}: {why}. Fix: pass a folder "
+            "path whose parents are folders you can write to (or move the file out of the way)"
+        ) from exc
+
+
+def _check_or_write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Accept a manifest of the same ground truth, refuse one of an older format (with the
+    command to rebuild) or of another ground truth (naming the fields that differ)."""
     path = directory / "manifest.json"
     if path.exists():
         stored = read_json(path, _MANIFEST_FIX)
         if stored.get("fingerprint") == manifest["fingerprint"]:
             return
-        if "format" not in stored and stored.get("fingerprint") == legacy_fp:
-            print(f"{directory}: manifest written before format {GT_FORMAT} (it did not record "
-                  "the model's architecture nor every task field); every field it recorded "
-                  "matches, so it is upgraded with the current task's identity", file=sys.stderr)
-            atomic_write_json(path, manifest)
-            return
+        refuse_older_format(stored, manifest, f"{directory} holds ground truth", "retrain it")
         diffs = differences({k: v for k, v in stored.items() if k != "fingerprint"},
                             {k: v for k, v in manifest.items() if k != "fingerprint"})
         top = dict.fromkeys(d.split(".")[0] for d in diffs)

@@ -135,7 +135,14 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, outputs: torch.Tensor | np.nd
 def lds_path(path: LambdaPath, masks: torch.Tensor, outputs: torch.Tensor | np.ndarray,
              lambdas: torch.Tensor | list[float], *, invalid: str = "raise") -> list[LDSResult]:
     """LDS at every lambda of a lambda-path, without forming score matrices (``invalid`` as
-    in :func:`lds`)."""
+    in :func:`lds`).
+
+    ``masks`` [M, n] are the retrained subsets, ``outputs`` [M, m] their (seed-averaged)
+    outputs on the explained examples (a ground truth's ``masks`` and ``mean_outputs``).
+    Returns a list of one LDSResult per lambda, in the order of ``lambdas``: each holds
+    ``mean`` (the LDS), ``sem``, ``per_example`` [m], ``n_valid`` and ``n_masked``, as
+    :func:`lds` returns for the scores at that lambda. The best lambda of the grid is
+    ``lambdas[int(np.nanargmax([r.mean for r in results]))]``."""
     outputs = np.asarray(outputs, dtype=np.float64)
     preds = path.subset_predictions(masks, lambdas).numpy()  # [L, m, M]
     if outputs.shape != (masks.shape[0], preds.shape[1]):

@@ -1,8 +1,8 @@
-"""Memory and disk that featurization needs, estimated before any long work, and a refusal,
-naming the numbers and the fix, of a run that would not fit.
+"""Memory and disk that featurization and attribution need, estimated before any long work,
+and a refusal, naming the numbers and the fix, of a run that would not fit.
 
-What is counted (the arrays tdatune allocates; the model's activations and the input batch
-are not, pass them as ``extra_bytes`` when they are large):
+What featurization counts (the arrays tdatune allocates; the model's activations and the input
+batch are not, pass them as ``extra_bytes`` when they are large):
 
 * gradients in flight: 2 x [chunk, p] in the parameters' dtype (the per-layer pieces of one
   batched backward pass and the flat rows they are written into);
@@ -11,7 +11,15 @@ are not, pass them as ``extra_bytes`` when they are large):
 * the parameters, twice (the model's and the detached copies differentiated);
 * with a store: one chunk of store rows [chunk_rows, d] plus the float64 copy its checksum is
   taken on; on disk n x d float32 (``features.npy``) and one small record per chunk;
-* in memory: the whole [n, d] result.
+* in memory: the whole [n, d] result (the default unless a store is given).
+
+What attribution with an eigensystem of the empirical Fisher counts
+(:func:`estimate_attribution`, phase by phase, the peak being the largest phase): the training
+gradients [n, d] (or the hooks' factors), the eigendecomposition of the p x p (parameter form,
+d <= n) or n x n (kernel form) matrix in float64 with its eigenvectors and LAPACK's workspace,
+the training coordinates, the explained side and the [m, n] score matrix.
+:func:`check_attribution` refuses above the memory available (or a budget) and warns once
+above ``WARN_FRACTION`` of it or before an eigendecomposition larger than ``EIGH_WARN_SIZE``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +39,21 @@ from tdatune.features.projection import BLOCK_ROWS, CACHE_LIMIT
 
 RECORD_BYTES = 4096  # one chunk record on disk (a small JSON file: one file-system block)
 HEADER_BYTES = 128  # the .npy header
+EIG_ITEMSIZE = 8  # eigendecompositions run in float64 (tdatune.curvature.eigen)
+WARN_FRACTION = 0.5  # warn above this share of the memory available (or of the budget)
+EIGH_NOTICE_SIZE = 4_000  # an eigendecomposition above this order says so before it starts
+EIGH_WARN_SIZE = 8_000  # attribute() warns before an eigendecomposition above this order
+EIGH_SECONDS_2000 = 2.0  # float64 eigh of order 2,000 on one core (measured 1.5-6.9 s)
+LAPACK_ALLOWANCE = 16 << 20  # LAPACK's and BLAS's own buffers around an eigh, beyond lwork
 
 
 class DoesNotFit(RuntimeError):
-    """A featurization run needs more memory or disk than there is."""
+    """A featurization or attribution run needs more memory or disk than there is."""
+
+
+class BudgetWarning(UserWarning):
+    """An attribution run will use much of the memory available, or eigendecompose a matrix
+    large enough to take minutes."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,32 @@ class FeaturizationEstimate:
         disk = f"; disk {format_bytes(self.disk_bytes)}" if self.disk_bytes else ""
         return f"memory {format_bytes(self.memory_bytes)} ({parts}){disk}"
 
+    def parts_line(self) -> str:
+        """The memory parts, largest first, for a message."""
+        return _parts_line(self.memory_parts)
+
+    def fixes(self, available: int) -> list[str]:
+        """What would bring the memory under ``available`` bytes: a feature store, the largest
+        projection dimension, gradient chunk or store chunk that fits."""
+        fixes = []
+        if self.in_memory and self.store_chunk_rows is None:
+            fixes.append("keep the features on disk with a feature store "
+                         "(tdatune.features.store.build_gradient_store), which holds one chunk")
+        d = _largest(lambda w: _with(self, width=w).memory_bytes <= available, self.width - 1)
+        if d and self.width > 1:
+            fixes.append(f"a smaller projection, proj_dim <= {d}")
+        c = _largest(lambda r: _with(self, chunk_rows=r).memory_bytes <= available,
+                     self.chunk_rows - 1)
+        if c:
+            fixes.append(f"a smaller gradient chunk, chunk size <= {c} (now {self.chunk_rows})")
+        if self.store_chunk_rows is not None:
+            s = _largest(lambda r: _with(self, store_chunk_rows=r).memory_bytes <= available,
+                         self.store_chunk_rows - 1)
+            if s:
+                fixes.append(f"smaller store chunks, chunk_rows <= {s} "
+                             f"(now {self.store_chunk_rows})")
+        return fixes
+
 
 def format_bytes(size: float) -> str:
     """``1536`` -> ``'1.5 KiB'`` (binary units)."""
@@ -86,19 +132,22 @@ def projector_bytes(grad_width: int, width: int, itemsize: int = 4) -> int:
 def estimate_featurization(
     n: int, width: int, *, grad_width: int, chunk_rows: int = 256,
     dtype: torch.dtype | np.dtype | str = torch.float32, store_chunk_rows: int | None = None,
-    in_memory: bool = False, num_params: int | None = None, proj_bytes: int | None = None,
-    extra_bytes: int = 0,
+    in_memory: bool | None = None, num_params: int | None = None,
+    proj_bytes: int | None = None, extra_bytes: int = 0,
 ) -> FeaturizationEstimate:
     """Memory and disk for per-example gradients of ``n`` examples, ``grad_width`` = p
     gradient dimensions each, kept at ``width`` = d (d < p: projected), ``chunk_rows``
     examples differentiated at a time; ``store_chunk_rows`` set: written to a feature store
-    in chunks of that many rows; ``in_memory``: the whole [n, d] result kept in memory.
+    in chunks of that many rows; ``in_memory``: the whole [n, d] result kept in memory
+    (default: unless a store is given, as ``per_example_grads`` does).
     ``proj_bytes`` defaults to what a ``Projector`` holds, ``num_params`` to ``grad_width``."""
     if min(n, width, grad_width, chunk_rows) < 1 or (store_chunk_rows or 1) < 1:
         raise ValueError(f"an estimate needs n, width, grad_width and chunk sizes >= 1; got n={n}"
                          f", width={width}, grad_width={grad_width}, chunk_rows={chunk_rows}, "
                          f"store_chunk_rows={store_chunk_rows}")
     item = _itemsize(dtype)
+    if in_memory is None:
+        in_memory = store_chunk_rows is None
     chunk = min(chunk_rows, n if store_chunk_rows is None else min(n, store_chunk_rows))
     projected = width < grad_width
     parts = {
@@ -125,10 +174,11 @@ def estimate_featurization(
 
 def estimate_gradients(params: dict[str, torch.Tensor], n: int, *, projector: object = None,
                        chunk_size: int = 256, store_chunk_rows: int | None = None,
-                       in_memory: bool = False, extra_bytes: int = 0) -> FeaturizationEstimate:
+                       in_memory: bool | None = None, extra_bytes: int = 0
+                       ) -> FeaturizationEstimate:
     """:func:`estimate_featurization` for per-example gradients w.r.t. ``params`` (projected by
     ``projector``: a ``Projector``, a per-layer ``KroneckerProjector`` or None), as
-    ``per_example_grads`` (``in_memory=True``) or ``build_gradient_store``
+    ``per_example_grads`` (the default: in memory) or ``build_gradient_store``
     (``store_chunk_rows``) compute them. For a per-layer projection the gradient chunk is an
     upper bound: layers projected from their factors never form their rows."""
     p = sum(v.numel() for v in params.values())
@@ -157,6 +207,265 @@ def _held_by(projector: object) -> int | None:
     if dense is not None:
         held += _held_by(dense) or projector_bytes(dense.p, dense.d)
     return held
+
+
+# ---------------------------------------------------------------------- attribution
+
+
+@dataclass(frozen=True)
+class AttributionEstimate:
+    """Bytes an attribution with an eigensystem of the empirical Fisher needs, phase by phase
+    (each phase: the parts alive at once); the peak is the largest phase.
+
+    ``form``: "parameter" (the d x d matrix, d <= n) or "kernel" (the n x n matrix);
+    ``factored``: the kernel form is built from the hooks' factors, never the [n, p] rows."""
+
+    n: int
+    width: int
+    grad_width: int
+    form: str
+    factored: bool
+    explained: int
+    validation: int
+    phases: dict[str, dict[str, int]]
+    options: dict[str, object] = field(default_factory=dict, repr=False)
+    disk_bytes: int = 0
+
+    @property
+    def eig_size(self) -> int:
+        """Order of the eigendecomposed matrix."""
+        return self.width if self.form == "parameter" else self.n
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase that needs the most memory."""
+        return max(self.phases, key=lambda k: sum(self.phases[k].values()))
+
+    @property
+    def memory_bytes(self) -> int:
+        """Resident memory at the peak."""
+        return sum(self.phases[self.peak_phase].values())
+
+    def parts_line(self) -> str:
+        """The peak phase's parts, largest first, for a message."""
+        return f"at its peak, {self.peak_phase}: " + _parts_line(self.phases[self.peak_phase])
+
+    def describe(self) -> str:
+        """One line: the peak memory, its phase and parts, and the eigendecomposition."""
+        s = self.eig_size
+        return (f"memory {format_bytes(self.memory_bytes)} ({self.parts_line()}); eigh of "
+                f"{s:,} x {s:,} ({self.form} form), roughly {format_seconds(eigh_seconds(s))}")
+
+    def with_proj_dim(self, d: int) -> AttributionEstimate:
+        """The same attribution with the gradients projected to ``d`` by a ``Projector``."""
+        keep = {k: v for k, v in self.options.items() if k not in ("proj_bytes",
+                                                                  "factored_numbers")}
+        return estimate_attribution(self.n, self.grad_width, proj_dim=d,
+                                    explained=self.explained, validation=self.validation,
+                                    **keep)  # type: ignore[arg-type]
+
+    def fixes(self, available: int | None, *, max_eig_size: int | None = None) -> list[str]:
+        """What would bring the memory under ``available`` bytes (and the eigendecomposition
+        under ``max_eig_size``): a projection, K-FAC, fewer explained examples at a time."""
+        fixes = []
+
+        def ok(d: int) -> bool:
+            small = max_eig_size is None or min(self.n, d) <= max_eig_size
+            return small and (available is None or
+                              self.with_proj_dim(d).memory_bytes <= available)
+
+        d = _largest(ok, min(self.width, self.grad_width) - 1)
+        if d:
+            fixes.append(f"a random projection of the gradients, proj_dim <= {d:,} (e.g. "
+                         f"params={{'proj_dim': {1 << (min(d, 4096).bit_length() - 1)}}})")
+        elif self.width > 1:
+            fixes.append("no proj_dim= fits (a projection still forms the [chunk, p] gradient "
+                         "rows it projects)")
+        fixes.append("K-FAC, attributor='kfac' or attributor='ekfac' (Kronecker factors per "
+                     "layer: no n x n or p x p matrix)")
+        scores = self.explained * self.n * (EIG_ITEMSIZE + 4)
+        if available is not None and self.explained > 1 and scores > available // 4:
+            fixes.append(f"fewer explained examples per call (the score matrix is "
+                         f"[{self.explained:,}, {self.n:,}]: {format_bytes(scores)})")
+        return fixes
+
+
+def eigh_bytes(size: int, itemsize: int = EIG_ITEMSIZE) -> dict[str, int]:
+    """What ``torch.linalg.eigh`` of a size x size matrix holds at once: the matrix, the
+    eigenvectors (a copy) and LAPACK ``?syevd``'s workspace (1 + 6 size + 2 size^2 reals and
+    3 + 5 size integers; counted as 8 bytes each), the eigenvalues, and an allowance for
+    the library's own buffers (measured with MKL: 5-9 MB for sizes 1,000-3,000)."""
+    return {"matrix": size * size * itemsize, "eigenvectors": size * size * itemsize,
+            "LAPACK workspace": (1 + 6 * size + 2 * size * size) * itemsize + (3 + 5 * size) * 8,
+            "eigenvalues": size * itemsize, "LAPACK internals": LAPACK_ALLOWANCE + 2048 * size}
+
+
+def eigh_seconds(size: int, threads: int | None = None) -> float:
+    """A rough time for a float64 eigendecomposition of order ``size``: ``EIGH_SECONDS_2000``
+    at 2,000 on one core, growing as size^3, divided by the torch threads (optimistic:
+    the tridiagonal reduction scales worse than that)."""
+    threads = threads or torch.get_num_threads()
+    return EIGH_SECONDS_2000 * (size / 2000) ** 3 / max(1, threads)
+
+
+def format_seconds(seconds: float) -> str:
+    """``95`` -> ``'1.6 min'``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 1 else "under a second"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_attribution(
+    n: int, grad_width: int, *, proj_dim: int | None = None, explained: int = 0,
+    validation: int = 0, factored_numbers: int | None = None, chunk_rows: int = 256,
+    eig_chunk_rows: int = 2048, dtype: torch.dtype | np.dtype | str = torch.float32,
+    proj_bytes: int | None = None,
+) -> AttributionEstimate:
+    """Memory of an eigensystem of the empirical Fisher on ``n`` training gradients of
+    ``grad_width`` = p dimensions (projected to ``proj_dim`` = d < p when given), the
+    ``validation`` examples mapped to its eigenbasis (the lambda selection) and ``explained``
+    examples scored against all n: IFFIM's path (TRAK's and LoGra's per eigensystem).
+
+    The defaults are the honest upper bound: no projection, the [n, p] rows formed in
+    ``dtype``. ``factored_numbers``: the kernel form is built from the hooks' factors holding
+    that many numbers per example (:func:`tdatune.features.kernel.factored_numbers`).
+    ``chunk_rows``: examples differentiated at a time; ``eig_chunk_rows``: rows of G read at a
+    time by :func:`tdatune.curvature.eigen.fisher_eigensystem`."""
+    if min(n, grad_width, chunk_rows, eig_chunk_rows) < 1 or (proj_dim or 1) < 1:
+        raise ValueError(f"an estimate needs n, grad_width, proj_dim and chunk sizes >= 1; got "
+                         f"n={n}, grad_width={grad_width}, proj_dim={proj_dim}")
+    item = _itemsize(dtype)
+    w = min(proj_dim, grad_width) if proj_dim is not None else grad_width
+    form = "parameter" if w <= n else "kernel"
+    factored = factored_numbers is not None and form == "kernel" and w == grad_width
+    row_numbers = int(factored_numbers) if factored else w  # type: ignore[arg-type]
+    held = {"parameters": 2 * grad_width * item,
+            "projection matrix": (projector_bytes(grad_width, w, item) if proj_bytes is None
+                                  else int(proj_bytes))}
+    train = {"training gradients": n * row_numbers * item}
+    sizes = _Sizes(n, w, item, min(chunk_rows, n), min(eig_chunk_rows, n),
+                   max(explained, validation), row_numbers, factored)
+    phases = {"training gradients": {**train, **_in_flight(sizes, grad_width)},
+              **{k: {**train, **v} for k, v in _eigen_phases(sizes, form).items()},
+              **_explained_phases(sizes, form, grad_width, explained, validation, train)}
+    options = {"chunk_rows": chunk_rows, "eig_chunk_rows": eig_chunk_rows, "dtype": dtype,
+               "proj_bytes": proj_bytes, "factored_numbers": factored_numbers}
+    return AttributionEstimate(
+        n=n, width=w, grad_width=grad_width, form=form, factored=factored, explained=explained,
+        validation=validation, phases={k: {**held, **v} for k, v in phases.items()},
+        options=options)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The sizes every phase of :func:`estimate_attribution` is written in."""
+
+    n: int
+    w: int  # gradient width (d or p)
+    item: int  # bytes of one gradient number
+    chunk: int  # examples differentiated at a time
+    eig_chunk: int  # rows of G read at a time by the eigensystem
+    m: int  # the larger explained set
+    row_numbers: int  # numbers held per training example (w, or the factors)
+    factored: bool
+
+    @property
+    def k(self) -> int:
+        """Eigenpairs kept, at most."""
+        return min(self.n, self.w)
+
+
+def _in_flight(z: _Sizes, p: int) -> dict[str, int]:
+    """One chunk of per-example gradients being computed (and projected); from the hooks'
+    factors, the captured chunk and its compacted copy."""
+    if z.factored:
+        return {"gradients in flight": 2 * z.chunk * z.row_numbers * z.item}
+    return {"gradients in flight": 2 * z.chunk * p * z.item,
+            "projected chunk": z.chunk * z.w * z.item if z.w < p else 0}
+
+
+def _eigen_phases(z: _Sizes, form: str) -> dict[str, dict[str, int]]:
+    """Building the matrix, eigh, and the training coordinates, as
+    ``tdatune.curvature.eigen`` does them (float64; the matrix scaled in place)."""
+    e, k = EIG_ITEMSIZE, z.k
+    if form == "parameter":
+        s, name = z.w, "p x p matrix"
+        build = {name: s * s * e, "G^T G of a chunk": s * s * e,
+                 "row chunk (float64)": z.eig_chunk * z.w * e}
+        coords = {"eigenvectors kept": s * k * e, "training coordinates": z.n * k * e,
+                  "row chunk (float64)": z.eig_chunk * z.w * e,
+                  "chunk coordinates": z.eig_chunk * k * e}
+    else:
+        s, name = z.n, "n x n matrix"
+        build = {name: s * s * e, "Gram block": z.eig_chunk * z.eig_chunk * e}
+        if not z.factored:  # two chunks of rows (one when they are all in one chunk)
+            build["row chunks (float64)"] = (1 + (z.n > z.eig_chunk)) * z.eig_chunk * z.w * e
+        coords = {name: s * s * e, "eigenvectors": s * s * e, "eigenvectors kept": s * k * e}
+    eig = eigh_bytes(s)
+    eig[name] = eig.pop("matrix")
+    return {"accumulation": build, "eigendecomposition": eig, "training coordinates": coords}
+
+
+def _explained_phases(z: _Sizes, form: str, p: int, explained: int, validation: int,
+                      train: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Mapping the explained (and validation) examples to the eigenbasis, and scoring."""
+    e, k = EIG_ITEMSIZE, z.k
+    system = {"eigenvectors kept": (z.w if form == "parameter" else z.n) * k * e,
+              "training coordinates": z.n * k * e,
+              "validation coordinates": validation * k * e}
+    if form == "kernel":
+        system.update(train)  # the kernel form maps explained gradients through G's rows
+    if not z.m:
+        return {}
+    if z.factored:
+        side = {"explained gradients": z.m * z.row_numbers * z.item, "V G^T": z.m * z.n * e}
+    else:
+        side = {"explained gradients": z.m * z.w * z.item,
+                "explained gradients (float64)": z.m * z.w * e,
+                **_in_flight(z, p)}
+        if form == "kernel":
+            side.update({"row chunk (float64)": z.eig_chunk * z.w * e,
+                         "V G^T block": z.m * z.eig_chunk * e})
+    side["explained coordinates"] = z.m * k * e
+    scores = {"explained coordinates": explained * k * e,
+              "weighted coordinates": explained * k * e,
+              "score matrix (float64)": explained * z.n * e,
+              "score matrix (float32)": explained * z.n * 4}
+    return {"explained": {**system, **side}, "scores": {**system, **scores}}
+
+
+def check_attribution(estimate: AttributionEstimate, *, budget: int | None = None,
+                      what: str = "attribution", stacklevel: int = 1) -> None:
+    """Before an attribution: refuse (:class:`DoesNotFit`, via :func:`check_fits`) above the
+    memory available or ``budget``; else warn once (:class:`BudgetWarning`) when it needs
+    more than ``WARN_FRACTION`` of that, or eigendecomposes a matrix larger than
+    ``EIGH_WARN_SIZE`` (minutes, no progress shown), naming the fixes."""
+    check_fits(estimate, what=what, budget=budget)
+    limit, which = memory_limit(budget)
+    reasons: list[str] = []
+    target = None
+    if limit is not None and estimate.memory_bytes > WARN_FRACTION * limit:
+        target = int(WARN_FRACTION * limit)
+        reasons.append(f"it needs about {format_bytes(estimate.memory_bytes)} of memory "
+                       f"({estimate.parts_line()}), {estimate.memory_bytes / limit:.0%} of what "
+                       f"it may use ({_limit_said(limit, which)}), so it may swap or be killed")
+    size = estimate.eig_size
+    slow = size > EIGH_WARN_SIZE
+    if slow:
+        reasons.append(f"it eigendecomposes a {size:,} x {size:,} matrix ({estimate.form} "
+                       f"form), roughly {format_seconds(eigh_seconds(size))} with "
+                       f"{torch.get_num_threads()} torch thread(s) and no progress shown "
+                       "(the time grows as the cube of the size)")
+    if reasons:
+        fixes = estimate.fixes(target, max_eig_size=EIGH_WARN_SIZE if slow else None)
+        warnings.warn(f"{what} of {estimate.n:,} examples: " + "; and ".join(reasons)
+                      + ". To need less: " + "; or ".join(fixes) + ".", BudgetWarning,
+                      stacklevel=stacklevel + 1)
+
+
+Estimate = FeaturizationEstimate | AttributionEstimate
 
 
 # ---------------------------------------------------------------------- what there is
@@ -214,21 +523,38 @@ def allocated_bytes(path: str | Path) -> int:
 # ---------------------------------------------------------------------- refusal
 
 
-def check_fits(estimate: FeaturizationEstimate, *, directory: str | Path | None = None,
+def memory_limit(budget: int | None = None) -> tuple[int | None, str]:
+    """The bytes a run may use, the memory available lowered to ``budget``, and which it is:
+    "available" or "budget" (None bytes: neither is known)."""
+    available = available_memory()
+    if budget is not None and (available is None or int(budget) < available):
+        return int(budget), "budget"
+    return available, "available"
+
+
+def _limit_said(limit: int, which: str) -> str:
+    """``'1.0 GiB is available'`` or ``'the memory budget (memory_budget=) is 1.0 GiB'``."""
+    if which == "budget":
+        return f"the memory budget (memory_budget=) is {format_bytes(limit)}"
+    return f"{format_bytes(limit)} is available"
+
+
+def check_fits(estimate: Estimate, *, directory: str | Path | None = None,
                already_on_disk: int = 0, check_memory: bool = True,
-               what: str = "featurization") -> None:
-    """Refuse (:class:`DoesNotFit`) a run whose estimated memory exceeds the memory available,
-    or whose store (in ``directory``) exceeds the free disk plus ``already_on_disk`` bytes it
-    has already allocated there; the message names the numbers and the fix (a smaller
-    projection dimension, a smaller chunk size, a feature store, a larger disk).
+               what: str = "featurization", budget: int | None = None) -> None:
+    """Refuse (:class:`DoesNotFit`) a run whose estimated memory exceeds the memory available
+    (or ``budget`` bytes, when lower), or whose store (in ``directory``) exceeds the free disk
+    plus ``already_on_disk`` bytes it has already allocated there; the message names the
+    numbers and the fix (a smaller projection dimension, a smaller chunk size, a feature
+    store, a larger disk; for an attribution also K-FAC).
 
     Call it before any long work, e.g. in an attributor before ``per_example_grads``:
     ``check_fits(estimate_gradients(params, len(train), projector=projector,
     chunk_size=chunk, in_memory=True))``."""
     problems: list[str] = []
-    memory = available_memory() if check_memory else None
+    memory, which = memory_limit(budget) if check_memory else (None, "")
     if memory is not None and estimate.memory_bytes > memory:
-        problems.append(_memory_problem(estimate, memory))
+        problems.append(_memory_problem(estimate, memory, which))
     if directory is not None and estimate.disk_bytes:
         need = max(0, estimate.disk_bytes - int(already_on_disk))
         free = free_disk(directory)
@@ -241,29 +567,15 @@ def check_fits(estimate: FeaturizationEstimate, *, directory: str | Path | None 
                            "to run anyway.)")
 
 
-def _memory_problem(est: FeaturizationEstimate, available: int) -> str:
-    parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in
-                      sorted(est.memory_parts.items(), key=lambda kv: -kv[1]) if v)
-    fixes = []
-    if est.in_memory and est.store_chunk_rows is None:
-        fixes.append("keep the features on disk with a feature store "
-                     "(tdatune.features.store.build_gradient_store), which holds one chunk")
-    d = _largest(lambda w: _with(est, width=w).memory_bytes <= available, est.width - 1)
-    if d and est.width > 1:
-        fixes.append(f"a smaller projection, proj_dim <= {d}")
-    c = _largest(lambda r: _with(est, chunk_rows=r).memory_bytes <= available,
-                 est.chunk_rows - 1)
-    if c:
-        fixes.append(f"a smaller gradient chunk, chunk size <= {c} (now {est.chunk_rows})")
-    if est.store_chunk_rows is not None:
-        s = _largest(lambda r: _with(est, store_chunk_rows=r).memory_bytes <= available,
-                     est.store_chunk_rows - 1)
-        if s:
-            fixes.append(f"smaller store chunks, chunk_rows <= {s} (now {est.store_chunk_rows})")
-    if not fixes:
-        fixes.append("free memory, or run on a machine with more")
-    return (f"it needs about {format_bytes(est.memory_bytes)} of memory ({parts}) but "
-            f"{format_bytes(available)} is available. Fix: " + "; or ".join(fixes) + ".")
+def _memory_problem(est: Estimate, limit: int, which: str) -> str:
+    fixes = est.fixes(limit) or ["free memory, or run on a machine with more"]
+    return (f"it needs about {format_bytes(est.memory_bytes)} of memory ({est.parts_line()}) "
+            f"but {_limit_said(limit, which)}. Fix: " + "; or ".join(fixes) + ".")
+
+
+def _parts_line(parts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {format_bytes(v)}" for k, v in
+                     sorted(parts.items(), key=lambda kv: -kv[1]) if v)
 
 
 def _disk_problem(est: FeaturizationEstimate, need: int, free: int,
@@ -316,6 +628,8 @@ def _itemsize(dtype: torch.dtype | np.dtype | str) -> int:
     return int(np.dtype(dtype).itemsize)
 
 
-__all__ = ["DoesNotFit", "FeaturizationEstimate", "allocated_bytes", "available_memory",
-           "check_fits", "estimate_featurization", "estimate_gradients", "format_bytes",
-           "free_disk", "projector_bytes"]
+__all__ = ["AttributionEstimate", "BudgetWarning", "DoesNotFit", "FeaturizationEstimate",
+           "allocated_bytes", "available_memory", "check_attribution", "check_fits",
+           "eigh_bytes", "eigh_seconds", "estimate_attribution", "estimate_featurization",
+           "estimate_gradients", "format_bytes", "format_seconds", "free_disk", "memory_limit",
+           "projector_bytes"]

@@ -4,6 +4,8 @@ passes for the rest."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -32,6 +34,7 @@ from tdatune.utils.checks import check_choice, check_finite_rows
 from tdatune.utils.progress import progress
 
 GRADIENT_TARGETS = ("loss", "output")
+_BATCHING_RULE = re.compile(r"not yet implemented the batching rule for (\S+?)\.? ")
 
 def num_params(params: Params) -> int:
     """Total number of scalars in a parameter dict."""
@@ -64,6 +67,7 @@ class GradientSource:
         self.mode = "hooks" if self.plan.layers else "vmap"
         self.reason = "" if self.plan.layers else "no layer of a hooked kind"
         self._vmap_ok = True
+        self._said_batching = False
         if self.mode == "hooks" and probe is not None and len(probe) > 0:
             self._verify(probe)
 
@@ -88,10 +92,33 @@ class GradientSource:
 
         # Gradients are data here: no graph back to parameters outside ``params`` (grad
         # transforms ignore an outer no_grad, so the per-example gradients are unaffected).
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             grads = vmap(grad(single), in_dims=(None, 0, 0))(
                 {k: self.detached[k] for k in names}, x, y)
+        self._pass_on(caught, names)
         return {k: grads[k].reshape(b, -1) for k in names}
+
+    def _pass_on(self, caught: list[warnings.WarningMessage], names: list[str]) -> None:
+        """Re-issue the warnings of one vmap call, except PyTorch's "no batching rule" one
+        (repeated on every chunk): that is said once per source, in tdatune's words."""
+        slow: list[str] = []
+        for w in caught:
+            op = _BATCHING_RULE.search(str(w.message))
+            if op is None:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                       source=w.source)
+            elif op.group(1) not in slow:
+                slow.append(op.group(1))
+        if slow and not self._said_batching:
+            self._said_batching = True
+            warnings.warn(
+                f"tdatune: {self.task.name}: torch.func.vmap has no batching rule for "
+                f"{', '.join(slow)}, so PyTorch runs these one example at a time (slower; the "
+                f"gradients are the same) for the parameters differentiated without layer "
+                f"hooks ({_short(names)}). Said once here instead of PyTorch's warning on "
+                "every chunk",
+                UserWarning, stacklevel=2)
 
     def per_example(self, names: list[str], x: Tree, y: Tree, b: int
                     ) -> dict[str, torch.Tensor]:

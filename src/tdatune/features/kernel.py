@@ -14,7 +14,14 @@ from torch import nn
 
 from tdatune.data.base import ArrayDataset
 from tdatune.data.batches import batch_len
-from tdatune.features.capture import Captured, EmbeddingRule, kron_grads
+from tdatune.features.capture import (
+    Captured,
+    CapturedLayer,
+    CaptureRefused,
+    EmbeddingRule,
+    Hooks,
+    kron_grads,
+)
 from tdatune.features.factored import factored_is_cheaper, inner_products, layer_sides
 from tdatune.features.gradients import GradientSource
 from tdatune.models.task import Params, Task
@@ -95,4 +102,44 @@ class FactoredGradients:
         return out
 
 
-__all__ = ["FactoredGradients"]
+def factored_numbers(task: Task, model: nn.Module, params: Params, data: ArrayDataset, *,
+                     target: str = "loss") -> int:
+    """Numbers :class:`FactoredGradients` holds per example of ``data`` (the factors of the
+    layers the FLOP rule keeps factored, the rows of every other parameter), read off one
+    forward pass on the first example: no gradient is computed and the loss is not called.
+    A memory estimate before any work (:func:`tdatune.features.budget.estimate_attribution`);
+    a model the hooks refuse counts all its rows (p, the upper bound)."""
+    source = GradientSource(task, model, params, target=target)
+    total = source.width
+    if not source.plan.layers or len(data) == 0:
+        return total
+    _, x, _ = next(data.slice(0, 1).batches(1, source.device))
+    with Hooks(source.plan) as hooks, torch.no_grad():
+        hooks.start(1)
+        try:
+            task.call(model, source.detached, x)
+        except CaptureRefused:
+            return total
+        finally:
+            hooks.active = False
+    for c in source.plan.layers:
+        if c.factored and hooks.calls.get(c.path):
+            total += _factor_saving(c, hooks.calls[c.path], params)
+    return total
+
+
+def _factor_saving(layer: CapturedLayer, calls: list[tuple[torch.Tensor, torch.Tensor, int]],
+                   params: Params) -> int:
+    """Numbers per example a layer's factors hold less its parameters' (0 when the FLOP
+    rule forms its rows, as ``FactoredGradients._compact`` does)."""
+    parts = [layer.rule.kron(layer.module, x, torch.zeros_like(out), 1) for x, out, _ in calls]
+    t = sum(d.shape[1] for _, d in parts)
+    d_in, d_out = layer_sides(layer)
+    if not factored_is_cheaper(t, t, 1 if isinstance(layer.rule, EmbeddingRule) else d_in,
+                               d_out):
+        return 0
+    held = sum(a[0].numel() + d[0].numel() for a, d in parts)
+    return held - sum(params[k].numel() for k in layer.params.values())
+
+
+__all__ = ["FactoredGradients", "factored_numbers"]

@@ -263,12 +263,14 @@ def check_task(task: Task, data: ArrayDataset, *, model: nn.Module | None = None
             "the batch (e.g. model(x['input_ids'], x['attention_mask'])), or put the inputs in "
             "the form your model's forward takes"
         ) from exc
-    if (task.loss_fn is cross_entropy and isinstance(outputs, torch.Tensor)
+    logits = _logits_or_none(outputs)
+    if (task.loss_fn is cross_entropy and logits is not None
             and isinstance(data, ArrayDataset)  # a stream's labels are checked per batch
             and isinstance(data.targets, torch.Tensor) and not data.whole_batch):
-        # Every label, not only the probe's: a label 12 for 10 classes anywhere in the data.
+        # Every label, not only the probe's: a label 12 for 10 classes anywhere in the data,
+        # whether the model returns its logits or a ModelOutput / dict holding them.
         check_class_targets(f"{task.name}: the {what} targets", data.targets,
-                            int(outputs.shape[-1]))
+                            int(logits.shape[-1]))
     else:
         _check_batch_labels(task, outputs, data, x, what)
     for label, fn, fix in (
@@ -341,6 +343,15 @@ def _check_labels_without_them(task: Task, model: nn.Module, params: Params, dat
     except Exception:
         return
     _check_batch_labels(task, outputs, data, x, what)
+
+
+def _logits_or_none(outputs: Any) -> torch.Tensor | None:
+    """The logits a built-in loss reads from ``outputs`` (a tensor, a ModelOutput's
+    ``.logits``, a dict's ``"logits"``), or None when it holds none."""
+    try:
+        return logits_of(outputs)
+    except TypeError:
+        return None
 
 
 def _describe_any(value: Any) -> str:

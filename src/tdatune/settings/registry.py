@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tdatune.data.base import ArrayDataset, Splits, as_dataset
+from tdatune.data.base import ArrayDataset, Splits, as_split
 from tdatune.models.task import Task
 from tdatune.models.training import TrainFunction, TrainRecipe
 
@@ -171,7 +171,8 @@ def user_setting(
     ArrayDatasets; see :func:`tdatune.data.as_dataset`) and a recipe or your own training
     function. Return it from a function ``f`` and use ``package.module:f`` wherever a setting
     name goes (``tdatune lambda``, ``groundtruth``, ``train``, sweep specs)."""
-    parts: list[ArrayDataset] = [as_dataset(d) for d in (train, val, test)]
+    parts: list[ArrayDataset] = [as_split(d, split) for d, split in (
+        (train, "training data"), (val, "validation set"), (test, "test set"))]
     splits = Splits(*parts, name=name, source=source, num_classes=num_classes)
     return Setting(
         name=name, description=description or f"user task {name}", data_source="real",

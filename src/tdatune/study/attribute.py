@@ -13,7 +13,8 @@ import torch
 
 from tdatune.attributors.base import AttributionContext, Attributor
 from tdatune.attributors.registry import make_attributor
-from tdatune.data.base import as_dataset
+from tdatune.data.base import ArrayDataset, as_split
+from tdatune.features.budget import AttributionEstimate, check_attribution
 from tdatune.models.checkpoints import as_checkpoints
 from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, train_model
@@ -60,7 +61,7 @@ def attribute(
     rule: str = DEFAULT_RULE,
     weight_decay: float | None = None, learning_rates: list[float] | None = None,
     seed: int = 0, device: str | torch.device | None = None, plot: str | Path | None = None,
-    show_progress: bool = False,
+    show_progress: bool = False, memory_budget: int | None = None, check_fit: bool = True,
 ) -> AttributionResult:
     """Fit ``attributor`` on ``train``, select lambda on ``val`` without retraining, and score
     ``explained``.
@@ -78,9 +79,18 @@ def attribute(
     The attributor must be eigen-based for the selection: iffim, if_explicit, trak or logra.
     TracIn weighs each checkpoint by its ``learning_rates`` (from ``training`` when given);
     without them every checkpoint weighs 1, with a warning.
+
+    Before any work (training included) the memory of the whole call is estimated
+    (:func:`attribute_estimate`): above the memory available, or ``memory_budget`` bytes when
+    lower, it is refused (:class:`~tdatune.features.budget.DoesNotFit`); above half of that,
+    or with an eigendecomposition too large to be quick, it warns once
+    (:class:`~tdatune.features.budget.BudgetWarning`). Both name the fix: a projection
+    (``params={"proj_dim": ...}``) or K-FAC (``attributor="kfac"`` or ``"ekfac"``).
+    ``check_fit=False`` skips the check.
     """
-    train_d, explained_d = as_dataset(train), as_dataset(explained)
-    val_d = None if val is None else as_dataset(val)
+    train_d = as_split(train, "training data")
+    val_d = None if val is None else as_split(val, "validation set")
+    explained_d = as_split(explained, "explained examples")
     for what, data in (("training data", train_d), ("validation set", val_d),
                        ("explained examples", explained_d)):
         if data is not None:
@@ -95,6 +105,12 @@ def attribute(
         if val_d is None:
             raise ValueError(f"{attributor} selects lambda on a validation set: give val= "
                              "(examples not in the training data), or lam= to skip the selection")
+    if check_fit:
+        selects = lam is None and damped and val_d is not None
+        estimate = _estimate(att, task, train_d, explained_d, len(val_d) if selects else 0)
+        if estimate is not None:
+            check_attribution(estimate, budget=memory_budget,
+                              what=f"attribute() with {attributor}", stacklevel=2)
     if checkpoints is not None:
         states: list[Params] = as_checkpoints(task, checkpoints)
     elif training is not None:
@@ -128,7 +144,8 @@ def attribute(
                 f"the selected lambda {lam:.3g} ({selection.rule} rule) may be far from the "
                 "best: "
                 + "; ".join(trust.reasons()) + ". Check it with a few retrained models "
-                "(tdatune.evaluate.calibrate.calibrate_lambda) before relying on it",
+                "(tdatune.evaluate.calibrate.calibrate_lambda; docs/your_model.md, 'Choosing "
+                "lambda with a few retrained models') before relying on it",
                 UserWarning, stacklevel=2)
     scores = att.score(explained_d, **({"lam": lam} if damped else {}))
     figure = None
@@ -137,6 +154,29 @@ def attribute(
     return AttributionResult(scores=scores, lam=float(lam) if damped else float("nan"),
                              selection=selection, attributor=att,
                              context=context, plot=figure)
+
+
+def attribute_estimate(task: Task, train: Any, explained: Any, *, val: Any = None,
+                       attributor: str = "iffim", params: dict[str, Any] | None = None
+                       ) -> AttributionEstimate | None:
+    """The memory :func:`attribute` would need for these data (``val``: lambda selected on
+    it), from the model's architecture alone, no gradient computed: what its check compares
+    with the memory available (``.memory_bytes``, ``.describe()``, ``.phases``). None for an
+    attributor without an estimate."""
+    att = make_attributor(attributor, **(params or {}))
+    validation = 0 if val is None else len(as_split(val, "validation set"))
+    return _estimate(att, task, as_split(train, "training data"),
+                     as_split(explained, "explained examples"), validation)
+
+
+def _estimate(att: Attributor, task: Task, train: ArrayDataset, explained: ArrayDataset,
+              validation: int) -> AttributionEstimate | None:
+    with torch.random.fork_rng(devices=[]):
+        model = task.make_model()
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    return att.memory_estimate(task, model, params, train, explained=len(explained),
+                               validation=validation)
 
 
 def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "") -> Path:
@@ -170,4 +210,4 @@ def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "") ->
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-__all__ = ["AttributionResult", "attribute", "plot_xi_curve"]
+__all__ = ["AttributionResult", "attribute", "attribute_estimate", "plot_xi_curve"]

@@ -80,9 +80,30 @@ def _named_leaves(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]
     return []
 
 
+class NonFiniteExample(ValueError):
+    """NaN or inf in a dataset's inputs or targets: ``where`` (e.g. ``inputs['pixels']``)
+    and the example ``row``. :meth:`in_split` says which split holds them."""
+
+    def __init__(self, where: str, row: int, split: str | None = None) -> None:
+        self.where, self.row, self.split = where, row, split
+        said = f"the {split}: " if split else ""
+        super().__init__(
+            f"{said}{where} holds NaN or inf for example {row}; repair or drop that example "
+            "(e.g. impute missing features) before training or attributing")
+
+    def in_split(self, split: str) -> NonFiniteExample:
+        """The same refusal, naming the split (``training data``, ``validation set``, ...)."""
+        return NonFiniteExample(self.where, self.row, split)
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, str | None]]:
+        # pickles (a process or Ray worker's error) with its fields, not only its message
+        return NonFiniteExample, (self.where, self.row, self.split)
+
+
 def check_finite_examples(name: str, data: Any) -> None:
     """Refuse NaN or inf in any floating tensor of ``data`` (a tensor or a tree of tensors
-    with a leading example axis), naming the first offending example."""
+    with a leading example axis), naming the first offending example
+    (:class:`NonFiniteExample`, a ``ValueError``)."""
     for path, tensor in _named_leaves(data):
         if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
             continue
@@ -93,11 +114,7 @@ def check_finite_examples(name: str, data: Any) -> None:
         rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() else tensor.reshape(1, 1)
         finite = torch.isfinite(rows).all(dim=1)
         if not bool(finite.all()):
-            row = int((~finite).nonzero()[0, 0])
-            raise ValueError(
-                f"{name}{path} holds NaN or inf for example {row}; repair or drop that example "
-                "(e.g. impute missing features) before training or attributing"
-            )
+            raise NonFiniteExample(f"{name}{path}", int((~finite).nonzero()[0, 0]))
 
 
 def check_nonempty(name: str, n: int, fix: str) -> None:

@@ -182,8 +182,10 @@ def describe_content(value: Any, seen: set[int] | None = None) -> Any:
         return "<cycle>"
     seen = seen | {id(value)}
     if isinstance(value, dict):
-        return {"dict": sorted([[describe_content(k, seen), describe_content(v, seen)]
-                                for k, v in value.items()], key=_sort_key)}
+        if all(isinstance(k, str) for k in value):  # JSON objects (key order is not kept)
+            return {k: describe_content(v, seen) for k, v in sorted(value.items())}
+        return {"<dict>": sorted([[describe_content(k, seen), describe_content(v, seen)]
+                                  for k, v in value.items()], key=_sort_key)}
     if isinstance(value, list | tuple):
         return [describe_content(v, seen) for v in value]
     if isinstance(value, set | frozenset):
