@@ -4,9 +4,10 @@ factored Fisher of :mod:`tdatune.curvature.kfac`, scored along a damping path.
 ``fit`` runs the covariance pass (and, for EK-FAC, the eigenvalue-correction pass) once;
 every damping afterwards changes only 1 / (Lambda + lambda) in the Kronecker eigenbasis, so a
 whole lambda-path, the surrogate indicator xi and Algorithm 1 come from one fit. The path's
-blocks are the layers (then one block of the diagonal parameters), so per-module damping
-(Kronfluence's 0.1 x mean eigenvalue per module) is scored with ``blockwise_predictions``
-and :func:`module_heuristic_dampings`.
+blocks are the layers (then one block of the diagonal parameters), so ``score`` takes one
+damping per block (a list, ``{layer: value}``, or ``"per_layer"``: Kronfluence's 0.1 x mean
+eigenvalue per module; :mod:`tdatune.attributors.damping`), and ``blockwise_predictions``
+scores per-block dampings for LDS.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from tdatune.attributors.base import (
     HyperParameter,
     any_int,
     one_of,
-    positive_float,
 )
+from tdatune.attributors.damping import block_mean_dampings, check_damping
 from tdatune.attributors.lambda_path import LambdaPath, StreamedLambdaPath
 from tdatune.attributors.logra import optional_names
 from tdatune.curvature.kfac import KroneckerFit, fit_kronecker
@@ -39,8 +40,9 @@ class KFAC(Attributor):
     name = "kfac"
     strategy = "kfac"
     hyperparameters = (
-        HyperParameter("lam", 1e-3, "score", positive_float,
-                       "damping added to the Kronecker-factored Fisher (mean-loss scale)"),
+        HyperParameter("lam", 1e-3, "score", check_damping,
+                       "damping added to the Kronecker-factored Fisher (mean-loss scale): a "
+                       "number, one per block (layer), {layer: value} or 'per_layer'"),
         HyperParameter("fisher", "empirical", "fit", one_of("empirical", "true"),
                        "empirical (true labels) or true (labels sampled from the model)"),
         HyperParameter("layers", None, "fit", optional_names,
@@ -99,23 +101,24 @@ class KFAC(Attributor):
             keep = len(ctx.train) * sigma.numel() <= COORDS_KEEP_LIMIT
             self._paths[key] = StreamedLambdaPath(
                 sigma, coords, train_chunks, len(ctx.train), sizes=fit.block_sizes, keep=keep,
-                products=products, masked_sums=masked_sums)
+                products=products, masked_sums=masked_sums, names=fit.block_names)
         return self._paths[key]
 
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:
-        """Scores [m, n] at ``lam``."""
+        """Scores [m, n] at ``lam``: one damping, one per block (in ``block_names`` order),
+        ``{block name: value}`` (``"*"`` for the rest) or ``"per_layer"``."""
         lam = self.score_params(values)["lam"]
         return self.lambda_path(explained).scores(lam).float()
+
+    @property
+    def block_names(self) -> list[str]:
+        """The damping blocks: one per Kronecker layer (its module path), then ``diagonal``."""
+        return self.fit_.block_names
 
     def module_heuristic_dampings(self, fraction: float = 0.1) -> list[float]:
         """Kronfluence's heuristic per block: ``fraction`` x the block's mean eigenvalue."""
         self._require_fit()
-        out, start = [], 0
-        sigma = self.fit_.sigma
-        for size in self.fit_.block_sizes:
-            out.append(fraction * float(sigma[start : start + size].mean()))
-            start += size
-        return out
+        return block_mean_dampings(self.fit_.sigma, self.fit_.block_sizes, fraction)
 
 
 class EKFAC(KFAC):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tdatune.attributors.damping import Damping, block_lambdas
 from tdatune.utils.checks import check_shape
 
 SINGULAR_RTOL = 1e-12
@@ -42,10 +43,31 @@ def null_space(sigma: torch.Tensor) -> torch.Tensor:
     return s <= NULL_RTOL * top
 
 
-def damped_inverse(sigma: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
-    """1 / (sigma + lam), broadcast, with the null space's entries 0 (the pseudo-inverse there)."""
-    inv = 1.0 / (sigma + lam)
-    return torch.where(null_space(sigma), torch.zeros_like(inv), inv)
+FILTERS = ("damping", "flow")
+
+
+def damped_inverse(sigma: torch.Tensor, lam: float | torch.Tensor, filter: str = "damping",
+                   null: torch.Tensor | None = None) -> torch.Tensor:
+    """The spectral filter h(sigma), broadcast, with the null space's entries 0 (``null``, by
+    default :func:`null_space` of the whole of ``sigma``):
+
+    * ``"damping"``: h = 1 / (sigma + lam), the damped inverse (ridge);
+    * ``"flow"``: h = (1 - exp(-sigma / lam)) / sigma, gradient flow on the quadratic model for
+      a time T = 1 / lam (SOURCE's filter with one segment, eta T = 1 / lam). Both equal
+      1 / sigma where sigma >> lam and ~1 / lam where sigma << lam, so lam means the same; the
+      flow filter switches between the two more sharply (at sigma = lam it is 0.63 / lam
+      against damping's 0.5 / lam).
+    """
+    if filter == "damping":
+        h = 1.0 / (sigma + lam)
+    elif filter == "flow":
+        s = torch.as_tensor(sigma)
+        x = s / lam
+        h = torch.where(x.abs() > 1e-8, -torch.expm1(-x) / torch.where(s == 0, 1.0, s),
+                        (1.0 - x / 2) / lam)  # the series near 0
+    else:
+        raise ValueError(f"unknown spectral filter {filter!r}; choose one of {', '.join(FILTERS)}")
+    return torch.where(null_space(sigma) if null is None else null, torch.zeros_like(h), h)
 HOLD_LIMIT = 1 << 27  # training coordinates a streamed path agrees to hold (1 GiB in float64)
 
 
@@ -84,6 +106,7 @@ class LambdaPath:
     explained_coords: torch.Tensor  # [m, k]
     train_coords: torch.Tensor  # [n, k]
     sign: float = -1.0
+    names: list[str] | None = None  # one per block (layers); None: "all" or block0, block1, ...
 
     def __post_init__(self) -> None:
         k = self.sigma.shape[0]
@@ -95,13 +118,46 @@ class LambdaPath:
         """Number of training examples."""
         return int(self.train_coords.shape[0])
 
-    def _weighted(self, lam: float) -> torch.Tensor:
-        return self.explained_coords * damped_inverse(self.sigma, lam)
+    def _weighted(self, lam: float | torch.Tensor, filter: str = "damping") -> torch.Tensor:
+        return self.explained_coords * damped_inverse(self.sigma, lam, filter, self.null_mask())
 
-    def scores(self, lam: float) -> torch.Tensor:
-        """Score matrix [m, n] at one lambda."""
-        lam_t = check_path_lambdas(self.sigma, lam)
-        return self.sign * (self._weighted(float(lam_t[0])) @ self.train_coords.T)
+    def null_mask(self) -> torch.Tensor:
+        """The null space, block by block: each block is a curvature of its own (a layer, a
+        checkpoint), so an eigenvalue is null against its own block's largest."""
+        return torch.cat([null_space(part) for part in self._block_parts(self.sigma)])
+
+    def _block_parts(self, values: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(values, self.block_sizes()))
+
+    def block_names(self) -> list[str]:
+        """The blocks' names, in order (layers for K-FAC and LoGra per layer)."""
+        sizes = self.block_sizes()
+        if self.names is not None:
+            return list(self.names)
+        return ["all"] if len(sizes) == 1 else [f"block{i}" for i in range(len(sizes))]
+
+    def entry_lambdas(self, lam: Damping, filter: str = "damping") -> float | torch.Tensor:
+        """A damping (a number, one per block, a {block: value} mapping or ``"per_layer"``;
+        :mod:`tdatune.attributors.damping`) as added to each eigenvalue: a float, or [k]
+        float64 with each block's value repeated over its eigenvalues. Checked block by block
+        (the flow filter also needs a PSD spectrum)."""
+        if filter != "damping":
+            self._check_filter(filter)
+        sizes = self.block_sizes()
+        values = block_lambdas(lam, self.sigma, sizes, self.block_names())
+        per_block = [values] * len(sizes) if isinstance(values, float) else values
+        for part, x in zip(self._block_parts(self.sigma), per_block, strict=True):
+            check_path_lambdas(part, float(x))  # each against its own block
+        if isinstance(values, float):
+            return values
+        return torch.repeat_interleave(torch.tensor(values, dtype=torch.float64),
+                                       torch.tensor(sizes))
+
+    def scores(self, lam: Damping, filter: str = "damping") -> torch.Tensor:
+        """Score matrix [m, n] at one damping (one lambda, or one per block), under the spectral
+        ``filter`` (:func:`damped_inverse`)."""
+        w = self._weighted(self.entry_lambdas(lam, filter), filter)
+        return self.sign * (w @ self.train_coords.T)
 
     def project_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """Subset masks [M, n] through the eigenbasis: B = masks @ a, shape [M, k]."""
@@ -109,18 +165,36 @@ class LambdaPath:
         return masks.to(self.train_coords.dtype) @ self.train_coords
 
     def subset_predictions(self, masks: torch.Tensor, lambdas: torch.Tensor | list[float],
-                           projected: torch.Tensor | None = None) -> torch.Tensor:
+                           projected: torch.Tensor | None = None, filter: str = "damping"
+                           ) -> torch.Tensor:
         """Predicted subset sums sum_{i in S_m} score[j, i] for every lambda: [L, m, M]."""
-        lam = check_path_lambdas(self.sigma, lambdas)
+        lam = self._checked(lambdas, filter)
         b = self.project_masks(masks) if projected is None else projected
-        return torch.stack([self.sign * (self._weighted(float(x)) @ b.T) for x in lam])
+        return torch.stack([self.sign * (self._weighted(float(x), filter) @ b.T) for x in lam])
+
+    def _checked(self, lambdas: torch.Tensor | Sequence[float] | float, filter: str
+                 ) -> torch.Tensor:
+        if filter != "damping":
+            self._check_filter(filter)
+        lam = check_path_lambdas(self.sigma[:0], lambdas)  # finite and >= 0
+        for part in self._block_parts(self.sigma):
+            check_path_lambdas(part, lam)
+        return lam
+
+    def _check_filter(self, filter: str) -> None:
+        if filter not in FILTERS:
+            raise ValueError(f"unknown spectral filter {filter!r}; choose one of {', '.join(FILTERS)}")
+        negative = (self.sigma < 0) & ~self.null_mask()
+        if bool(negative.any()):
+            raise ValueError(f"the {filter} filter needs a PSD curvature; this one has "
+                             f"{int(negative.sum())} negative eigenvalue(s)")
 
     def self_influence(self, lambdas: torch.Tensor | Sequence[float]) -> torch.Tensor:
         """Each training example's influence on its own loss, sum_k a_ik^2 / (sigma_k +
         lambda), for every lambda: [L, n] (float64). A large value marks an example the model
         fits only by bending to it (the classic detector of mislabelled data)."""
-        lam = check_path_lambdas(self.sigma, lambdas)
-        inv = damped_inverse(self.sigma.double()[None, :], lam[:, None])  # [L, k]
+        lam = self._checked(lambdas, "damping")
+        inv = damped_inverse(self.sigma.double()[None, :], lam[:, None], null=self.null_mask())
         out = torch.empty(len(lam), self.n_train, dtype=torch.float64)
         for start, c in self._train_chunks():
             out[:, start : start + c.shape[0]] = inv @ c.double().square().T
@@ -134,33 +208,26 @@ class LambdaPath:
         """Eigenvalue counts of the path's blocks, in order (one block for a single path)."""
         return [int(self.sigma.numel())]
 
-    def blockwise_predictions(self, masks: torch.Tensor, block_lambdas: Sequence[float],
-                              projected: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted subset sums [m, M] with one damping per block (``block_lambdas[b]`` added
-        to every eigenvalue of block b): per-module damping on a block-diagonal matrix."""
-        sizes = self.block_sizes()
-        if len(block_lambdas) != len(sizes):
-            raise ValueError(f"the path has {len(sizes)} blocks but {len(block_lambdas)} "
-                             "block lambdas were given")
-        lam = torch.repeat_interleave(torch.tensor([float(x) for x in block_lambdas],
-                                                   dtype=torch.float64), torch.tensor(sizes))
-        start = 0
-        for size, x in zip(sizes, block_lambdas, strict=True):  # each against its own block
-            check_path_lambdas(self.sigma[start: start + size], float(x))
-            start += size
+    def blockwise_predictions(self, masks: torch.Tensor, block_lambdas: Damping,
+                              projected: torch.Tensor | None = None, filter: str = "damping"
+                              ) -> torch.Tensor:
+        """Predicted subset sums [m, M] at one damping per block (``block_lambdas[b]`` added to
+        every eigenvalue of block b; any form :meth:`entry_lambdas` takes): per-module damping
+        on a block-diagonal matrix."""
+        lam = self.entry_lambdas(block_lambdas, filter)
         b = self.project_masks(masks) if projected is None else projected
-        return self.sign * ((self.explained_coords * damped_inverse(self.sigma, lam)) @ b.T)
+        return self.sign * (self._weighted(lam, filter).to(b.dtype) @ b.T)
 
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma, explained_coords) for the surrogate indicator, the null space's eigenvalues
         set to 0 (they carry no weight); needs a PSD spectrum."""
-        negative = (self.sigma < 0) & ~null_space(self.sigma)
+        negative = (self.sigma < 0) & ~self.null_mask()
         if bool(negative.any()):
             raise ValueError(
                 f"the curvature has {int(negative.sum())} negative eigenvalue(s) (most "
                 f"negative {float(self.sigma.min()):.3g}); the surrogate indicator is defined for "
                 "PSD matrices (Fisher, TRAK's Phi^T Phi, LoGra's projected Fisher)")
-        sigma = torch.where(null_space(self.sigma), torch.zeros_like(self.sigma), self.sigma)
+        sigma = torch.where(self.null_mask(), torch.zeros_like(self.sigma), self.sigma)
         return sigma, self.explained_coords
 
 
@@ -172,8 +239,8 @@ class EnsembleLambdaPath(LambdaPath):
     the block-diagonal matrix diag(F_1, ..., F_C). Weights default to 1 / C (an average).
     """
 
-    def __init__(self, members: Sequence[LambdaPath], weights: Sequence[float] | None = None
-                 ) -> None:
+    def __init__(self, members: Sequence[LambdaPath], weights: Sequence[float] | None = None,
+                 names: Sequence[str] | None = None) -> None:
         members = list(members)
         if not members:
             raise ValueError("an ensemble lambda-path needs at least one member path")
@@ -192,7 +259,10 @@ class EnsembleLambdaPath(LambdaPath):
             train_coords=torch.cat([m.train_coords.to(f64) * (m.sign * wc)
                                     for m, wc in zip(members, w, strict=True)], dim=1),
             sign=1.0,
+            names=None if names is None else [str(x) for x in names],
         )
+        if names is not None and len(names) != len(members):
+            raise ValueError(f"{len(members)} member paths but {len(names)} names")
         self.members = members
         self.weights = w
 
@@ -216,7 +286,8 @@ class StreamedLambdaPath(LambdaPath):
                  sign: float = -1.0, sizes: Sequence[int] | None = None, keep: bool = False,
                  products: Callable[[torch.Tensor], Iterator[tuple[int, torch.Tensor]]]
                  | None = None,
-                 masked_sums: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 masked_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 names: Sequence[str] | None = None) -> None:
         check_shape("explained_coords", explained_coords, [None, sigma.shape[0]])
         self.sigma, self.explained_coords, self.sign = sigma, explained_coords, float(sign)
         self._chunks, self._n = chunks, int(n_train)
@@ -224,6 +295,9 @@ class StreamedLambdaPath(LambdaPath):
         self._sizes = [int(sigma.numel())] if sizes is None else [int(s) for s in sizes]
         if sum(self._sizes) != sigma.numel():
             raise ValueError(f"block sizes {self._sizes} do not add up to {sigma.numel()}")
+        self.names = None if names is None else [str(x) for x in names]
+        if self.names is not None and len(self.names) != len(self._sizes):
+            raise ValueError(f"{len(self._sizes)} blocks but {len(self.names)} names")
         self._held: torch.Tensor | None = None
         if keep:
             self._held = torch.cat([c for _, c in chunks()]) if n_train else torch.empty(
@@ -246,18 +320,20 @@ class StreamedLambdaPath(LambdaPath):
         """Number of training examples."""
         return self._n
 
-    def _weighted(self, lam: float) -> torch.Tensor:
-        """c / (sigma + lam) at the explained coordinates' precision (a wide model's are
-        float32)."""
-        return self.explained_coords * damped_inverse(self.sigma, lam).to(self.explained_coords.dtype)
+    def _weighted(self, lam: float | torch.Tensor, filter: str = "damping") -> torch.Tensor:
+        """c h(sigma) (c / (sigma + lam) for damping) at the explained coordinates' precision (a
+        wide model's are float32)."""
+        h = damped_inverse(self.sigma, lam, filter, self.null_mask())
+        return self.explained_coords * h.to(self.explained_coords.dtype)
 
     def subset_predictions(self, masks: torch.Tensor, lambdas: torch.Tensor | list[float],
-                           projected: torch.Tensor | None = None) -> torch.Tensor:
+                           projected: torch.Tensor | None = None, filter: str = "damping"
+                           ) -> torch.Tensor:
         """Predicted subset sums [L, m, M] (float64), one pass over the training side."""
-        lam = check_path_lambdas(self.sigma, lambdas)
+        lam = self._checked(lambdas, filter)
         b = (self.project_masks(masks) if projected is None else projected).to(
             self.explained_coords.dtype)
-        return torch.stack([self.sign * (self._weighted(float(x)) @ b.T).double()
+        return torch.stack([self.sign * (self._weighted(float(x), filter) @ b.T).double()
                             for x in lam])
 
     def _train_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -266,10 +342,10 @@ class StreamedLambdaPath(LambdaPath):
         else:
             yield from self._chunks()
 
-    def scores(self, lam: float) -> torch.Tensor:
-        """Score matrix [m, n] at one lambda (one pass over the training side)."""
-        lam_t = check_path_lambdas(self.sigma, lam)
-        w = self._weighted(float(lam_t[0]))
+    def scores(self, lam: Damping, filter: str = "damping") -> torch.Tensor:
+        """Score matrix [m, n] at one damping, one lambda or one per block, under ``filter``
+        (one pass over the training side)."""
+        w = self._weighted(self.entry_lambdas(lam, filter), filter)
         out = torch.empty(w.shape[0], self._n, dtype=w.dtype)
         if self._held is None and self._products is not None:
             for start, prod in self._products(w):

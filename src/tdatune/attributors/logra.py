@@ -28,8 +28,8 @@ from tdatune.attributors.base import (
     any_int,
     one_of,
     optional_positive_int,
-    positive_float,
 )
+from tdatune.attributors.damping import check_damping
 from tdatune.attributors.lambda_path import EnsembleLambdaPath, LambdaPath
 from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
 from tdatune.data.base import ArrayDataset
@@ -51,8 +51,9 @@ class LoGra(Attributor):
 
     name = "logra"
     hyperparameters = (
-        HyperParameter("lam", 1e-3, "score", positive_float,
-                       "damping added to the projected Fisher (mean loss)"),
+        HyperParameter("lam", 1e-3, "score", check_damping,
+                       "damping added to the projected Fisher (mean loss); with blocks='layer' "
+                       "also one per layer, {layer: value} or 'per_layer'"),
         HyperParameter("proj_dim", 16, "fit", optional_positive_int,
                        "per-layer factor dim k (k_in = k_out = k); None = identity factors"),
         HyperParameter("proj_seed", 0, "fit", any_int, "factor seed"),
@@ -105,11 +106,12 @@ class LoGra(Attributor):
             v = self.explained_grads(explained)
             paths = [LambdaPath(e.sigma, e.coords(v[:, s]), e.train_coords)
                      for e, s in zip(self.eigens, self.slices, strict=True)]
-            self._paths[key] = (paths[0] if len(paths) == 1
-                                else EnsembleLambdaPath(paths, [1.0] * len(paths)))
+            self._paths[key] = (paths[0] if len(paths) == 1 else EnsembleLambdaPath(
+                paths, [1.0] * len(paths), names=[name for name, _ in self.layers]))
         return self._paths[key]
 
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:
-        """Scores [m, n] at ``lam``."""
+        """Scores [m, n] at ``lam``: one damping, or with ``blocks="layer"`` one per layer (a
+        list, ``{layer: value}`` or ``"per_layer"``)."""
         lam = self.score_params(values)["lam"]
         return self.lambda_path(explained).scores(lam).float()

@@ -41,7 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "(gap to the grid best, side of the best lambda, a calibrated threshold "
                        "left one setting out)")
     c.add_argument("dirs", type=Path, nargs="+", help="sweep directories")
-    c.add_argument("--out", type=Path, required=True, help="folder for rules.md and rules.csv")
+    c.add_argument("--out", type=Path, required=True, help="folder for rules.md, rules.csv and "
+                   "rules_by_attributor.csv")
     c.add_argument("--default", type=float, default=0.5,
                    help="the threshold a calibrated one is compared with (default 0.5)")
     c.set_defaults(func=rules)

@@ -85,6 +85,13 @@ class KroneckerFit:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
 
     @property
+    def block_names(self) -> list[str]:
+        """One name per block of :attr:`block_sizes`: each Kronecker layer's module path, then
+        ``diagonal`` for the parameters kept diagonal."""
+        rest = sum(v.numel() for v in self.diagonal.values())
+        return [b.layer.path or "(model)" for b in self.blocks] + (["diagonal"] if rest else [])
+
+    @property
     def block_sizes(self) -> list[int]:
         """Coordinates per block (Kronecker layers, then one block of diagonal parameters)."""
         sizes = [b.sigma.numel() for b in self.blocks]

@@ -14,6 +14,9 @@ and diagnosed from stored cells without refitting anything.
 - ``blockwise``: for a path of several blocks (LoGra's layers), LDS with one damping per block,
   by Kronfluence's heuristic (0.1 x the block's mean eigenvalue) and by xi on each block's own
   coordinates.
+- ``flow``: LDS along the same grid with the gradient-flow filter (1 - exp(-sigma / lambda)) /
+  sigma in place of the damped inverse (``tdatune.attributors.lambda_path.damped_inverse``), so
+  a study can say whether the filter of the training's own dynamics beats the best damping.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tdatune.attributors.damping import PER_LAYER_FRACTION, block_mean_dampings
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.evaluate.calibrate import XI_WINDOW, calibration_draws, window_mask
 from tdatune.evaluate.condition import condition_curves, decompose, first_crossing
@@ -36,7 +40,6 @@ from tdatune.select.surrogate import ZERO_RTOL, Selection, select_lambda
 STAT_QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))
 CALIBRATION_K = (3, 5, 10)
 CALIBRATION_DRAWS = 100
-BLOCK_HEURISTIC = 0.1  # Kronfluence's damping: 0.1 x the mean eigenvalue of each module
 
 
 def spectrum_stats(sigma: torch.Tensor) -> dict[str, Any]:
@@ -81,12 +84,25 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
         out["calibration"] = {str(k): calibration_draws(preds, outputs, k, CALIBRATION_DRAWS,
                                                         seed=k, window=window, fixed=fixed)
                               for k in CALIBRATION_K if k <= total - 3}
+        try:
+            out["flow"] = flow_lds(test_path, gt, grid)
+        except ValueError as err:  # a signed spectrum: no flow filter
+            out["flow_error"] = str(err)
     if blockwise and len(test_path.block_sizes()) > 1:
         try:
             out["blockwise"] = _blockwise(test_path, val_path, gt, threshold)
         except ValueError as err:  # the other blocks of the diagnosis stand without it
             out["blockwise_error"] = str(err)
     return out
+
+
+def flow_lds(test_path: LambdaPath, gt: GroundTruth, grid: torch.Tensor) -> dict[str, Any]:
+    """Mean LDS over the explained examples at each grid lambda under the flow filter."""
+    preds = test_path.subset_predictions(gt.masks, grid, filter="flow").numpy()
+    outputs = np.asarray(gt.mean_outputs, dtype=np.float64).T
+    with np.errstate(invalid="ignore"):
+        lds = [float(np.nanmean(spearman_rows(p, outputs))) for p in preds]
+    return {"lambdas": [float(x) for x in grid], "lds": lds}
 
 
 def xi_window(lambdas: np.ndarray, xi_mean: np.ndarray) -> tuple[float, float]:
@@ -100,10 +116,10 @@ def _blockwise(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth,
                threshold: float) -> dict[str, Any]:
     """LDS with one damping per block: Kronfluence's heuristic and xi per block."""
     edges = np.cumsum([0, *val_path.block_sizes()])
-    heuristic, by_xi = [], []
+    heuristic = block_mean_dampings(val_path.sigma, val_path.block_sizes(), PER_LAYER_FRACTION)
+    by_xi = []
     for lo, hi in itertools.pairwise(edges):
         sigma = val_path.sigma[lo:hi]
-        heuristic.append(BLOCK_HEURISTIC * float(sigma.mean()))
         by_xi.append(select_lambda(sigma, val_path.explained_coords[:, lo:hi],
                                    threshold=threshold).lam)
     projected = test_path.project_masks(gt.masks)

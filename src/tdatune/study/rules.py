@@ -21,6 +21,8 @@ import numpy as np
 from tdatune.study.figures import write_csv
 from tdatune.study.report import selection_rows
 from tdatune.study.results import load_results
+from tdatune.study.rule_choice import choose_defaults
+from tdatune.study.rule_choice_report import choice_lines, choice_rows
 from tdatune.study.rule_compare import comparison_lines
 from tdatune.utils.atomic import atomic_write_text
 from tdatune.utils.fingerprint import fingerprint_config
@@ -127,7 +129,8 @@ def leave_one_setting_out(rows: list[dict[str, Any]], thresholds: list[float],
 
 
 def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -> Path:
-    """Write ``rules.md`` and ``rules.csv`` (one row per cell) into ``out``; return the .md."""
+    """Write ``rules.md``, ``rules.csv`` (one row per cell) and ``rules_by_attributor.csv`` (the
+    default per attributor chosen out of sample, one row per fold) into ``out``; return the .md."""
     rows, cells = collect_cells(dirs)
     thresholds, quantiles = thresholds_of(rows), quantiles_of(rows)
     if default not in thresholds:
@@ -177,6 +180,9 @@ def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -
         lines += ["", f"Mean over the {len(loso)} settings left out: calibrated {cal:.3f}, "
                   f"default {dft:.3f}."]
     lines += ["", *comparison_lines(cells)]
+    choices = choose_defaults(cells)
+    write_csv(out / "rules_by_attributor.csv", choice_rows(choices))
+    lines += ["", *choice_lines(choices), "", "Per fold: `rules_by_attributor.csv`."]
     path = out / "rules.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
