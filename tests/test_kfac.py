@@ -325,3 +325,71 @@ def test_logra_per_layer_damping_is_the_sum_of_single_layer_logras():
     want = sum(make_attributor("logra", proj_dim=None, layers=[name]).fit(ctx).score(
         explained, lam=value).double() for name, value in lams.items())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:the selected damping")
+def test_attribute_picks_one_damping_per_layer_for_kfac_by_default():
+    """``attribute()`` with K-FAC and no lambda: the default rule is per layer, 0.1 x each
+    layer's mean Kronecker eigenvalue (worked densely here), and the scores are the dense
+    layer-by-layer solve at those dampings; an explicit {layer: value} is used as given."""
+    from tdatune.study.attribute import attribute
+
+    model = mlp().eval()
+    gen = torch.Generator().manual_seed(13)
+    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    xv, yv = torch.randn(6, 6, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    xe, ye = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    result = attribute(task, (x, y), (xe, ye), val=(xv, yv), checkpoints=[model.state_dict()],
+                       attributor="kfac")
+    layers: list = []
+    dense_scores(model, (x, y), (xe, ye), 1.0, "kfac", layers)
+    want_lams = [0.1 * float(k.mean()) for k in layers]
+    assert result.damping.rule == "per_layer"
+    assert result.lam == pytest.approx(want_lams, rel=1e-6)
+    assert result.damping.by_block() == pytest.approx(dict(zip(["0", "2", "4"], want_lams)),
+                                                      rel=1e-6)
+    want = dense_scores(model, (x, y), (xe, ye), want_lams, "kfac")
+    torch.testing.assert_close(result.scores.double(), want, rtol=1e-4,
+                               atol=1e-6 * float(want.abs().max()))
+    given = attribute(task, (x, y), (xe, ye), checkpoints=[model.state_dict()],
+                      attributor="kfac", lam={"2": 0.5, "*": 1e-3})
+    assert given.lam == [1e-3, 0.5, 1e-3] and given.damping is None
+    plain = attribute(task, (x, y), (xe, ye), val=(xv, yv), checkpoints=[model.state_dict()],
+                      attributor="kfac", rule="quantile")
+    assert isinstance(plain.lam, float) and plain.damping.rule == "quantile"
+
+
+@pytest.mark.filterwarnings("ignore:the selected damping")
+def test_a_cells_default_selection_is_kfacs_per_layer_damping_and_its_lds(tmp_path):
+    """What a sweep cell records as the product's own choice: for K-FAC, per layer 0.1 x each
+    layer's mean eigenvalue (dense), and the LDS of the dense per-layer scores summed over each
+    subset against the outputs (scipy's Spearman, per explained example, averaged)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig
+    from tdatune.study.diagnosis import default_selection
+
+    model = mlp().eval()
+    gen = torch.Generator().manual_seed(14)
+    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    xv, yv = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    xe, ye = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    att = make_attributor("kfac").fit(AttributionContext(task, ArrayDataset(x, y),
+                                                         [model.state_dict()]))
+    rng = np.random.default_rng(0)
+    masks = rng.random((10, 30)) < 0.5
+    outputs = rng.standard_normal((10, 1, 4))
+    gt = GroundTruth(torch.from_numpy(masks), outputs, GroundTruthConfig(n_subsets=10), tmp_path)
+    record = default_selection(att, att.lambda_path(ArrayDataset(xe, ye)), ArrayDataset(xv, yv),
+                               gt, 0.5)
+    layers: list = []
+    dense_scores(model, (x, y), (xe, ye), 1.0, "kfac", layers)
+    lams = [0.1 * float(k.mean()) for k in layers]
+    assert record["rule"] == "per_layer"
+    assert record["blocks"] == pytest.approx(dict(zip(["0", "2", "4"], lams)), rel=1e-6)
+    preds = dense_scores(model, (x, y), (xe, ye), lams, "kfac").numpy() @ masks.T
+    want = np.mean([spearmanr(preds[j], outputs[:, 0, j])[0] for j in range(4)])
+    assert record["lds"] == pytest.approx(want, abs=1e-9)

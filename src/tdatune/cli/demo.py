@@ -14,7 +14,6 @@ from tdatune.cli.options import (
     backend_options,
     setting_request,
 )
-from tdatune.select.default import DEFAULT_RULE, RULES
 from tdatune.study.lambda_study import LambdaStudyConfig, format_summary, run_lambda_study
 from tdatune.study.spec import is_eigen
 
@@ -29,10 +28,14 @@ def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="subset fraction (default 0.5)")
     p.add_argument("--seeds", type=int, default=1, help="retraining seeds per subset (averaged)")
     p.add_argument("--threshold", type=float, default=0.5, help="surrogate threshold (default 0.5)")
-    p.add_argument("--rule", default=DEFAULT_RULE, choices=RULES,
-                   help=f"how lambda is selected without retraining: xi (Algorithm 1 at the "
-                        f"threshold), top (0.01 x the top eigenvalue) or quantile (the 0.9 "
-                        f"quantile of the spectrum); default {DEFAULT_RULE}")
+    p.add_argument("--rule", default=None,
+                   help="how lambda is selected without retraining: xi (Algorithm 1 at the "
+                        "threshold), top[:c] (c x the top eigenvalue, default 0.01), "
+                        "quantile[:q] (the q quantile of the spectrum, default 0.9), and for "
+                        "K-FAC, EK-FAC and LoGra per layer one damping per layer: per_layer[:f] "
+                        "(f x each layer's mean eigenvalue, default 0.1) or blockwise:<rule>; "
+                        "default: the attributor's own (per_layer for kfac and ekfac, "
+                        "top:0.001 for if_arnoldi, quantile for the others)")
     p.add_argument("--grid-points", type=int, default=41, help="lambda grid size for the curve")
     p.add_argument("--calibrate", type=int, default=None, metavar="K",
                    help="also choose lambda with K <= 10 retrained models (the first K subsets "

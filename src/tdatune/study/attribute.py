@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import AttributionContext, Attributor
+from tdatune.attributors.damping import Damping, block_lambdas
 from tdatune.attributors.registry import make_attributor
 from tdatune.data.base import ArrayDataset, as_split
 from tdatune.features.budget import AttributionEstimate, check_attribution
 from tdatune.models.checkpoints import as_checkpoints
 from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, train_model
-from tdatune.select.default import DEFAULT_RULE, choose_lambda
+from tdatune.select.damping_choice import DampingChoice, choose_damping
 from tdatune.select.surrogate import Selection, default_lambda_grid
 
 
@@ -27,18 +28,21 @@ class AttributionResult:
     """Scores at the selected lambda and how it was selected.
 
     ``scores[j, i]``: how much training example i raises the output of explained example j
-    (positive: including it raises the output). ``selection`` holds the selected ``lam``, its
+    (positive: including it raises the output). ``lam`` is the damping used (one value per
+    block, in the path's ``block_names()`` order, for a per-block damping); ``damping`` what
+    the selection chose and by which rule. ``selection`` holds Algorithm 1's lambda, its
     ``status`` ("crossed"; "below-grid": xi already above the threshold at the smallest lambda;
     "above-grid": never reached), ``n_used`` / ``n_dropped`` validation examples (dropped: zero
     output gradient, xi undefined), and the curve ``grid`` / ``xi_mean``.
     """
 
     scores: torch.Tensor
-    lam: float
+    lam: float | list[float]
     selection: Selection | None
     attributor: Attributor
     context: AttributionContext
     plot: Path | None = None
+    damping: DampingChoice | None = None
 
     @property
     def xi_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +54,7 @@ class AttributionResult:
     def summary(self) -> dict[str, Any]:
         """JSON-friendly diagnostics."""
         return {"attributor": self.attributor.name, "lambda": self.lam,
+                "damping": None if self.damping is None else self.damping.to_dict(),
                 "selection": None if self.selection is None else self.selection.to_dict(),
                 "scores_shape": list(self.scores.shape), "plot": str(self.plot) if self.plot else None}
 
@@ -57,8 +62,8 @@ class AttributionResult:
 def attribute(
     task: Task, train: Any, explained: Any, *, val: Any = None, checkpoints: Any = None,
     training: TrainRecipe | TrainFunction | None = None, attributor: str = "iffim",
-    params: dict[str, Any] | None = None, lam: float | None = None, threshold: float = 0.5,
-    rule: str = DEFAULT_RULE,
+    params: dict[str, Any] | None = None, lam: Damping | None = None, threshold: float = 0.5,
+    rule: str | None = None,
     weight_decay: float | None = None, learning_rates: list[float] | None = None,
     seed: int = 0, device: str | torch.device | None = None, plot: str | Path | None = None,
     show_progress: bool = False, memory_budget: int | None = None, check_fit: bool = True,
@@ -71,12 +76,17 @@ def attribute(
     state dict, a path, or a list of them, last = trained model) or ``training`` (a
     :class:`TrainRecipe` or your :class:`TrainFunction`) to train here. ``weight_decay`` is
     the L2 coefficient of your training objective (default: the training recipe's, else 0).
-    ``lam`` skips the selection (TracIn has no lambda), and ``val`` is needed only for the
-    selection; ``rule`` chooses it (``tdatune.select.default``: ``"xi"``, Algorithm 1 at
-    ``threshold``; ``"top"``, 0.01 x the top eigenvalue; ``"quantile"``, the spectrum's 0.9
-    quantile). ``plot`` writes a PNG of mean xi
-    against lambda.
-    The attributor must be eigen-based for the selection: iffim, if_explicit, trak or logra.
+    ``lam`` skips the selection (TracIn has no lambda): a number, or for K-FAC, EK-FAC and LoGra
+    per layer one per layer (a list, ``{layer: value}``, ``"per_layer"``;
+    :mod:`tdatune.attributors.damping`). ``val`` is needed only for the selection; ``rule``
+    chooses it, by default the attributor's own (:func:`tdatune.select.default.default_rule`:
+    per layer 0.1 x each layer's mean eigenvalue for K-FAC and EK-FAC, the spectrum's 0.9
+    quantile for IFFIM and TRAK, ...); or ``"xi"`` (Algorithm 1 at ``threshold``),
+    ``"top[:c]"``, ``"quantile[:q]"``, ``"per_layer[:fraction]"``, ``"blockwise:<rule>"``
+    (:mod:`tdatune.select.blockwise`). ``result.damping`` says what was chosen, with xi beside
+    it. ``plot`` writes a PNG of mean xi against lambda.
+    The attributor must be eigen-based for the selection: iffim, if_explicit, trak, logra,
+    kfac, ekfac or if_arnoldi.
     TracIn weighs each checkpoint by its ``learning_rates`` (from ``training`` when given);
     without them every checkpoint weighs 1, with a warning.
 
@@ -100,8 +110,8 @@ def attribute(
     if lam is None and damped:
         if not hasattr(att, "lambda_path"):
             raise ValueError(f"{attributor} is not eigen-based, so lambda cannot be selected "
-                             "without retraining; use iffim, if_explicit, trak or logra, or "
-                             "pass lam=")
+                             "without retraining; use iffim, if_explicit, trak, logra, kfac, "
+                             "ekfac or if_arnoldi, or pass lam=")
         if val_d is None:
             raise ValueError(f"{attributor} selects lambda on a validation set: give val= "
                              "(examples not in the training data), or lam= to skip the selection")
@@ -132,17 +142,16 @@ def attribute(
             "learning_rates= (one per checkpoint) or training= to weigh them as TracIn does",
             UserWarning, stacklevel=2)
     att.fit(context)
-    selection = None
+    selection, choice = None, None
     if lam is None and damped and val_d is not None:  # (val_d is given: checked above)
-        sigma, c_val = att.surrogate_spectrum(val_d)
+        sigma, _ = att.surrogate_spectrum(val_d)
         grid = default_lambda_grid(sigma, num=81, below=1e-2, above=1e2)
-        selection = choose_lambda(sigma, c_val, rule=rule, threshold=threshold, grid=grid)
-        lam = selection.lam
+        choice = choose_damping(att, val_d, rule=rule, threshold=threshold, grid=grid)
+        selection, lam = choice.selection, choice.lam
         trust = selection.reliability
         if trust is not None and trust.unsure:
             warnings.warn(
-                f"the selected lambda {lam:.3g} ({selection.rule} rule) may be far from the "
-                "best: "
+                f"the selected damping ({choice.describe()}) may be far from the best: "
                 + "; ".join(trust.reasons()) + ". Check it with a few retrained models "
                 "(tdatune.evaluate.calibrate.calibrate_lambda; docs/your_model.md, 'Choosing "
                 "lambda with a few retrained models') before relying on it",
@@ -150,10 +159,19 @@ def attribute(
     scores = att.score(explained_d, **({"lam": lam} if damped else {}))
     figure = None
     if plot is not None and selection is not None:
-        figure = plot_xi_curve(selection, plot, title=f"{task.name} / {attributor}")
-    return AttributionResult(scores=scores, lam=float(lam) if damped else float("nan"),
+        figure = plot_xi_curve(selection, plot, title=f"{task.name} / {attributor}", damping=choice)
+    if damped and not isinstance(lam, int | float):  # one per block: as the path resolved it
+        lam = _block_values(att, explained_d, lam)
+    return AttributionResult(scores=scores, lam=float(lam) if isinstance(lam, int | float) else
+                             (lam if damped else float("nan")),
                              selection=selection, attributor=att,
-                             context=context, plot=figure)
+                             context=context, plot=figure, damping=choice)
+
+
+def _block_values(att: Attributor, explained: ArrayDataset, lam: Damping) -> list[float]:
+    path = att.lambda_path(explained)  # type: ignore[attr-defined]
+    values = block_lambdas(lam, path.sigma, path.block_sizes(), path.block_names())
+    return [values] * len(path.block_sizes()) if isinstance(values, float) else values
 
 
 def attribute_estimate(task: Task, train: Any, explained: Any, *, val: Any = None,
@@ -179,8 +197,10 @@ def _estimate(att: Attributor, task: Task, train: ArrayDataset, explained: Array
                                validation=validation)
 
 
-def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "") -> Path:
-    """A PNG of mean xi (validation) against lambda, the threshold and the selected lambda."""
+def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "",
+                  damping: DampingChoice | None = None) -> Path:
+    """A PNG of mean xi (validation) against lambda, the threshold and the selected lambda (for
+    a per-block ``damping``, the band its block values span)."""
     import io
 
     import matplotlib
@@ -193,8 +213,12 @@ def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "") ->
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.semilogx(selection.grid.numpy(), selection.xi_mean.numpy(), color="C0", label="mean xi")
     ax.axhline(selection.threshold, color="grey", ls=":", label=f"threshold {selection.threshold}")
-    ax.axvline(selection.lam, color="C3", ls="--",
-               label=f"selected lambda {selection.lam:.3g} ({selection.rule}, {selection.status})")
+    if damping is not None and isinstance(damping.lam, list):
+        ax.axvspan(min(damping.lam), max(damping.lam), color="C3", alpha=0.15,
+                   label=f"{damping.rule}: {len(damping.lam)} block dampings")
+    else:
+        ax.axvline(selection.lam, color="C3", ls="--",
+                   label=f"selected lambda {selection.lam:.3g} ({selection.rule}, {selection.status})")
     if selection.xi_lambda is not None:
         ax.axvline(selection.xi_lambda, color="C1", ls=":",
                    label=f"xi >= {selection.threshold:g}: {selection.xi_lambda:.3g}")

@@ -14,6 +14,9 @@ and diagnosed from stored cells without refitting anything.
 - ``blockwise``: for a path of several blocks (LoGra's layers), LDS with one damping per block,
   by Kronfluence's heuristic (0.1 x the block's mean eigenvalue) and by xi on each block's own
   coordinates.
+- ``default_selection``: what the product itself would use (the attributor's default rule,
+  :func:`tdatune.select.damping_choice.choose_damping`): rule, lambda or one per block by name,
+  and its LDS, beside xi's selections.
 - ``flow``: LDS along the same grid with the gradient-flow filter (1 - exp(-sigma / lambda)) /
   sigma in place of the damped inverse (``tdatune.attributors.lambda_path.damped_inverse``), so
   a study can say whether the filter of the training's own dynamics beats the best damping.
@@ -28,13 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from tdatune.attributors.base import Attributor
 from tdatune.attributors.damping import PER_LAYER_FRACTION, block_mean_dampings
 from tdatune.attributors.lambda_path import LambdaPath
+from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.calibrate import XI_WINDOW, calibration_draws, window_mask
 from tdatune.evaluate.condition import condition_curves, decompose, first_crossing
 from tdatune.evaluate.groundtruth import GroundTruth
-from tdatune.evaluate.lds import spearman_rows
+from tdatune.evaluate.lds import spearman_rows, summarize
 from tdatune.select.centered import centered_indicator
+from tdatune.select.damping_choice import choose_damping
 from tdatune.select.surrogate import ZERO_RTOL, Selection, select_lambda
 
 STAT_QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -94,6 +100,17 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
         except ValueError as err:  # the other blocks of the diagnosis stand without it
             out["blockwise_error"] = str(err)
     return out
+
+
+def default_selection(att: Attributor, test_path: LambdaPath, val: ArrayDataset, gt: GroundTruth,
+                      threshold: float) -> dict[str, Any]:
+    """The attributor's default damping on ``val`` and its LDS on the test path."""
+    choice = choose_damping(att, val, threshold=threshold)
+    preds = test_path.blockwise_predictions(gt.masks, choice.lam).numpy()
+    outputs = np.asarray(gt.mean_outputs, dtype=np.float64).T
+    with np.errstate(invalid="ignore"):
+        result = summarize(spearman_rows(preds, outputs))
+    return {**choice.to_dict(), "lds": result.mean, "sem": result.sem}
 
 
 def flow_lds(test_path: LambdaPath, gt: GroundTruth, grid: torch.Tensor) -> dict[str, Any]:

@@ -17,15 +17,17 @@ from tdatune import __version__
 from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
 from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_lambda
 from tdatune.evaluate.groundtruth import GroundTruthConfig
-from tdatune.evaluate.lds import lds_path
-from tdatune.select.default import DEFAULT_RULE, QUANTILE, RULES, choose_lambda
+from tdatune.evaluate.lds import lds, lds_path
+from tdatune.select.blockwise import is_block_rule
+from tdatune.select.damping_choice import choose_damping
+from tdatune.select.default import QUANTILE, parse_rule
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
 from tdatune.study.spec import is_eigen
 from tdatune.utils.atomic import atomic_write_json, atomic_write_text
-from tdatune.utils.checks import check_choice, check_open_unit
+from tdatune.utils.checks import check_open_unit
 from tdatune.utils.fingerprint import fingerprint_config
 
 
@@ -40,7 +42,7 @@ class LambdaStudyConfig:
     alpha: float = 0.5
     seeds_per_subset: int = 1
     threshold: float = 0.5
-    rule: str = DEFAULT_RULE  # which retraining-free rule selects (select.default)
+    rule: str | None = None  # the retraining-free rule (None: the attributor's default)
     quantiles: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)
     grid_points: int = 41
     seed: int = 0
@@ -57,7 +59,8 @@ class LambdaStudyConfig:
 
     def __post_init__(self) -> None:
         check_open_unit("threshold", self.threshold)
-        check_choice("selection rule", self.rule, RULES)
+        if self.rule is not None and not is_block_rule(self.rule):
+            parse_rule(self.rule)
         if self.calibrate is not None and not (
                 3 <= self.calibrate <= min(MAX_CALIBRATION_MODELS, self.n_subsets)):
             raise ValueError(
@@ -118,7 +121,8 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
 
     say("selecting lambda on validation, scoring LDS on test")
     xi_mean, _ = mean_indicator(sigma, c_val, grid)
-    selection = choose_lambda(sigma, c_val, rule=config.rule, threshold=config.threshold)
+    choice = choose_damping(attributor, splits.val, rule=config.rule, threshold=config.threshold)
+    selection = choice.selection  # a per-block rule: the whole spectrum's 0.9 quantile beside it
     lam_q = [quantile_lambda(sigma, q) for q in config.quantiles]
     other_rule = "xi" if selection.rule != "xi" else "quantile"
     other_lam = (selection.xi_lambda if selection.rule != "xi"
@@ -127,6 +131,8 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     extra = torch.tensor([selection.lam, other_lam, *lam_q], dtype=grid.dtype)
     results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([grid, extra]))
     curve, lds_sel = results[: len(grid)], results[len(grid)]
+    if choice.per_block:  # one damping per layer: scored on its own
+        lds_sel = lds(test_path.scores(choice.lam), gt.masks, gt.mean_outputs)
     other = {"rule": other_rule, "threshold": config.threshold, "lambda": other_lam,
              "lds": results[len(grid) + 1].mean}
     baselines = {str(q): [lam, res.mean] for q, lam, res in
@@ -141,10 +147,11 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         "data_source": splits.source,
         "attributor": config.attributor,
         "attributor_params": attributor.params,
-        "lambda_selected": selection.lam,
+        "lambda_selected": choice.lam,
         "lds_selected": lds_sel.mean,
         "lds_selected_sem": lds_sel.sem,
-        "selection": selection.to_dict(),
+        "damping": choice.to_dict(),
+        "selection": {**selection.to_dict(), "rule": choice.rule},
         "other_rule": other,
         "reliability": trust.to_dict() if trust else None,
         "calibrated": calibrated,
@@ -179,7 +186,7 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     atomic_write_text(out / "lambda_curve.csv", csv)
     plot_lambda_curve(
         out / "lambda_curve.png", grid.tolist(), [c.mean for c in curve], [c.sem for c in curve],
-        xi_mean.tolist(), selected=selection.lam, lds_selected=lds_sel.mean,
+        xi_mean.tolist(), selected=choice.lam, lds_selected=lds_sel.mean,
         best=float(grid[best]), baselines={q: tuple(v) for q, v in baselines.items()},
         threshold=config.threshold,
         title=f"{setting.name} / {config.attributor}: LDS and surrogate xi vs lambda",
@@ -209,11 +216,22 @@ def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[
 def selection_label(selection: dict[str, Any]) -> str:
     """How the table names the selection's rule."""
     rule = selection.get("rule", "xi")
-    if rule == "top":
-        return "0.01 x top eigenvalue"
-    if rule == "quantile":
-        return "default: quantile q=0.9"
-    return f"surrogate xi >= {selection['threshold']}"
+    name, _, constant = rule.partition(":")
+    if name == "top":
+        return f"{constant or '0.01'} x top eigenvalue"
+    if name == "quantile":
+        return f"quantile q={constant or '0.9'}"
+    if name == "per_layer":
+        return f"per layer {constant or '0.1'} x mean"
+    if name == "xi":
+        return f"surrogate xi >= {selection['threshold']}"
+    return rule
+
+
+def _lambda_text(lam: float | list[float]) -> str:
+    if isinstance(lam, list):
+        return f"{len(lam)} layers"
+    return f"{lam:.3e}"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -225,8 +243,8 @@ def format_summary(summary: dict[str, Any]) -> str:
            else f", test accuracy {summary['test_accuracy']:.3f}"),
         "",
         f"{'method':<26} {'lambda':>11} {'LDS (test)':>11}",
-        f"{selection_label(summary['selection']):<26} "
-        f"{summary['lambda_selected']:>11.3e} {summary['lds_selected']:>11.4f}",
+        f"{'default: ' + selection_label(summary['selection']):<26} "
+        f"{_lambda_text(summary['lambda_selected']):>11} {summary['lds_selected']:>11.4f}",
         *([f"{selection_label(summary['other_rule']):<26} "
            f"{summary['other_rule']['lambda']:>11.3e} {summary['other_rule']['lds']:>11.4f}"]
           if summary.get("other_rule") else []),

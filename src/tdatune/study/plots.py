@@ -29,7 +29,7 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def plot_lambda_curve(
     path: str | Path, lambdas: Sequence[float], lds: Sequence[float], lds_sem: Sequence[float],
-    xi_mean: Sequence[float], *, selected: float, lds_selected: float, best: float,
+    xi_mean: Sequence[float], *, selected: float | Sequence[float], lds_selected: float, best: float,
     baselines: dict[str, tuple[float, float]], threshold: float, title: str,
     note: str | None = None, calibrated: tuple[float, float] | None = None,
     other: tuple[str, float, float] | None = None,
@@ -56,8 +56,12 @@ def plot_lambda_curve(
     ax2.axhline(threshold, color="tab:orange", ls=":", lw=1)
     ax2.set_ylim(0, 1.02)
     ax2.set_ylabel("mean xi", color="tab:orange")
-    ax.axvline(selected, color="tab:green", lw=2,
-               label=f"selected {selected:.2e} (LDS {lds_selected:.3f})")
+    if isinstance(selected, Sequence):  # one damping per layer: the band they span
+        ax.axvspan(min(selected), max(selected), color="tab:green", alpha=0.2,
+                   label=f"selected, {len(selected)} layers (LDS {lds_selected:.3f})")
+    else:
+        ax.axvline(selected, color="tab:green", lw=2,
+                   label=f"selected {selected:.2e} (LDS {lds_selected:.3f})")
     ax.axvline(best, color="black", ls=":", lw=1.5, label=f"grid best {best:.2e}")
     if other is not None:
         ax.axvline(other[1], color="tab:orange", ls="-.", lw=1.2,

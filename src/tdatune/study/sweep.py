@@ -37,7 +37,7 @@ from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator, select_lambdas
 from tdatune.settings.registry import Setting
 from tdatune.study.beyond import REMOVAL_FORMAT, RETRAIN_DIR, mislabel_record, removal_record
-from tdatune.study.diagnosis import diagnose
+from tdatune.study.diagnosis import default_selection, diagnose
 from tdatune.study.prepare import (
     TrainedSetting,
     build_setting,
@@ -198,6 +198,11 @@ def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
         xi_mean, dropped = mean_indicator(sigma_val, c_val, xi_grid)
         extra["xi_curve"] = {"lambdas": xi_grid.tolist(), "xi_mean": xi_mean.tolist(),
                              "n_dropped": dropped, "top_eigenvalue": float(sigma_val.max())}
+        try:
+            extra["default_selection"] = default_selection(att, test_path, val, gt,
+                                                           spec.threshold)
+        except (ValueError, RuntimeError) as err:
+            extra["default_selection_error"] = f"{type(err).__name__}: {err}"
         try:
             extra |= diagnose(test_path, att.lambda_path(val), gt, grid, selections, xi_grid,
                               xi_mean, spec.threshold,

@@ -1,0 +1,31 @@
+"""The default rule per attributor and the rules with constants, by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tdatune.select.default import choose_lambda, default_rule, parse_rule
+
+
+def test_each_attributor_gets_its_default_rule():
+    assert default_rule("kfac") == default_rule("ekfac") == "per_layer"
+    assert default_rule("if_arnoldi") == "top:0.001"
+    assert default_rule("logra", {"blocks": "layer"}) == "quantile:0.7"
+    assert default_rule("logra", {"blocks": "joint"}) == "quantile"
+    assert default_rule("iffim") == default_rule("trak") == default_rule("if_explicit") == "quantile"
+
+
+def test_rules_with_constants_by_hand():
+    """Eigenvalues 1..10 (and a null one): 'top:0.001' is 0.01, 'quantile:0.7' of the non-zero
+    eigenvalues is 7.3 by linear interpolation (torch.quantile), the bare quantile 9.1."""
+    sigma = torch.tensor([0.0, *range(1, 11)], dtype=torch.float64)
+    c_val = torch.ones(3, 11, dtype=torch.float64)
+    assert choose_lambda(sigma, c_val, rule="top:0.001").lam == pytest.approx(0.01)
+    assert choose_lambda(sigma, c_val, rule="quantile:0.7").lam == pytest.approx(7.3)
+    assert choose_lambda(sigma, c_val, rule="quantile").lam == pytest.approx(9.1)
+    assert choose_lambda(sigma, c_val, rule="top").lam == pytest.approx(0.1)
+    assert parse_rule("quantile:0.25") == ("quantile", 0.25)
+    for bad in ("quantile:1.5", "top:-1", "xi:0.4", "median"):
+        with pytest.raises(ValueError):
+            parse_rule(bad)
