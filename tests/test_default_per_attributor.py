@@ -29,3 +29,16 @@ def test_rules_with_constants_by_hand():
     for bad in ("quantile:1.5", "top:-1", "xi:0.4", "median"):
         with pytest.raises(ValueError):
             parse_rule(bad)
+
+
+def test_the_explain_commands_lam_takes_a_number_json_or_a_rule():
+    import argparse
+
+    from tdatune.cli.explain_cmd import parse_damping
+
+    assert parse_damping("1e-3") == 1e-3
+    assert parse_damping("[1e-3, 0.5]") == [1e-3, 0.5]
+    assert parse_damping('{"fc1": 2e-3, "*": 1}') == {"fc1": 2e-3, "*": 1}
+    assert parse_damping("per_layer:0.05") == "per_layer:0.05"
+    with pytest.raises(argparse.ArgumentTypeError, match="not valid JSON"):
+        parse_damping("[1e-3,")

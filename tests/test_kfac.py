@@ -393,3 +393,32 @@ def test_a_cells_default_selection_is_kfacs_per_layer_damping_and_its_lds(tmp_pa
     preds = dense_scores(model, (x, y), (xe, ye), lams, "kfac").numpy() @ masks.T
     want = np.mean([spearmanr(preds[j], outputs[:, 0, j])[0] for j in range(4)])
     assert record["lds"] == pytest.approx(want, abs=1e-9)
+
+
+def test_self_influence_with_one_damping_per_layer_equals_the_dense_solve():
+    """Mislabel detection's self-influence g_i^T (F + Lambda)^-1 g_i with one damping per layer
+    (and a plain lambda beside it in the same call) against the dense Kronecker Fisher."""
+    model = mlp().eval()
+    gen = torch.Generator().manual_seed(15)
+    x, y = torch.randn(20, 6, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    att = make_attributor("kfac").fit(AttributionContext(task, ArrayDataset(x, y),
+                                                         [model.state_dict()]))
+    path = att.lambda_path(ArrayDataset(x[:2], y[:2]))
+    lams = [3e-1, 2e-4, 5e-2]
+
+    def dense(per_layer: list[float]) -> torch.Tensor:
+        total = torch.zeros(20, dtype=torch.float64)
+        for (a, d), lam in zip(layer_pairs(model, x, y, ce), per_layer, strict=True):
+            la, qa = torch.linalg.eigh(a.T @ a / 20)
+            ls, qs = torch.linalg.eigh(d.T @ d / 20)
+            g = torch.einsum("no,ni->noi", d, a).reshape(20, -1)
+            q = torch.kron(qs, qa)
+            fisher = q @ torch.diag(torch.outer(ls, la).reshape(-1)) @ q.T
+            solve = torch.linalg.solve(fisher + lam * torch.eye(len(fisher), dtype=a.dtype), g.T)
+            total += (g * solve.T).sum(1)
+        return total
+
+    got = path.self_influence([lams, 1e-2])
+    torch.testing.assert_close(got[0], dense(lams), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(got[1], dense([1e-2] * 3), rtol=1e-4, atol=1e-8)

@@ -217,6 +217,10 @@ def test_the_rules_command_writes_the_section_and_its_csv(tmp_path):
     assert csv[0].startswith("grouping,group,held_out,cells,rule")
     assert any(line.startswith("attributor,iffim,(in sample),1,") for line in csv)
     assert any(line.startswith("kind,eigen-kernel,") and ",,," in line for line in csv)  # no fold
+    assert "## Reliability of the default" in text
+    assert "| IFFIM | q = 0.9 | 1 | " in text.split("## Reliability of the default")[1]
+    per_cell = (tmp_path / "r" / "rules_reliability.csv").read_text().splitlines()
+    assert len(per_cell) == 2 and per_cell[0].startswith("study,file,setting,seed,attributor,default,")
 
 
 def test_the_recommended_defaults_together():

@@ -189,13 +189,19 @@ class LambdaPath:
             raise ValueError(f"the {filter} filter needs a PSD curvature; this one has "
                              f"{int(negative.sum())} negative eigenvalue(s)")
 
-    def self_influence(self, lambdas: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    def self_influence(self, lambdas: torch.Tensor | Sequence[Damping]) -> torch.Tensor:
         """Each training example's influence on its own loss, sum_k a_ik^2 / (sigma_k +
-        lambda), for every lambda: [L, n] (float64). A large value marks an example the model
-        fits only by bending to it (the classic detector of mislabelled data)."""
-        lam = self._checked(lambdas, "damping")
-        inv = damped_inverse(self.sigma.double()[None, :], lam[:, None], null=self.null_mask())
-        out = torch.empty(len(lam), self.n_train, dtype=torch.float64)
+        lambda), for every damping: [L, n] (float64); an entry may hold one damping per block
+        (a list or mapping, as :meth:`entry_lambdas` takes). A large value marks an example the
+        model fits only by bending to it (the classic detector of mislabelled data)."""
+        items = lambdas.tolist() if isinstance(lambdas, torch.Tensor) else list(lambdas)
+        if not items:
+            raise ValueError("lambdas is empty: pass at least one damping value >= 0")
+        k = self.sigma.numel()
+        lam = torch.stack([torch.as_tensor(self.entry_lambdas(x), dtype=torch.float64).expand(k)
+                           for x in items])
+        inv = damped_inverse(self.sigma.double()[None, :], lam, null=self.null_mask())  # [L, k]
+        out = torch.empty(len(items), self.n_train, dtype=torch.float64)
         for start, c in self._train_chunks():
             out[:, start : start + c.shape[0]] = inv @ c.double().square().T
         return out

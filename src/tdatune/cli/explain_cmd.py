@@ -4,7 +4,9 @@ HTML page with one PNG per explained example."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 from tdatune.study.explain import DEFAULT_EXAMPLES, DEFAULT_TOP, explain_run
 
@@ -22,8 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="test-split indices to explain (default: 0 1 2 3)")
     e.add_argument("--top", type=int, default=DEFAULT_TOP,
                    help=f"proponents and opponents shown per example (default {DEFAULT_TOP})")
-    e.add_argument("--lam", type=float, default=None,
-                   help="damping to score at (default: the lambda the study selected)")
+    e.add_argument("--lam", type=parse_damping, default=None,
+                   help="damping to score at: a number, or for K-FAC, EK-FAC and LoGra per layer "
+                        "one per layer as JSON ('[1e-3, 1e-2]', '{\"fc1\": 1e-3, \"*\": 1e-2}') or "
+                        "per_layer[:fraction] (default: the damping the study selected)")
     e.add_argument("--attributor", default=None,
                    help="which study of the run directory, or which method entry of a sweep "
                         "(needed when it holds several)")
@@ -32,6 +36,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--quiet", action="store_true", help="no progress messages")
     e.set_defaults(func=run)
+
+
+def parse_damping(text: str) -> Any:
+    """``--lam``: a number, a JSON list or object (one damping per layer), or a rule name."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"--lam {text!r} is not valid JSON ({err.msg})") from None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tdatune.attributors.damping import Damping
 from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.mislabel import detection
 from tdatune.evaluate.removal import (
@@ -25,18 +26,23 @@ from tdatune.evaluate.removal import (
 from tdatune.study.prepare import TrainedSetting
 
 RETRAIN_DIR = "retrain"  # beside a setting's ground truths: removal and LOO models
-REMOVAL_RULES = ("q0.9", "lds-best")  # retrained at these lambdas besides xi's (costly)
-REMOVAL_FORMAT = 3  # in a removal cell's definition; bump when what removal measures changes
+REMOVAL_RULES = ("q0.9", "lds-best", "default")  # retrained besides xi's lambda (costly)
+REMOVAL_FORMAT = 4  # in a removal cell's definition; bump when what removal measures changes
 # 2: every set retrained with the same seeds (paired); removal also at each listed lambda
 # 3: each removal row records its standard error over the explained examples
+# 4: also at the product's default damping (one per layer for K-FAC / EK-FAC)
 
 
-def rule_lambdas(record: dict[str, Any], threshold: float) -> dict[str, float]:
-    """The lambdas an eigen cell's record singles out: xi's at the spec's threshold, the
-    spectrum quantiles' and the LDS grid best (``lds-best``, an oracle needing retraining)."""
+def rule_lambdas(record: dict[str, Any], threshold: float) -> dict[str, Damping]:
+    """The dampings an eigen cell's record singles out: xi's at the spec's threshold, the
+    spectrum quantiles', the product's default (``default``: one lambda, or a list with one per
+    layer) and the LDS grid best (``lds-best``, an oracle needing retraining)."""
     out = {f"xi@{s['threshold']:g}": float(s["lambda"]) for s in record.get("selections", [])
            if abs(s["threshold"] - threshold) < 1e-12 and s.get("lambda") is not None}
     out |= {f"q{q}": float(v[0]) for q, v in record.get("quantile_baselines", {}).items()}
+    default = record.get("default_selection", {}).get("lambda")
+    if default is not None:
+        out["default"] = default
     finite = [r for r in record.get("rows", []) if "lam" in r and np.isfinite(r["lds"])]
     if finite:
         out["lds-best"] = float(max(finite, key=lambda r: r["lds"])["lam"])
@@ -63,9 +69,17 @@ def mislabel_record(att: Any, path: Any, flipped: list[int], record: dict[str, A
     values = path.self_influence(lams + list(rules.values()))
     rows = [{"lam": lam, **detection(v, flagged)} for lam, v in zip(lams, values, strict=False)]
     out["rows"] = rows
-    out["rules"] = {name: {"lam": lam, **detection(v, flagged)} for (name, lam), v in
+    out["rules"] = {name: {**lambda_fields(lam), **detection(v, flagged)} for (name, lam), v in
                     zip(rules.items(), values[len(lams):], strict=True)}
     return out
+
+
+def lambda_fields(lam: Damping) -> dict[str, Any]:
+    """How a row records its damping: ``lam`` (NaN for one per layer, so log axes skip it) and,
+    for one per layer, ``block_lambdas``."""
+    if isinstance(lam, list | tuple):
+        return {"lam": float("nan"), "block_lambdas": [float(x) for x in lam]}
+    return {"lam": float(lam)}
 
 
 def _picks(lams: list[float], count: int) -> list[float]:
@@ -107,7 +121,7 @@ def removal_record(trained: TrainedSetting, att: Any, config: RemovalConfig,
                          torch.ones(1, len(train), dtype=torch.bool)])
     out = _retrain(trained, explained, masks, config, directory, seed)
     effects = removal_effects(out, e, config.random)
-    rows = [{"lam": lam, "rule": name, "effect": eff, "effect_sem": sem, "drop": drop}
+    rows = [{**lambda_fields(lam), "rule": name, "effect": eff, "effect_sem": sem, "drop": drop}
             for lam, name, eff, sem, drop in zip(lams, names, effects["effect"],
                                                  effects["effect_sem"], effects["drop"],
                                                  strict=True)]

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from tdatune.attributors.damping import Damping, check_damping
 from tdatune.attributors.registry import make_attributor
 from tdatune.data.base import ArrayDataset, Splits
 from tdatune.data.views import Decoder, view_example
-from tdatune.select.default import choose_lambda
+from tdatune.select.damping_choice import choose_damping
 from tdatune.study.explain_page import Card, Explanation, write_page
 from tdatune.study.prepare import TrainedSetting, train_setting
 from tdatune.utils.atomic import read_json
@@ -70,6 +71,15 @@ def explain_scores(
     return write_page(out_list, Path(out), title, list(meta))
 
 
+def _damping_text(lam: Any) -> str:
+    if isinstance(lam, int | float):
+        return f"{lam:.4g}"
+    if isinstance(lam, str):
+        return lam
+    values = lam.items() if isinstance(lam, dict) else enumerate(lam)
+    return "per layer " + ", ".join(f"{k}: {float(v):.3g}" for k, v in values)
+
+
 def _study_summary(run_dir: Path, attributor: str | None) -> tuple[str, dict[str, Any]]:
     """The lambda study's result directory name and summary in ``run_dir``."""
     found = sorted(p.parent.name for p in run_dir.glob("*/summary.json"))
@@ -113,7 +123,7 @@ def _sweep_run(run_dir: Path, setting: str | None, method: str | None, device: s
 def explain_run(
     run_dir: str | Path, out: str | Path, *, attributor: str | None = None,
     examples: Sequence[int] = DEFAULT_EXAMPLES, k: int = DEFAULT_TOP,
-    lam: float | None = None, device: str = "auto", show_progress: bool = False,
+    lam: Damping | None = None, device: str = "auto", show_progress: bool = False,
     setting: str | None = None,
 ) -> Path:
     """The explain page of a run directory: a lambda study's (``tdatune demo`` / ``lambda``:
@@ -135,36 +145,36 @@ def explain_run(
         say=print if show_progress else (lambda *a, **kw: None))
     att = make_attributor(summary["attributor"], **summary.get("attributor_params", {}))
     return _explain_trained(trained, att, out, examples, k,
-                            float(summary["lambda_selected"]) if lam is None else lam,
+                            summary["lambda_selected"] if lam is None else lam,
                             summary["setting"], name, selected=lam is None)
 
 
 def _explain_trained(trained: TrainedSetting, att: Any, out: str | Path,
-                     examples: Sequence[int], k: int, lam: float | None, setting: str,
+                     examples: Sequence[int], k: int, lam: Damping | None, setting: str,
                      name: str, selected: bool = False) -> Path:
-    """Fit ``att`` on a trained setting, score the test examples ``examples`` at ``lam``
-    (None: the default rule's lambda on the validation split; ignored by a method without
-    a damping), and write the page."""
+    """Fit ``att`` on a trained setting, score the test examples ``examples`` at ``lam`` (one
+    damping, or one per layer; None: the attributor's default rule on the validation split;
+    ignored by a method without a damping), and write the page."""
     test = trained.splits.test
     bad = [i for i in examples if not 0 <= int(i) < len(test)]
     if bad or not examples:
         raise ValueError(f"explained examples must be test indices 0..{len(test) - 1}; got "
                          f"{list(examples) if not bad else bad}")
-    if lam is not None and lam <= 0:
-        raise ValueError(f"lambda must be > 0, got {lam}")
+    if lam is not None:
+        lam = check_damping(lam)
     explained = test.subset([int(i) for i in examples])
     att.fit(trained.context)
     damped = "lam" in type(att).spec()
     how = "selected without retraining" if selected or lam is None else "given"
     if damped and lam is None:
-        lam = choose_lambda(*att.surrogate_spectrum(trained.splits.val)).lam
+        lam = choose_damping(att, trained.splits.val).lam
     scores = att.score(explained, lam=lam) if damped else att.score(explained)
     model, params = trained.context.model_at(-1)
     x = explained.to(trained.context.device)
     outputs = trained.task.evaluate(model, params, x.inputs, x.targets)
     names = [f"test #{int(i)} (output {float(o):+.3g})" for i, o in zip(examples, outputs,
                                                                       strict=True)]
-    damping = f"lambda {lam:.4g} ({how}); " if damped else ""
+    damping = f"lambda {_damping_text(lam)} ({how}); " if damped else ""
     meta = [f"setting {setting} ({trained.splits.source}); attributor {att.name}; {damping}"
             f"{len(trained.splits.train)} training examples",
             "Score > 0: including the training example raises the explained output "

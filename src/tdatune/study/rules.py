@@ -6,7 +6,9 @@ Algorithm 1 selects and at each spectrum quantile. For every rule this gives the
 grid best, overall and per (study, setting), and for each threshold on which side of the best
 lambda the selection falls. A *calibrated* threshold is judged honestly by leaving one setting
 out: the threshold with the smallest mean gap on every other setting is applied to the one
-left out, and its gap there is compared with the default threshold's.
+left out, and its gap there is compared with the default threshold's. The default per
+attributor chosen out of sample (:mod:`tdatune.study.rule_choice`) and how well the reliability
+signal flags the cells it loses (:mod:`tdatune.study.rule_reliability`) close the report.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import numpy as np
 from tdatune.study.figures import write_csv
 from tdatune.study.report import selection_rows
 from tdatune.study.results import load_results
-from tdatune.study.rule_choice import choose_defaults
+from tdatune.study.rule_choice import choose_defaults, recommend
 from tdatune.study.rule_choice_report import choice_lines, choice_rows
 from tdatune.study.rule_compare import comparison_lines
+from tdatune.study.rule_reliability import judge_signals, reliability_lines, reliability_rows
 from tdatune.utils.atomic import atomic_write_text
 from tdatune.utils.fingerprint import fingerprint_config
 
@@ -129,8 +132,9 @@ def leave_one_setting_out(rows: list[dict[str, Any]], thresholds: list[float],
 
 
 def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -> Path:
-    """Write ``rules.md``, ``rules.csv`` (one row per cell) and ``rules_by_attributor.csv`` (the
-    default per attributor chosen out of sample, one row per fold) into ``out``; return the .md."""
+    """Write ``rules.md``, ``rules.csv`` (one row per cell), ``rules_by_attributor.csv`` (the
+    default per attributor chosen out of sample, one row per fold) and ``rules_reliability.csv``
+    (per cell: the default's gap and the reliability signals) into ``out``; return the .md."""
     rows, cells = collect_cells(dirs)
     thresholds, quantiles = thresholds_of(rows), quantiles_of(rows)
     if default not in thresholds:
@@ -183,6 +187,11 @@ def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -
     choices = choose_defaults(cells)
     write_csv(out / "rules_by_attributor.csv", choice_rows(choices))
     lines += ["", *choice_lines(choices), "", "Per fold: `rules_by_attributor.csv`."]
+    judged = judge_signals(cells, {k: r.candidate for k, r in recommend(choices).items()})
+    write_csv(out / "rules_reliability.csv",
+              [{"study": r["study"], **x} for r, x in zip(rows, reliability_rows(cells, judged),
+                                                           strict=True)])
+    lines += ["", *reliability_lines(judged)]
     path = out / "rules.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
