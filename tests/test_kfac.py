@@ -347,7 +347,7 @@ def test_attribute_picks_one_damping_per_layer_for_kfac_by_default():
     want_lams = [0.1 * float(k.mean()) for k in layers]
     assert result.damping.rule == "per_layer"
     assert result.lam == pytest.approx(want_lams, rel=1e-6)
-    assert result.damping.by_block() == pytest.approx(dict(zip(["0", "2", "4"], want_lams)),
+    assert result.damping.by_block() == pytest.approx(dict(zip(["0", "2", "4"], want_lams, strict=True)),
                                                       rel=1e-6)
     want = dense_scores(model, (x, y), (xe, ye), want_lams, "kfac")
     torch.testing.assert_close(result.scores.double(), want, rtol=1e-4,
@@ -389,7 +389,7 @@ def test_a_cells_default_selection_is_kfacs_per_layer_damping_and_its_lds(tmp_pa
     dense_scores(model, (x, y), (xe, ye), 1.0, "kfac", layers)
     lams = [0.1 * float(k.mean()) for k in layers]
     assert record["rule"] == "per_layer"
-    assert record["blocks"] == pytest.approx(dict(zip(["0", "2", "4"], lams)), rel=1e-6)
+    assert record["blocks"] == pytest.approx(dict(zip(["0", "2", "4"], lams, strict=True)), rel=1e-6)
     preds = dense_scores(model, (x, y), (xe, ye), lams, "kfac").numpy() @ masks.T
     want = np.mean([spearmanr(preds[j], outputs[:, 0, j])[0] for j in range(4)])
     assert record["lds"] == pytest.approx(want, abs=1e-9)

@@ -5,13 +5,22 @@ subsets (a Spearman correlation over K points per explained example, averaged ov
 explained examples); the selection is the grid lambda where it peaks. Its quality is judged on
 subsets it did not see: :func:`calibration_draws` draws K of a ground truth's M subsets many
 times, selects on them and measures the gap to the best grid lambda on the other M - K.
+
+With so few models the whole grid is too many choices: :func:`calibrate_candidates` chooses
+only among a handful of candidate dampings (the retraining-free rules' choices), by paired
+per-example differences on the same K subsets, and keeps the attributor's default unless
+another candidate is ahead by more than two standard errors (:func:`candidate_draws` judges
+it out of sample the same way).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from tdatune.attributors.damping import Damping
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.evaluate.lds import spearman_rows
 
@@ -101,4 +110,98 @@ def calibration_draws(preds: np.ndarray, outputs: np.ndarray, k: int, draws: int
             gaps[name].append(float(np.nanmax(rest) - rest[pick(seen, smoothed, allowed)]))
         for name, index in (fixed or {}).items():
             gaps.setdefault(name, []).append(float(np.nanmax(rest) - rest[index]))
+    return gaps
+
+
+PAIRED_Z = 2.0  # a candidate replaces the default only when ahead by this many standard errors
+
+
+@dataclass
+class CandidateChoice:
+    """What a few retrained models say among candidate dampings: the ``chosen`` name, each
+    candidate's mean LDS on the K subsets, the paired advantage of the best over the default
+    (``margin``, mean over explained examples of the per-example LDS difference, with its
+    standard error ``sem``) and whether that settles it (``sure``)."""
+
+    chosen: str
+    default: str
+    lds: dict[str, float]
+    margin: float
+    sem: float
+    sure: bool
+
+    def line(self) -> str:
+        """One line for a person: which damping, and how sure."""
+        best = max(self.lds, key=lambda name: self.lds[name])
+        if self.chosen == self.default and best == self.default:
+            return f"{self.default} is best on the retrained models ({self.lds[best]:.3f})"
+        verdict = "settles it" if self.sure else "does not settle it: the default is kept"
+        return (f"{best} leads {self.default} by {self.margin:+.3f} +/- {self.sem:.3f} LDS "
+                f"(paired over explained examples); {verdict}")
+
+
+def paired_choice(lds: np.ndarray, names: list[str], default: str,
+                  z: float = PAIRED_Z) -> CandidateChoice:
+    """Choose among candidates from per-example LDS ``lds`` [C, m] measured on the same
+    retrained subsets: the candidate with the highest mean replaces ``default`` only when its
+    paired per-example advantage exceeds ``z`` standard errors; otherwise the default stays
+    (a few models must not overturn a rule on noise)."""
+    lds = np.asarray(lds, dtype=np.float64)
+    if lds.shape[0] != len(names) or default not in names:
+        raise ValueError(f"{lds.shape[0]} LDS rows for candidates {names}; the default "
+                         f"{default!r} must be one of them")
+    with np.errstate(invalid="ignore"):
+        means = np.nanmean(lds, axis=1)
+    best = int(np.nanargmax(means))
+    d = names.index(default)
+    diff = lds[best] - lds[d]
+    diff = diff[np.isfinite(diff)]
+    margin = float(diff.mean()) if diff.size else 0.0
+    sem = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("inf")
+    sure = best != d and margin > z * sem
+    return CandidateChoice(names[best] if sure else default, default,
+                           {n: float(v) for n, v in zip(names, means, strict=True)},
+                           margin, sem, bool(sure))
+
+
+def calibrate_candidates(path: LambdaPath, masks: torch.Tensor, outputs: np.ndarray,
+                         candidates: dict[str, Damping], default: str,
+                         z: float = PAIRED_Z) -> CandidateChoice:
+    """Choose among a handful of candidate dampings (each a lambda or one per block; e.g. the
+    retraining-free rules' choices) with K >= 3 retrained subsets (masks [K, n], mean outputs
+    [K, m]) by paired per-example differences (:func:`paired_choice`)."""
+    k = int(masks.shape[0])
+    if k < 3:
+        raise ValueError(f"calibration needs at least 3 retrained models (got {k})")
+    out = np.asarray(outputs, dtype=np.float64)
+    names = list(candidates)
+    rho = np.stack([spearman_rows(path.blockwise_predictions(masks, candidates[n]).numpy(), out.T)
+                    for n in names])
+    return paired_choice(rho, names, default, z)
+
+
+def candidate_draws(preds: np.ndarray, outputs: np.ndarray, k: int, names: list[str],
+                    default: str, grid_preds: np.ndarray | None = None, draws: int = 100,
+                    seed: int = 0, z: float = PAIRED_Z) -> dict[str, list[float]]:
+    """Out-of-sample gaps of :func:`paired_choice` with ``k`` models: per draw, choose on ``k``
+    random subsets among the candidates (``preds`` [C, m, M]) and measure, on the other M - k,
+    the best LDS (over the grid ``grid_preds`` [L, m, M] when given, else over the candidates)
+    minus the chosen candidate's (``paired``), and the same for the default kept (``default``)."""
+    total = preds.shape[2]
+    if not 3 <= k <= total - 3:
+        raise ValueError(f"k must be between 3 and M - 3 = {total - 3} (got {k})")
+    outputs = np.asarray(outputs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    gaps: dict[str, list[float]] = {"paired": [], "default": [], "sure": []}
+    d = names.index(default)
+    for _ in range(draws):
+        order = rng.permutation(total)
+        seen = spearman_rows(preds[:, :, order[:k]], outputs[order[:k]].T[None])
+        choice = paired_choice(seen, names, default, z)
+        rest = _lds_curve(preds, outputs, order[k:])
+        top = float(np.nanmax(_lds_curve(grid_preds, outputs, order[k:]) if grid_preds is not None
+                              else rest))
+        gaps["paired"].append(top - float(rest[names.index(choice.chosen)]))
+        gaps["default"].append(top - float(rest[d]))
+        gaps["sure"].append(float(choice.sure))
     return gaps

@@ -17,6 +17,9 @@ and diagnosed from stored cells without refitting anything.
 - ``default_selection``: what the product itself would use (the attributor's default rule,
   :func:`tdatune.select.damping_choice.choose_damping`): rule, lambda or one per block by name,
   and its LDS, beside xi's selections.
+- ``candidate_calibration``: choosing among a handful of candidate dampings (the default, xi's,
+  two quantiles, per layer, almost none) with K retrained models by paired differences,
+  judged out of sample over many draws (gaps to the grid best on the unseen subsets).
 - ``flow``: LDS along the same grid with the gradient-flow filter (1 - exp(-sigma / lambda)) /
   sigma in place of the damped inverse (``tdatune.attributors.lambda_path.damped_inverse``), so
   a study can say whether the filter of the training's own dynamics beats the best damping.
@@ -32,15 +35,16 @@ import numpy as np
 import torch
 
 from tdatune.attributors.base import Attributor
-from tdatune.attributors.damping import PER_LAYER_FRACTION, block_mean_dampings
+from tdatune.attributors.damping import PER_LAYER_FRACTION, Damping, block_mean_dampings
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.data.base import ArrayDataset
-from tdatune.evaluate.calibrate import XI_WINDOW, calibration_draws, window_mask
+from tdatune.evaluate.calibrate import XI_WINDOW, calibration_draws, candidate_draws, window_mask
 from tdatune.evaluate.condition import condition_curves, decompose, first_crossing
 from tdatune.evaluate.groundtruth import GroundTruth
 from tdatune.evaluate.lds import spearman_rows, summarize
 from tdatune.select.centered import centered_indicator
 from tdatune.select.damping_choice import choose_damping
+from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import ZERO_RTOL, Selection, select_lambda
 
 STAT_QUANTILES = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -60,7 +64,7 @@ def spectrum_stats(sigma: torch.Tensor) -> dict[str, Any]:
 def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid: torch.Tensor,
              selections: list[Selection], xi_grid: torch.Tensor, xi_mean: torch.Tensor,
              threshold: float,
-             blockwise: bool = False) -> dict[str, Any]:
+             blockwise: bool = False, default: Damping | None = None) -> dict[str, Any]:
     """The diagnosis blocks of one eigen cell (``condition`` is left out, with the reason under
     ``condition_error``, where the path is not a single Fisher eigenbasis; ``blockwise`` only
     when asked for and the path has several blocks)."""
@@ -90,6 +94,16 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
         out["calibration"] = {str(k): calibration_draws(preds, outputs, k, CALIBRATION_DRAWS,
                                                         seed=k, window=window, fixed=fixed)
                               for k in CALIBRATION_K if k <= total - 3}
+        if default is not None:
+            cands = candidate_dampings(val_path, default, chosen)
+            cpreds = np.stack([test_path.blockwise_predictions(gt.masks, lam).numpy()
+                               for lam in cands.values()])
+            out["candidate_calibration"] = {
+                "candidates": cands, "default": "default",
+                "draws": {str(k): candidate_draws(cpreds, outputs, k, list(cands), "default",
+                                                  grid_preds=preds, draws=CALIBRATION_DRAWS,
+                                                  seed=k)
+                          for k in CALIBRATION_K if k <= total - 3}}
         try:
             out["flow"] = flow_lds(test_path, gt, grid)
         except ValueError as err:  # a signed spectrum: no flow filter
@@ -100,6 +114,33 @@ def diagnose(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth, grid:
         except ValueError as err:  # the other blocks of the diagnosis stand without it
             out["blockwise_error"] = str(err)
     return out
+
+
+def candidate_dampings(val_path: LambdaPath, default: Damping, chosen: Selection | None
+                       ) -> dict[str, Damping]:
+    """The handful a few retrained models choose among: the default damping, xi's lambda, the
+    0.9 and 0.5 spectrum quantiles, per layer 0.1 x mean (several blocks) and almost no damping
+    (1e-6 x top); each only once."""
+    sigma, _ = val_path.spectrum()
+    top = float(sigma.max())
+    cands: dict[str, Damping] = {"default": default}
+    if chosen is not None:  # Algorithm 1's lambda (kept beside the lambda of another rule)
+        cands["xi"] = float(chosen.lam if chosen.xi_lambda is None else chosen.xi_lambda)
+    cands |= {"q0.9": quantile_lambda(sigma, 0.9), "q0.5": quantile_lambda(sigma, 0.5),
+              "tiny": 1e-6 * top}
+    if len(val_path.block_sizes()) > 1:
+        cands["per_layer"] = block_mean_dampings(sigma, val_path.block_sizes(), PER_LAYER_FRACTION)
+    out: dict[str, Damping] = {}
+    for name, lam in cands.items():
+        if not any(_same_damping(lam, kept) for kept in out.values()):
+            out[name] = lam
+    return out
+
+
+def _same_damping(a: Damping, b: Damping) -> bool:
+    if isinstance(a, list) != isinstance(b, list):
+        return False
+    return bool(np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-9))
 
 
 def default_selection(att: Attributor, test_path: LambdaPath, val: ArrayDataset, gt: GroundTruth,

@@ -15,14 +15,15 @@ import torch
 
 from tdatune import __version__
 from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
-from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_lambda
+from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_candidates, calibrate_lambda
 from tdatune.evaluate.groundtruth import GroundTruthConfig
-from tdatune.evaluate.lds import lds, lds_path
+from tdatune.evaluate.lds import lds, lds_path, spearman_rows
 from tdatune.select.blockwise import is_block_rule
 from tdatune.select.damping_choice import choose_damping
 from tdatune.select.default import QUANTILE, parse_rule
 from tdatune.select.quantile import quantile_lambda
 from tdatune.select.surrogate import default_lambda_grid, mean_indicator
+from tdatune.study.diagnosis import candidate_dampings
 from tdatune.study.plots import plot_lambda_curve
 from tdatune.study.prepare import prepare_setting
 from tdatune.study.spec import is_eigen
@@ -141,6 +142,9 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     trust = selection.reliability
     calibrated = (_calibrate(config.calibrate, test_path, gt, grid, curve)
                   if config.calibrate else None)
+    candidates = (_calibrate_candidates(config.calibrate, test_path,
+                                        attributor.lambda_path(splits.val), gt, choice)
+                  if config.calibrate else None)
 
     summary = {
         "setting": setting.name,
@@ -155,6 +159,7 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
         "other_rule": other,
         "reliability": trust.to_dict() if trust else None,
         "calibrated": calibrated,
+        "calibrated_candidates": candidates,
         "lambda_best": float(grid[best]),
         "lds_best": curve[best].mean,
         "lds_smallest_lambda": curve[0].mean,
@@ -213,6 +218,28 @@ def _calibrate(k: int, test_path: Any, gt: Any, grid: torch.Tensor, curve: list[
     return out
 
 
+def _calibrate_candidates(k: int, test_path: Any, val_path: Any, gt: Any, choice: Any
+                          ) -> dict[str, Any]:
+    """A handful of candidate dampings (the default, xi's, two quantiles, per layer, almost
+    none) chosen among by the first ``k`` retrained subsets, by paired differences; the chosen
+    one's LDS on all subsets and on the ones it did not see."""
+    outputs = np.asarray(gt.mean_outputs)
+    cands = candidate_dampings(val_path, choice.lam, choice.selection)
+    picked = calibrate_candidates(test_path, gt.masks[:k], outputs[:k], cands, "default")
+    lam = cands[picked.chosen]
+
+    def score(cols: slice) -> float:
+        preds = test_path.blockwise_predictions(gt.masks[cols], lam).numpy()
+        with np.errstate(invalid="ignore"):
+            return float(np.nanmean(spearman_rows(preds, outputs[cols].T)))
+
+    out: dict[str, Any] = {"k": k, "rule": picked.chosen, "lambda": lam, "sure": picked.sure,
+                           "line": picked.line(), "candidates": cands, "lds": score(slice(None))}
+    if gt.masks.shape[0] - k >= 3:
+        out["lds_unseen"] = score(slice(k, None))
+    return out
+
+
 def selection_label(selection: dict[str, Any]) -> str:
     """How the table names the selection's rule."""
     rule = selection.get("rule", "xi")
@@ -254,6 +281,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for q, (lam, value) in summary["baselines"].items():
         lines.append(f"{'spectrum quantile q=' + q:<26} {lam:>11.3e} {value:>11.4f}")
+    picked = summary.get("calibrated_candidates")
+    if picked:
+        lines.append(f"{'few-retrain: ' + picked['rule']:<26} {_lambda_text(picked['lambda']):>11} "
+                     f"{picked['lds']:>11.4f}")
     cal = summary.get("calibrated")
     if cal:
         lines.append(f"{'calibrated, ' + str(cal['k']) + ' retrained':<26} {cal['lambda']:>11.3e} "
@@ -268,6 +299,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         if trust["unsure"]:
             lines.append("  check the LDS along lambda with a few retrained models "
                          "(--calibrate K) before trusting this lambda")
+    if picked:
+        lines.append(f"few-retrain choice on the first {picked['k']} subsets among "
+                     f"{', '.join(picked['candidates'])}: {picked['line']}"
+                     + (f"; LDS on the other {summary['n_subsets'] - picked['k']}: "
+                        f"{picked['lds_unseen']:.4f}" if "lds_unseen" in picked else ""))
     if cal and "lds_unseen" in cal:
         lines.append(f"calibrated on the first {cal['k']} subsets; on the other "
                      f"{summary['n_subsets'] - cal['k']}: LDS {cal['lds_unseen']:.4f} "

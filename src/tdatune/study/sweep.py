@@ -203,10 +203,11 @@ def _score_eigen(att: Any, test: Any, val: Any, gt: GroundTruth, cell: Cell,
                                                            spec.threshold)
         except (ValueError, RuntimeError) as err:
             extra["default_selection_error"] = f"{type(err).__name__}: {err}"
+        default = extra.get("default_selection", {}).get("lambda")
         try:
             extra |= diagnose(test_path, att.lambda_path(val), gt, grid, selections, xi_grid,
                               xi_mean, spec.threshold,
-                              blockwise=att.name in ("logra", "kfac", "ekfac"))
+                              blockwise=att.name in ("logra", "kfac", "ekfac"), default=default)
         except (ValueError, RuntimeError) as err:  # the LDS grid stands without the diagnosis
             extra["diagnosis_error"] = f"{type(err).__name__}: {err}"
     extras = torch.tensor([s.lam for s in selections] + lam_q, dtype=torch.float64)
