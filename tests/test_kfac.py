@@ -327,6 +327,17 @@ def test_logra_per_layer_damping_is_the_sum_of_single_layer_logras():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
+def problem(seed: int, n_val: int) -> tuple:
+    """The MLP at its fixed weights, 30 training, ``n_val`` validation and 4 explained examples
+    drawn from ``seed``, and its task."""
+    model = mlp().eval()
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    xv, yv = torch.randn(n_val, 6, generator=gen), torch.randint(0, 3, (n_val,), generator=gen)
+    xe, ye = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    return model, (x, y), (xv, yv), (xe, ye), Task(make_model=mlp, loss_fn=ce, output=margin_out)
+
+
 @pytest.mark.filterwarnings("ignore:the selected damping")
 def test_attribute_picks_one_damping_per_layer_for_kfac_by_default():
     """``attribute()`` with K-FAC and no lambda: the default rule is per layer, 0.1 x each
@@ -334,12 +345,7 @@ def test_attribute_picks_one_damping_per_layer_for_kfac_by_default():
     layer-by-layer solve at those dampings; an explicit {layer: value} is used as given."""
     from tdatune.study.attribute import attribute
 
-    model = mlp().eval()
-    gen = torch.Generator().manual_seed(13)
-    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
-    xv, yv = torch.randn(6, 6, generator=gen), torch.randint(0, 3, (6,), generator=gen)
-    xe, ye = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
-    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    model, (x, y), (xv, yv), (xe, ye), task = problem(13, 6)
     result = attribute(task, (x, y), (xe, ye), val=(xv, yv), checkpoints=[model.state_dict()],
                        attributor="kfac")
     layers: list = []
@@ -371,12 +377,7 @@ def test_a_cells_default_selection_is_kfacs_per_layer_damping_and_its_lds(tmp_pa
     from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig
     from tdatune.study.diagnosis import default_selection
 
-    model = mlp().eval()
-    gen = torch.Generator().manual_seed(14)
-    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
-    xv, yv = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
-    xe, ye = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
-    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    model, (x, y), (xv, yv), (xe, ye), task = problem(14, 5)
     att = make_attributor("kfac").fit(AttributionContext(task, ArrayDataset(x, y),
                                                          [model.state_dict()]))
     rng = np.random.default_rng(0)
