@@ -4,12 +4,23 @@ Layout for base width w (w = 64 is the canonical network, about 6.6 M parameters
 prep conv(w) -> conv(2w) + pool -> residual(2w) -> conv(4w) + pool -> conv(8w) + pool
 -> residual(8w) -> global max pool -> linear -> scale. Every conv is 3x3 + BatchNorm + ReLU.
 A smaller ``width`` keeps CPU runs cheap; the architecture is otherwise unchanged.
+
+:class:`GroupNormResNet9` is the same network with GroupNorm in place of every BatchNorm
+(``resnet9(..., norm="group")``): no running statistics, so training and evaluation compute the
+same function of each example, and no buffers, so batched retraining can train it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from tdatune.utils.checks import check_choice
+
+NORMS = ("batch", "group")
+GROUPS = 8  # GroupNorm groups per layer (fewer where a layer's channels are not a multiple)
 
 
 def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
@@ -63,3 +74,40 @@ class ResNet9(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"ResNet9 expects images [B, C, H, W], got shape {tuple(x.shape)}")
         return self.classifier(self.features(x)) * self.output_scale
+
+
+def group_norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
+    """GroupNorm over ``channels`` in ``gcd(channels, groups)`` groups (``groups`` when the
+    channels are a multiple of it, as at every width that is a multiple of ``groups``)."""
+    return nn.GroupNorm(math.gcd(int(channels), int(groups)), int(channels))
+
+
+class GroupNormResNet9(ResNet9):
+    """ResNet-9 with GroupNorm (``groups`` groups, affine) in place of every BatchNorm.
+
+    Built as :class:`ResNet9` and then each ``BatchNorm2d`` swapped for :func:`group_norm` of
+    its channels, so the convolutions, their initialisation from a seed and the module paths
+    are those of ResNet-9 (``features.0.1`` is the first block's norm in both).
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3,
+                 output_scale: float = 0.125, groups: int = GROUPS) -> None:
+        if groups < 1:
+            raise ValueError(f"need groups >= 1, got {groups}")
+        super().__init__(num_classes, width, in_channels, output_scale)
+        self.groups = int(groups)
+        swaps = [(block, i, layer.num_features) for block in self.modules()
+                 if isinstance(block, nn.Sequential)
+                 for i, layer in enumerate(block) if isinstance(layer, nn.BatchNorm2d)]
+        for block, i, channels in swaps:
+            block[i] = group_norm(channels, self.groups)
+
+
+def resnet9(num_classes: int = 10, width: int = 64, in_channels: int = 3, *,
+            norm: str = "batch", groups: int = GROUPS) -> ResNet9:
+    """ResNet-9 with BatchNorm (``norm="batch"``, the canonical network) or GroupNorm
+    (``norm="group"``, ``groups`` groups per layer)."""
+    check_choice("norm", norm, NORMS)
+    if norm == "group":
+        return GroupNormResNet9(num_classes, width, in_channels, groups=groups)
+    return ResNet9(num_classes, width, in_channels)

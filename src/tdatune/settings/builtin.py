@@ -19,11 +19,12 @@ from tdatune.data.mnist import load_mnist_benchmark_splits
 from tdatune.data.music import load_music_splits
 from tdatune.data.text import load_text_splits
 from tdatune.models.gpt import GPT
-from tdatune.models.resnet9 import ResNet9
+from tdatune.models.resnet9 import GROUPS, NORMS, GroupNormResNet9, ResNet9
 from tdatune.models.small import MLP, LogisticRegression
 from tdatune.models.task import Task, make_task
 from tdatune.models.training import TrainRecipe
 from tdatune.settings.registry import Setting, register
+from tdatune.utils.checks import check_choice
 
 
 def _digits(n_train: int, n_val: int, n_test: int, seed: int, data_dir: str | Path | None) -> Splits:
@@ -44,11 +45,25 @@ def mlp_task(splits: Splits, *, name: str, hidden: tuple[int, ...]) -> Task:
                      "margin", name=name)
 
 
-def resnet9_task(splits: Splits, *, name: str, width: int = 64) -> Task:
-    """ResNet-9 of base ``width`` on [n, 3, 32, 32] images; output = correct-class margin."""
+def resnet9_task(splits: Splits, *, name: str, width: int = 64, norm: str = "batch",
+                 groups: int | None = None) -> Task:
+    """ResNet-9 of base ``width`` on [n, 3, 32, 32] images; output = correct-class margin.
+
+    ``norm="group"`` puts GroupNorm (``groups`` groups, default 8) in place of BatchNorm
+    (:class:`~tdatune.models.resnet9.GroupNormResNet9`); the default task is unchanged.
+    """
+    check_choice("norm", norm, NORMS)
     channels = int(splits.train.inputs.shape[1])
-    return make_task(partial(ResNet9, splits.num_classes, int(width), channels), "cross_entropy",
-                     "margin", name=name, extra={"width": int(width)})
+    if norm == "batch":
+        if groups is not None:
+            raise ValueError(f"groups={groups} is an option of norm='group'; ResNet-9's default "
+                             "BatchNorm has no groups")
+        return make_task(partial(ResNet9, splits.num_classes, int(width), channels),
+                         "cross_entropy", "margin", name=name, extra={"width": int(width)})
+    groups = GROUPS if groups is None else int(groups)
+    return make_task(partial(GroupNormResNet9, splits.num_classes, int(width), channels,
+                             groups=groups), "cross_entropy", "margin", name=name,
+                     extra={"width": int(width), "norm": norm, "groups": groups})
 
 
 def gpt_task(splits: Splits, *, name: str, d_model: int = 128, n_layer: int = 4, n_head: int = 4,
@@ -110,7 +125,8 @@ register(Setting(
            "pair), bilinearly resized to 32x32 and copied to 3 channels, from "
            "/usr/share/datasets/fashion-mnist or $TDATUNE_FASHION_MNIST_DIR (or a --data-dir "
            "holding Fashion-MNIST IDX files). ResNet-9 base width 64 (canonical); override "
-           "with --model-opt width=16 on CPU."),
+           "with --model-opt width=16 on CPU; --model-opt norm=group puts GroupNorm (8 groups, "
+           "groups=G) in place of BatchNorm."),
     load_options={"classes": (0, 1), "standin_classes": (2, 4)},
     task_options={"width": 64},
     tiny_task_options={"width": 4},
