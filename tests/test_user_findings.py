@@ -287,3 +287,30 @@ def test_your_model_page_shows_calibrate_lambda_and_it_runs(tmp_path: Path) -> N
     lambdas = torch.as_tensor(scope["lambdas"], dtype=torch.float64)
     assert float(scope["lam_calibrated"]) in lambdas.tolist()
     assert scope["lds_curve"].shape == (len(lambdas),)
+
+
+def test_accuracy_reads_the_logits_of_a_model_output_and_the_labels_of_a_dict_batch():
+    """A model returning a ``SequenceClassifierOutput`` on (inputs, targets) data and on whole
+    dict batches: accuracy is the argmax of its logits against the labels, counted here."""
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from tdatune.models.task import model_params
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 3)
+
+        def forward(self, x=None, input_ids=None, labels=None):
+            return SequenceClassifierOutput(logits=self.lin(x if x is not None else input_ids))
+
+    torch.manual_seed(0)
+    model = Wrapped()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 2.0], [3.0, -1.0]])
+    pred = model.lin(x).argmax(1)
+    y = pred.clone()
+    y[[1, 4]] = (pred[[1, 4]] + 1) % 3  # two wrong of five
+    task = make_task(Wrapped, "cross_entropy", "margin", name="t")
+    assert task.accuracy(model, model_params(model), x, y) == pytest.approx(3 / 5)
+    batch = {"input_ids": x, "labels": y}
+    assert task.accuracy(model, model_params(model), batch, batch) == pytest.approx(3 / 5)

@@ -124,15 +124,21 @@ class Task:
 
     def accuracy(self, model: nn.Module, params: Params, inputs: Tree,
                  targets: Tree, batch_size: int = 1024) -> float:
-        """Fraction of correct argmax predictions (token-level for sequences); NaN when the
-        task is not a classification of integer targets by outputs of one more dimension."""
+        """Fraction of correct argmax predictions (token-level for sequences; the ``logits`` of
+        a Hugging Face output, the ``labels`` of a dict batch); NaN when the task is not a
+        classification of integer targets by outputs of one more dimension."""
         data = ArrayDataset(inputs) if targets is inputs else ArrayDataset(inputs, targets)
         device = next(iter(params.values())).device if params else "cpu"
         model.eval()
         correct = total = 0
         with torch.no_grad():
             for _, x, y in data.batches(batch_size, device):
-                logits = self.call(model, params, x)
+                try:  # a Hugging Face ModelOutput or dict: its logits
+                    logits = logits_of(self.call(model, params, x))
+                except (TypeError, ValueError):
+                    return math.nan
+                if isinstance(y, Mapping):  # a whole dict batch: its labels
+                    y = y.get("labels", y.get("label"))
                 if not (isinstance(y, torch.Tensor) and isinstance(logits, torch.Tensor)
                         and not y.is_floating_point() and logits.dim() == y.dim() + 1):
                     return math.nan
