@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tdatune.data.base import ArrayDataset
-from tdatune.features.budget import AttributionEstimate
+from tdatune.features.budget import AttributionEstimate, PathEstimate
 from tdatune.models.checkpoints import check_state
 from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import load_model
@@ -145,12 +145,15 @@ class Attributor(ABC):
         """Scores [m, n]: row j explains example j of ``explained`` over the n training examples."""
 
     def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
-                        *, explained: int, validation: int = 0, chunk_size: int = 256
-                        ) -> AttributionEstimate | None:
-        """The memory ``fit`` and ``score`` of ``explained`` examples will need, from the
-        architecture alone (:func:`tdatune.features.budget.estimate_attribution`), checked by
-        ``attribute()`` before any work; None: not estimated for this attributor (its own
-        steps still refuse gradients that would not fit)."""
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None
+                        ) -> AttributionEstimate | PathEstimate | None:
+        """The memory ``fit`` and ``score`` of ``explained`` examples will need (``validation``
+        examples mapped first, for the lambda selection), from the architecture alone, no
+        gradient computed (:mod:`tdatune.features.budget`), checked by ``attribute()`` before
+        any work. ``checkpoints``: how many the context will hold (None: not known yet).
+        None: not estimated for this attributor (its own steps still refuse gradients that
+        would not fit)."""
         return None
 
     def surrogate_spectrum(self, explained: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:

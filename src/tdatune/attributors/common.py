@@ -1,9 +1,11 @@
-"""Helpers shared by the attributors: dataset keys for caches and training-gradient products
-that keep G in memory when it is small and stream it in chunks when it is not."""
+"""Helpers shared by the attributors: dataset keys for caches, training-gradient products
+that keep G in memory when it is small and stream it in chunks when it is not, and the sizes
+the memory estimates of the Hessian-vector-product methods are written in."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,12 +14,22 @@ from torch import nn
 from tdatune.attributors.base import AttributionContext, HyperParameter, one_of
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
+from tdatune.data.batches import leaves
+from tdatune.features.budget import (
+    cast_copies,
+    gradient_products,
+    gradients_in_flight,
+    kept_gradients,
+    kept_gradients_built,
+)
 from tdatune.features.factored import KroneckerProjector
 from tdatune.features.gradients import iter_per_example_grads, num_params, per_example_grads
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
 
 GRAD_CACHE_LIMIT = 1 << 26  # entries of G (256 MiB in float32) kept in memory
+HVP_ADVICE = ("IFFIM with a random projection (attributor='iffim', params={'proj_dim': 1024}) "
+              "or K-FAC (attributor='kfac'): no [m, p] vectors per explained example")
 
 
 def unit_rows(g: torch.Tensor) -> torch.Tensor:
@@ -84,6 +96,16 @@ class HVPProblem:
 
     params: dict[str, Any]
 
+    def _sizes(self, params: Params, train: ArrayDataset, *, explained: int, validation: int,
+               chunk_size: int) -> HVPSizes:
+        """The sizes of this problem for a memory estimate (no gradient computed)."""
+        dtype = DTYPES[self.params["precision"]]
+        first = next(iter(params.values()))
+        return HVPSizes(n=len(train), p=num_params(params), m=explained, v=validation,
+                        chunk=chunk_size, item=first.element_size(),
+                        prec=torch.empty(0, dtype=dtype).element_size(),
+                        inputs=cast_input_numbers(train, dtype))
+
     def _fit_problem(self, context: AttributionContext) -> None:
         model, params = context.model_at(self.params["checkpoint"])
         dtype = DTYPES[self.params["precision"]]
@@ -105,3 +127,57 @@ class HVPProblem:
             self._v[key] = per_example_grads(ctx.task, self._model, self._params, data,
                                              target="output", chunk_size=ctx.chunk_size)
         return self._v[key]
+
+
+def cast_input_numbers(data: ArrayDataset, dtype: torch.dtype) -> int:
+    """Floating input numbers ``cast_problem`` copies to ``dtype`` (those not in it already)."""
+    inputs = getattr(data, "inputs", None)
+    if inputs is None:  # a stream: its batches are cast as they are read
+        return 0
+    return sum(t.numel() for t in leaves(inputs) if t.is_floating_point() and t.dtype != dtype)
+
+
+@dataclass(frozen=True)
+class HVPSizes:
+    """What the memory of a Hessian-vector-product method's path is written in: n training,
+    ``m`` explained and ``v`` validation examples, p parameters, the model's and the
+    curvature's (``prec``) bytes a number, the training inputs cast, the gradient chunk."""
+
+    n: int
+    p: int
+    m: int
+    v: int
+    chunk: int
+    item: int
+    prec: int
+    inputs: int
+    limit: int = GRAD_CACHE_LIMIT
+
+    def held(self) -> dict[str, int]:
+        """Alive throughout: the model's parameters, the problem cast to the precision and
+        the training gradients when they are kept (``TrainGradients``)."""
+        return {"parameters": 2 * self.p * self.item,
+                **cast_copies(self.p, self.inputs, self.prec),
+                **kept_gradients(self.n, self.p, self.prec, self.limit)}
+
+    def training(self) -> dict[str, int]:
+        """The phase in which the training gradients are computed (and concatenated)."""
+        return {**self.held(), **kept_gradients_built(self.n, self.p, self.p, self.prec,
+                                                      self.chunk, self.limit)}
+
+    def gradients(self, rows: int) -> dict[str, int]:
+        """Output gradients of ``rows`` explained examples (cached by ``HVPProblem``) with
+        one chunk of them in flight."""
+        return {"explained gradients": rows * self.p * self.prec,
+                **gradients_in_flight(min(self.chunk, max(rows, 1)), self.p, self.p, self.prec)}
+
+    def products(self, rows: int) -> dict[str, int]:
+        """``TrainGradients.products`` of ``rows`` vectors: the [rows, n] result (and a
+        streamed chunk)."""
+        return gradient_products(rows, self.n, self.p, self.p, self.prec, self.prec,
+                                 self.chunk, self.limit)
+
+    def negated(self) -> dict[str, int]:
+        """``-products(x).float()``: beside the [m, n] products, their float32 copy (none in
+        float32), then its negation, one float32 [m, n] at a time."""
+        return {"float32 scores (copy or negation)": self.m * self.n * 4}

@@ -11,9 +11,11 @@ gradients on U_k; every lambda afterwards is a small matrix product on the lambd
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from tdatune.attributors.base import (
     CHECKPOINT,
@@ -25,10 +27,17 @@ from tdatune.attributors.base import (
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import HVP_PRECISION, HVPProblem
+from tdatune.attributors.common import HVP_ADVICE, HVP_PRECISION, HVPProblem, HVPSizes
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.arnoldi import top_eigenpairs
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import (
+    EIG_ITEMSIZE,
+    PathEstimate,
+    explained_knob,
+    lambda_path_scores,
+)
+from tdatune.models.task import Params, Task
 
 
 class IFArnoldi(HVPProblem, Attributor):
@@ -44,6 +53,18 @@ class IFArnoldi(HVPProblem, Attributor):
         CHECKPOINT,
         HVP_PRECISION,
     )
+
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None) -> PathEstimate:
+        """Arnoldi's path: the training gradients (kept whole up to ``GRAD_CACHE_LIMIT``
+        numbers, else recomputed in chunks), the Lanczos basis [p, iters] and the k
+        eigenvectors (twice while the positive ones are kept), the training coordinates
+        [n, k], the explained gradients and coordinates, and the [m, n] scores."""
+        z = self._sizes(params, train, explained=explained, validation=validation,
+                        chunk_size=chunk_size)
+        k = min(self.params["rank"], z.p)
+        return arnoldi_estimate(z, k, min(z.p, self.params["iters"] or 2 * k + 20))
 
     def _fit(self, context: AttributionContext) -> None:
         self._fit_problem(context)
@@ -73,3 +94,29 @@ class IFArnoldi(HVPProblem, Attributor):
         """Scores [m, n] at ``lam``."""
         lam = self.score_params(values)["lam"]
         return self.lambda_path(explained).scores(lam).float()
+
+
+def arnoldi_estimate(z: HVPSizes, k: int, steps: int) -> PathEstimate:
+    """The phases of :class:`IFArnoldi` for the sizes ``z``, ``k`` eigenpairs from ``steps``
+    Lanczos steps (see ``IFArnoldi.memory_estimate``)."""
+    e, q, n, p, m, v = EIG_ITEMSIZE, z.prec, z.n, z.p, z.m, z.v
+    cast = 0 if q == e else 1  # the float64 copies made of float32 vectors
+    eigen = {**z.held(), "eigenvectors kept": p * k * e}
+    fitted = {**eigen, "training coordinates": n * k * e}
+    rows = max(m, v)
+    phases = {
+        "training gradients": z.training(),
+        "Lanczos": {**eigen, "Lanczos basis": p * steps * e, "Ritz vectors": p * k * e},
+        "training coordinates": {**eigen, "eigenvectors cast": cast * p * k * q,
+                                 **z.products(k), "training coordinates": cast * n * k * e},
+        "explained": {**fitted, **z.gradients(rows), "validation gradients": v * p * q,
+                      "explained gradients (float64)": cast * rows * p * e,
+                      "explained coordinates": rows * k * e,
+                      "validation coordinates": v * k * e},
+        "scores": {**fitted, "explained gradients": m * p * q, "validation gradients": v * p * q,
+                   "validation coordinates": v * k * e, "explained coordinates": m * k * e,
+                   **lambda_path_scores(m, n, k)},
+    }
+    return PathEstimate("if_arnoldi", n, m, phases, advice=(HVP_ADVICE,),
+                        knobs=explained_knob(lambda j: arnoldi_estimate(replace(z, m=j), k,
+                                                                        steps), m))

@@ -17,10 +17,11 @@ and that example's iterate is frozen there (counted in ``self.breakdowns``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from tdatune.attributors.base import (
     CHECKPOINT,
@@ -31,11 +32,16 @@ from tdatune.attributors.base import (
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import HVP_PRECISION, HVPProblem
+from tdatune.attributors.common import HVP_ADVICE, HVP_PRECISION, HVPProblem, HVPSizes
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import PathEstimate, explained_knob
+from tdatune.models.task import Params, Task
 from tdatune.utils.progress import progress
 
 CG_BATCH = 64  # explained examples solved together
+STEP_COPIES = 6  # [b, p] vectors one CG step makes at once (d, H d, lam d, A d, x and r updates)
+FLOAT32_ADVICE = ("precision='float32' (every vector and gradient of the solve in half the "
+                  "bytes)")
 
 
 @dataclass
@@ -73,6 +79,15 @@ class IFCG(HVPProblem, Attributor):
         CHECKPOINT,
         HVP_PRECISION,
     )
+
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None) -> PathEstimate:
+        """CG's path: the training gradients (kept whole up to ``GRAD_CACHE_LIMIT`` numbers,
+        else recomputed in chunks), the [m, p] explained gradients and the iterates x, r, d of
+        every batch, one batch's step, and the [m, n] scores with their negated copy."""
+        return cg_estimate(self._sizes(params, train, explained=explained,
+                                       validation=validation, chunk_size=chunk_size))
 
     def _fit(self, context: AttributionContext) -> None:
         self._fit_problem(context)
@@ -173,3 +188,19 @@ class IFCG(HVPProblem, Attributor):
         for values, v in settings:
             run = self._runs[(key, v["lam"], v["early_stop"], v["tol"])]
             yield values, run.scores[v["max_iter"]]
+
+
+def cg_estimate(z: HVPSizes) -> PathEstimate:
+    """The phases of :class:`IFCG` for the sizes ``z`` (see ``IFCG.memory_estimate``)."""
+    m, p, q = z.m, z.p, z.prec
+    solve = {**z.held(), "explained gradients": m * p * q, "CG iterates (x, r, d)": 3 * m * p * q}
+    phases = {
+        "training gradients": z.training(),
+        "explained gradients": {**z.held(), **z.gradients(m)},
+        "conjugate gradient": {**solve, "one batch's step": STEP_COPIES * min(m, CG_BATCH) * p * q},
+        "scores": {**solve, "iterates concatenated": m * p * q, **z.products(m),
+                   **z.negated()},
+    }
+    return PathEstimate("if_cg", z.n, m, phases,
+                        advice=((FLOAT32_ADVICE,) if q > 4 else ()) + (HVP_ADVICE,),
+                        knobs=explained_knob(lambda k: cg_estimate(replace(z, m=k)), m))

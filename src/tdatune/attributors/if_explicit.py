@@ -19,9 +19,11 @@ float64 on the LDS curve of mnist-lr (docs/performance.md, bench/sweep.py --prec
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from tdatune.attributors.base import (
     CHECKPOINT,
@@ -31,11 +33,30 @@ from tdatune.attributors.base import (
     one_of,
     positive_float,
 )
-from tdatune.attributors.common import DTYPES
+from tdatune.attributors.common import DTYPES, cast_input_numbers
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
-from tdatune.features.gradients import per_example_grads
+from tdatune.features.budget import (
+    EIG_ITEMSIZE,
+    PathEstimate,
+    cast_copies,
+    eigenvector_copies,
+    eigh_bytes,
+    explained_knob,
+    gradients_in_flight,
+    hessian_parts,
+    lambda_path_scores,
+)
+from tdatune.features.gradients import num_params, per_example_grads
+from tdatune.models.task import Params, Task
+
+ADVICE = (
+    "IFFIM with a random projection, attributor='iffim', params={'proj_dim': 1024} (a d x d "
+    "Fisher eigensystem, no p x p Hessian)",
+    "K-FAC, attributor='kfac' or attributor='ekfac' (Kronecker factors per layer)",
+    "if_cg, attributor='if_cg' with lam= (Hessian-vector products: no p x p matrix)",
+)
 
 
 class IFExplicit(Attributor):
@@ -49,6 +70,21 @@ class IFExplicit(Attributor):
         HyperParameter("precision", "float64", "fit", one_of(*DTYPES),
                        "dtype of the eigendecomposition (the Hessian is formed in float64)"),
     )
+
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None) -> PathEstimate:
+        """The exact Hessian's path, as a dense model takes it (a one-layer model's Kronecker
+        path eigendecomposes a block of order <= p, so this bounds it too): the p x p Hessian
+        in float64 (three copies while it is symmetrised), its eigendecomposition (the matrix,
+        eigenvectors and LAPACK's workspace: about 4 p^2 numbers), the [n, p] training
+        gradients and their coordinates, the explained side and the [m, n] scores."""
+        dtype = DTYPES[self.params["precision"]]
+        first = next(iter(params.values()))
+        return explicit_estimate(_Sizes(
+            n=len(train), p=num_params(params), m=explained, v=validation, chunk=chunk_size,
+            item=first.element_size(), prec=torch.empty(0, dtype=dtype).element_size(),
+            inputs=cast_input_numbers(train, torch.float64)))
 
     def _fit(self, context: AttributionContext) -> None:
         model, params = context.model_at(self.params["checkpoint"])
@@ -94,3 +130,56 @@ class IFExplicit(Attributor):
         """Scores [m, n] at ``lam``."""
         lam = self.score_params(values)["lam"]
         return self.lambda_path(explained).scores(lam).float()
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """n training, m explained, v validation examples, p parameters, the gradient chunk, the
+    model's and the eigendecomposition's (``prec``) bytes a number, training inputs cast."""
+
+    n: int
+    p: int
+    m: int
+    v: int
+    chunk: int
+    item: int
+    prec: int
+    inputs: int
+
+
+def explicit_estimate(z: _Sizes) -> PathEstimate:
+    """The phases of :class:`IFExplicit` for the sizes ``z`` (see its ``memory_estimate``)."""
+    e, q, n, p, m = EIG_ITEMSIZE, z.prec, z.n, z.p, z.m
+    held = {"parameters": 2 * p * z.item, **cast_copies(p, z.inputs, e)}
+    eig = eigh_bytes(p, q)
+    eig["Hessian"] = eig.pop("matrix")
+    basis = {**held, "eigenvectors": p * p * q, "eigenvalues": p * e}
+    fitted = {**basis, "training coordinates": n * p * e, "validation coordinates": z.v * p * e}
+    rows = max(m, z.v)
+    phases = {
+        "Hessian": {**held, **hessian_parts(p)},
+        "Hessian cast": {**held, "Hessian": p * p * e, "Hessian cast": p * p * q if q != e else 0},
+        "eigendecomposition": {**held, **eig},
+        "eigenvectors": {**held, **eigenvector_copies(p, q)},
+        "training gradients": {**basis, "training gradients": n * p * e,
+                               **gradients_in_flight(min(z.chunk, n), p, p, e)},
+        "training coordinates": {**basis, "training gradients": n * p * e,
+                                 **_coordinates(n, p, q)},
+        "explained": {**fitted, "explained gradients": rows * p * e,
+                      **gradients_in_flight(min(z.chunk, max(rows, 1)), p, p, e),
+                      **_coordinates(rows, p, q, "explained")},
+        "scores": {**fitted, "explained coordinates": m * p * e,
+                   **lambda_path_scores(m, n, p)},
+    }
+    return PathEstimate("if_explicit", n, m, phases, advice=ADVICE, eig_size=p,
+                        form="exact Hessian",
+                        knobs=explained_knob(lambda k: explicit_estimate(replace(z, m=k)), m))
+
+
+def _coordinates(rows: int, p: int, prec: int, what: str = "training") -> dict[str, int]:
+    """``DenseEigensystem.coords`` of [rows, p] float64 gradients: their cast to the
+    eigenvectors' precision (a copy unless float64), the product, and its float64 copy."""
+    cast = 0 if prec == EIG_ITEMSIZE else 1
+    return {f"{what} gradients cast": cast * rows * p * prec,
+            f"{what} coordinates": rows * p * prec,
+            f"{what} coordinates (float64)": cast * rows * p * EIG_ITEMSIZE}

@@ -21,9 +21,11 @@ rounding, and it halves the cost of the 1000 default steps); ``precision="float6
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from tdatune.attributors.base import (
     CHECKPOINT,
@@ -35,13 +37,16 @@ from tdatune.attributors.base import (
     positive_float,
     positive_int,
 )
-from tdatune.attributors.common import DTYPES, HVPProblem
+from tdatune.attributors.common import DTYPES, HVP_ADVICE, HVPProblem, HVPSizes
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import PathEstimate, explained_knob
+from tdatune.models.task import Params, Task
 from tdatune.utils.progress import progress
 
 POWER_ITERS = 20
 BLOWUP = 10.0
 LISSA_BATCH = 256  # explained examples per vmap batch
+STEP_COPIES = 6  # [b, p] vectors one recursion step makes at once (x, H x, lam x, the update)
 
 
 class LiSSADivergence(FloatingPointError):
@@ -63,6 +68,16 @@ class IFLiSSA(HVPProblem, Attributor):
         HyperParameter("precision", "float32", "fit", one_of(*DTYPES),
                        "HVP arithmetic (float32: minibatch noise dwarfs its rounding)"),
     )
+
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None) -> PathEstimate:
+        """LiSSA's path: the training gradients (kept whole up to ``GRAD_CACHE_LIMIT``
+        numbers, else recomputed in chunks), the [m, p] explained gradients, the finished
+        batches' results and one batch's recursion, their concatenation and the [m, n]
+        scores with their negated copy."""
+        return lissa_estimate(self._sizes(params, train, explained=explained,
+                                          validation=validation, chunk_size=chunk_size))
 
     def _fit(self, context: AttributionContext) -> None:
         self._fit_problem(context)
@@ -161,3 +176,19 @@ class IFLiSSA(HVPProblem, Attributor):
         for values, v in settings:
             yield values, self._scores[(key, v["lam"], v["scale"], v["depth"], v["batch_size"],
                                         v["seed"])]
+
+
+def lissa_estimate(z: HVPSizes) -> PathEstimate:
+    """The phases of :class:`IFLiSSA` for the sizes ``z`` (see ``IFLiSSA.memory_estimate``)."""
+    m, p, q = z.m, z.p, z.prec
+    solved = {**z.held(), "explained gradients": m * p * q, "recursion results": m * p * q}
+    phases = {
+        "training gradients": z.training(),
+        "explained gradients": {**z.held(), **z.gradients(m)},
+        "recursion": {**solved,
+                      "one batch's recursion": STEP_COPIES * min(m, LISSA_BATCH) * p * q},
+        "scores": {**solved, "results concatenated": m * p * q, **z.products(m),
+                   **z.negated()},
+    }
+    return PathEstimate("if_lissa", z.n, m, phases, advice=(HVP_ADVICE,),
+                        knobs=explained_knob(lambda k: lissa_estimate(replace(z, m=k)), m))

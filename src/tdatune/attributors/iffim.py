@@ -51,8 +51,8 @@ class IFFIM(Attributor):
     )
 
     def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
-                        *, explained: int, validation: int = 0, chunk_size: int = 256
-                        ) -> AttributionEstimate:
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None) -> AttributionEstimate:
         """The memory of ``fit`` and ``score``: [n, d] gradients and a d x d eigensystem when
         projected (or n x n when d > n); unprojected, the p x p eigensystem of the [n, p]
         rows when n >= p, else the n x n kernel from the hooks' factors."""

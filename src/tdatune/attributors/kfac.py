@@ -13,9 +13,11 @@ scores per-block dampings for LDS.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from tdatune.attributors.base import (
     CHECKPOINT,
@@ -28,8 +30,20 @@ from tdatune.attributors.base import (
 from tdatune.attributors.damping import block_mean_dampings, check_damping
 from tdatune.attributors.lambda_path import LambdaPath, StreamedLambdaPath
 from tdatune.attributors.logra import optional_names
-from tdatune.curvature.kfac import KroneckerFit, fit_kronecker
+from tdatune.curvature.kfac import ROWS_BUDGET, KroneckerFit, fit_kronecker
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import (
+    EIG_ITEMSIZE,
+    PathEstimate,
+    eigh_bytes,
+    explained_knob,
+    kronecker_factor_parts,
+    rotated_rows,
+)
+from tdatune.features.capture import EmbeddingRule
+from tdatune.features.factored import layer_sides
+from tdatune.features.gradients import GradientSource, num_params
+from tdatune.models.task import Params, Task
 
 COORDS_KEEP_LIMIT = 1 << 26  # training coordinates (n x p float64 numbers) held in memory
 
@@ -51,19 +65,46 @@ class KFAC(Attributor):
         CHECKPOINT,
     )
 
+    def _chosen(self, model: nn.Module, params: Params) -> Params:
+        """The parameters of the ``layers`` modules (all without them); unknown names are
+        refused with the modules there are."""
+        names = self.params["layers"]
+        if names is None:
+            return params
+        modules = dict(model.named_modules())
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise ValueError(f"{self.name}: unknown module(s) {', '.join(unknown)}; the "
+                             f"model's modules with parameters are: " + ", ".join(
+                                 n for n, m in modules.items()
+                                 if n and any(True for _ in m.parameters(recurse=False))))
+        return {k: v for k, v in params.items() if any(k.startswith(f"{n}.") for n in names)}
+
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None) -> PathEstimate:
+        """K-FAC's path over the p attributed parameters: per Kronecker layer the float64
+        factors A (in x in) and S (out x out), their eigenvectors and eigenvalues and the
+        [out, in] eigenvalue grid (EK-FAC: its moments and one chunk's rotated gradients); a
+        path per explained set holding its eigen-coordinates [m, p] (float64 when m p <=
+        ``COORDS_KEEP_LIMIT`` numbers, else the gradients' dtype) and, when n p is within
+        that limit, the [n, p] training coordinates; scores hold one weighted copy of the
+        coordinates (``KroneckerFit.weighted_back``), one training chunk's rows and the
+        [m, n] score matrix."""
+        chosen = self._chosen(model, params)
+        plan = GradientSource(task, model, chosen, target="loss").plan
+        sides = tuple((*layer_sides(c), isinstance(c.rule, EmbeddingRule))
+                      for c in plan.layers if c.factored)
+        p = num_params(chosen)
+        return kfac_estimate(_Sizes(
+            n=len(train), p=p, all_params=num_params(params), m=explained, v=validation,
+            chunk=chunk_size, item=next(iter(params.values())).element_size(), sides=sides,
+            diagonal=p - sum(d_in * d_out for d_in, d_out, _ in sides),
+            method=self.name, ekfac=self.strategy == "ekfac"))
+
     def _fit(self, context: AttributionContext) -> None:
         model, params = context.model_at(self.params["checkpoint"])
-        names = self.params["layers"]
-        if names is not None:
-            modules = dict(model.named_modules())
-            unknown = [n for n in names if n not in modules]
-            if unknown:
-                raise ValueError(f"{self.name}: unknown module(s) {', '.join(unknown)}; the "
-                                 f"model's modules with parameters are: " + ", ".join(
-                                     n for n, m in modules.items()
-                                     if n and any(True for _ in m.parameters(recurse=False))))
-            params = {k: v for k, v in params.items()
-                      if any(k.startswith(f"{n}.") for n in names)}
+        params = self._chosen(model, params)
         self._params = params
         self.fit_: KroneckerFit = fit_kronecker(
             context.task, model, params, context.train, strategy=self.strategy,
@@ -77,10 +118,7 @@ class KFAC(Attributor):
         key = explained.fingerprint()
         if key not in self._paths:
             fit = self.fit_
-            coords = torch.cat([c for _, c in fit.iter_coords(
-                explained, target="output", chunk_size=ctx.chunk_size)])
-            if coords.numel() <= COORDS_KEEP_LIMIT:  # float64 unless that is gigabytes
-                coords = coords.double()
+            coords = self._explained_coords(explained)
             sigma = fit.sigma
 
             def train_chunks() -> Iterator[tuple[int, torch.Tensor]]:
@@ -88,10 +126,11 @@ class KFAC(Attributor):
                                        show_progress=ctx.show_progress,
                                        desc=f"{self.name} training coordinates")
 
-            def products(w: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-                return fit.products(w, ctx.train, target="loss", chunk_size=ctx.chunk_size,
+            def products(h: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+                return fit.products(None, ctx.train, target="loss", chunk_size=ctx.chunk_size,
                                     show_progress=ctx.show_progress,
-                                    desc=f"{self.name} training products")
+                                    desc=f"{self.name} training products",
+                                    back=lambda dtype: fit.weighted_back(coords, h, dtype))
 
             def masked_sums(masks: torch.Tensor) -> torch.Tensor:
                 return fit.masked_sums(masks, ctx.train, target="loss",
@@ -103,6 +142,22 @@ class KFAC(Attributor):
                 sigma, coords, train_chunks, len(ctx.train), sizes=fit.block_sizes, keep=keep,
                 products=products, masked_sums=masked_sums, names=fit.block_names)
         return self._paths[key]
+
+    def _explained_coords(self, explained: ArrayDataset) -> torch.Tensor:
+        """The explained examples' eigen-coordinates [m, p], written chunk by chunk into one
+        preallocated tensor (float64 unless that is gigabytes): no concatenation copy."""
+        ctx = self._require_fit()
+        p = self.fit_.sigma.numel()
+        coords: torch.Tensor | None = None
+        for start, c in self.fit_.iter_coords(explained, target="output",
+                                              chunk_size=ctx.chunk_size):
+            if coords is None:
+                wide = len(explained) * p > COORDS_KEEP_LIMIT
+                coords = torch.empty(len(explained), p, dtype=c.dtype if wide else torch.float64)
+            coords[start : start + c.shape[0]] = c
+        if coords is None:
+            raise ValueError("no explained examples to score")
+        return coords
 
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:
         """Scores [m, n] at ``lam``: one damping, one per block (in ``block_names`` order),
@@ -119,6 +174,111 @@ class KFAC(Attributor):
         """Kronfluence's heuristic per block: ``fraction`` x the block's mean eigenvalue."""
         self._require_fit()
         return block_mean_dampings(self.fit_.sigma, self.fit_.block_sizes, fraction)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """n training, m explained, v validation examples, p attributed parameters (of all
+    ``all_params``), the Kronecker layers' (in, out, diagonal input factor) sides and the
+    ``diagonal`` other parameters, the chunk and the gradients' bytes a number."""
+
+    n: int
+    p: int
+    all_params: int
+    m: int
+    v: int
+    chunk: int
+    item: int
+    sides: tuple[tuple[int, int, bool], ...]
+    diagonal: int
+    method: str
+    ekfac: bool
+
+    def coords_item(self, rows: int) -> int:
+        """Bytes a number of the eigen-coordinates of ``rows`` examples: float64 unless that
+        is more than ``COORDS_KEEP_LIMIT`` numbers (``KFAC._explained_coords``)."""
+        return EIG_ITEMSIZE if rows * self.p <= COORDS_KEEP_LIMIT else self.item
+
+    @property
+    def keep(self) -> bool:
+        """Whether a path holds the [n, p] training coordinates."""
+        return self.n * self.p <= COORDS_KEEP_LIMIT
+
+    def path(self, rows: int) -> int:
+        """What a cached path of ``rows`` examples holds: coordinates, eigenvalues and, when
+        kept, its own concatenation of the training coordinates."""
+        return (rows * self.p * self.coords_item(rows) + self.p * EIG_ITEMSIZE
+                + self.keep * self.n * self.p * self.item)
+
+    @property
+    def blocks(self) -> list[int]:
+        """Coordinates per block: each layer's out x in, then the diagonal parameters."""
+        return [d_in * d_out for d_in, d_out, _ in self.sides] + [self.diagonal]
+
+    def chunk_rows(self, size: int) -> int:
+        """Rows of a block of ``size`` coordinates formed at once."""
+        return rotated_rows(min(self.chunk, self.n), size, self.item, ROWS_BUDGET)
+
+
+def kfac_estimate(z: _Sizes) -> PathEstimate:
+    """The phases of :class:`KFAC` and :class:`EKFAC` for the sizes ``z`` (see
+    ``KFAC.memory_estimate``)."""
+    e, item, n, p, rows = EIG_ITEMSIZE, z.item, z.n, z.p, max(z.m, z.v)
+    factors = kronecker_factor_parts(list(z.sides), z.diagonal, ekfac=z.ekfac)
+    side = max([d_out for _, d_out, _ in z.sides]
+               + [d_in for d_in, _, diag in z.sides if not diag], default=0)
+    kept = {"parameters": 2 * z.all_params * item,
+            **{k: v for k, v in factors.items() if k not in ("covariances", "EK-FAC moments")}}
+    grid = max(z.blocks[:-1], default=0)
+    phases = {"factors": {**kept, "covariances": factors["covariances"],
+                          "diagonal sums": z.diagonal * e,
+                          "captured chunk's dense gradients": min(z.chunk, n) * z.diagonal * item,
+                          "largest factor's eigh": sum(eigh_bytes(side).values()) if side else 0,
+                          "its symmetrised copy": 2 * side * side * e}}
+    if z.ekfac:
+        phases["EK-FAC correction"] = {**kept, **factors,
+                                       "rotated chunk and its square": 2 * z.chunk_rows(grid)
+                                       * grid * item}
+    validation = {"validation path": z.path(z.v) if z.v else 0}
+    if rows:
+        phases["explained coordinates"] = {
+            **kept, **validation, "explained coordinates": rows * p * z.coords_item(rows),
+            "a chunk's coordinates and their parts": 2 * z.chunk_rows(p) * p * item}
+        if z.keep:
+            phases["training coordinates"] = {
+                **kept, **validation, "explained coordinates": rows * p * z.coords_item(rows),
+                "training coordinates": n * p * item, "their chunks": n * p * item}
+    if z.m:
+        phases.update({name: {**kept, **validation, **parts}
+                       for name, parts in _score_phases(z).items()})
+    return PathEstimate(
+        z.method, n, z.m, phases, eig_size=side, form="Kronecker factor",
+        advice=("fewer attributed modules, params={'layers': [...]} (the coordinates are "
+                f"[m, p] over their parameters, p = {p:,} now)",),
+        knobs=explained_knob(lambda j: kfac_estimate(replace(z, m=j)), z.m))
+
+
+def _score_phases(z: _Sizes) -> dict[str, dict[str, int]]:
+    """``StreamedLambdaPath.scores`` of the m explained examples into an [m, n] matrix of the
+    coordinates' dtype (its pages touched as it is written): with the training coordinates
+    held, the weighted coordinates (and their cast) and the signed product; streamed, one
+    weighted copy in the parameter basis (``weighted_back``), one block being weighted, one
+    chunk's rows of a block and its products; then ``score`` returns a float32 copy."""
+    e, item, m, n, p = EIG_ITEMSIZE, z.item, z.m, z.n, z.p
+    ci = z.coords_item(m)
+    path = {"explained coordinates": m * p * ci, "eigenvalues and filter": 2 * p * e,
+            "score matrix": m * n * ci}
+    if z.keep:  # the product is freed before its signed copy is written into the matrix
+        loop = {"training coordinates": n * p * item, "weighted coordinates": m * p * ci,
+                "weighted coordinates cast": m * p * item if ci != item else 0,
+                "signed product": m * n * item}
+    else:
+        loop = {"weighted copy (weighted_back)": m * p * item,
+                "one block being weighted": m * max(z.blocks) * (ci + 2 * item),
+                "a chunk's rows of a block": max(z.chunk_rows(size) * size for size in z.blocks)
+                * item, "chunk products": 3 * m * min(z.chunk, n) * item}
+    return {"scores": {**path, **loop},
+            "scores returned": {**path, "score matrix (float32)": m * n * 4 if ci != 4 else 0}}
 
 
 class EKFAC(KFAC):

@@ -282,10 +282,11 @@ class StreamedLambdaPath(LambdaPath):
     recomputed chunk by chunk on every use (``chunks()`` yields ``(start, [b, k])``), so a path
     over all p parameters of a model (K-FAC, EK-FAC) never holds n x p numbers: scores stream
     the training side once per call, subset predictions once per set of masks.
-    ``sizes`` are the blocks (layers) for per-block damping. ``products(w)`` (yielding
-    ``(start, w @ c_chunk^T)``) and ``masked_sums(masks)`` (``masks @ c``), when given, replace
-    the chunks for scores and mask projections while the coordinates are not held (K-FAC
-    computes both without rotating the training gradients)."""
+    ``sizes`` are the blocks (layers) for per-block damping. ``products(h)`` (yielding
+    ``(start, (c_explained * h) @ c_chunk^T)`` for the filter h [k] of one damping) and
+    ``masked_sums(masks)`` (``masks @ c``), when given, replace the chunks for scores and mask
+    projections while the coordinates are not held (K-FAC computes both without rotating the
+    training gradients, nor forming c_explained * h whole)."""
 
     def __init__(self, sigma: torch.Tensor, explained_coords: torch.Tensor,
                  chunks: Callable[[], Iterator[tuple[int, torch.Tensor]]], n_train: int, *,
@@ -351,12 +352,16 @@ class StreamedLambdaPath(LambdaPath):
     def scores(self, lam: Damping, filter: str = "damping") -> torch.Tensor:
         """Score matrix [m, n] at one damping, one lambda or one per block, under ``filter``
         (one pass over the training side)."""
-        w = self._weighted(self.entry_lambdas(lam, filter), filter)
-        out = torch.empty(w.shape[0], self._n, dtype=w.dtype)
-        if self._held is None and self._products is not None:
-            for start, prod in self._products(w):
+        entries = self.entry_lambdas(lam, filter)
+        if self._held is None and self._products is not None:  # the filter, not c x filter
+            h = damped_inverse(self.sigma, entries, filter, self.null_mask())  # [k]
+            out = torch.empty(self.explained_coords.shape[0], self._n,
+                              dtype=self.explained_coords.dtype)
+            for start, prod in self._products(h):
                 out[:, start : start + prod.shape[1]] = self.sign * prod
             return out
+        w = self._weighted(entries, filter)
+        out = torch.empty(w.shape[0], self._n, dtype=w.dtype)
         for start, c in self._train_chunks():  # at the training coordinates' precision
             out[:, start : start + c.shape[0]] = self.sign * (w.to(c.dtype) @ c.T)
         return out

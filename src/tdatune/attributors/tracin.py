@@ -17,9 +17,11 @@ hooks' factors (``FactoredGradients``), never forming the [n, p] matrix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from tdatune.attributors.base import (
     AttributionContext,
@@ -31,12 +33,24 @@ from tdatune.attributors.base import (
     optional_int_list,
     optional_positive_int,
 )
-from tdatune.attributors.common import TrainGradients
+from tdatune.attributors.common import GRAD_CACHE_LIMIT, TrainGradients
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import (
+    EIG_ITEMSIZE,
+    Knob,
+    PathEstimate,
+    explained_knob,
+    gradient_products,
+    gradients_in_flight,
+    kept_gradients,
+    kept_gradients_built,
+    projector_bytes,
+)
 from tdatune.features.factored import KroneckerProjector, make_projector
 from tdatune.features.gradients import num_params, per_example_grads
-from tdatune.features.kernel import FactoredGradients
+from tdatune.features.kernel import FactoredGradients, factored_numbers
 from tdatune.features.projection import Projector
+from tdatune.models.task import Params, Task
 
 DEFAULT_LAST = 10
 
@@ -57,6 +71,28 @@ class TracIn(Attributor):
         HyperParameter("normalize", False, "score", boolean,
                        "unit-normalise gradients (cosine products)"),
     )
+
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None) -> PathEstimate:
+        """TracIn's path over C checkpoints (the ``checkpoints`` chosen, else the last 10 of
+        those there are, 10 when that is not known): per checkpoint its projection and its
+        training gradients, kept whole up to ``GRAD_CACHE_LIMIT`` numbers (else recomputed
+        in chunks; unprojected with n < p the hooks' factors); per checkpoint the [m, n]
+        products, cached; the explained gradients (float64) and the kept gradients cast to
+        float64 while a product is made; the summed [m, n] scores and their temporaries."""
+        chosen = self.params["checkpoints"]
+        count = len(chosen) if chosen else min(DEFAULT_LAST, checkpoints or DEFAULT_LAST)
+        n, p = len(train), num_params(params)
+        factored = self.params["proj_dim"] is None and n < p
+        return tracin_estimate(_Sizes(
+            n=n, p=p, width=min(self.params["proj_dim"] or p, p), m=explained, checkpoints=count,
+            chunk=chunk_size, item=next(iter(params.values())).element_size(),
+            kronecker=self.params["proj_kind"] == "kronecker",
+            normalize=self.params["normalize"],
+            factored=factored_numbers(task, model, params, train) if factored else 0,
+            factored_out=(factored_numbers(task, model, params, train, target="output")
+                          if factored else 0)))
 
     def _fit(self, context: AttributionContext) -> None:
         k = len(context.checkpoints)
@@ -144,3 +180,70 @@ class TracIn(Attributor):
                 prod = prod / torch.where(denom > 0, denom, torch.ones_like(denom))
             total -= self.learning_rate(idx) * prod
         return total.float()
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """n training and m explained examples, p parameters projected to ``width`` (= p:
+    unprojected; ``factored``/``factored_out`` numbers a training/explained example when its
+    gradients are kept as the hooks' factors, else 0), C ``checkpoints``, the chunk and the
+    gradients' bytes a number."""
+
+    n: int
+    p: int
+    width: int
+    m: int
+    checkpoints: int
+    chunk: int
+    item: int
+    kronecker: bool
+    normalize: bool
+    factored: int
+    factored_out: int
+
+    @property
+    def projection(self) -> int:
+        """A checkpoint's projection matrix (a Kronecker projection's factors: not counted)."""
+        return 0 if self.kronecker else projector_bytes(self.p, self.width, self.item)
+
+    def kept(self) -> int:
+        """What one checkpoint keeps: its projection and its gradients (or their factors)."""
+        if self.factored:
+            return self.n * self.factored * self.item
+        return self.projection + sum(kept_gradients(self.n, self.width, self.item,
+                                                    GRAD_CACHE_LIMIT).values())
+
+
+def tracin_estimate(z: _Sizes) -> PathEstimate:
+    """The phases of :class:`TracIn` for the sizes ``z`` (see ``TracIn.memory_estimate``)."""
+    e, n, m, c, item = EIG_ITEMSIZE, z.n, z.m, z.checkpoints, z.item
+    held = {"parameters": 2 * z.p * item}
+    chunk = min(z.chunk, n)
+    if z.factored:
+        building = {"factored training gradients": n * z.factored * item,
+                    "captured chunk and its compacted copy": 2 * chunk * z.factored * item}
+        product = {"factored explained gradients": m * z.factored_out * item,
+                   "products": m * n * e}
+    else:
+        building = {"projection matrix": z.projection,
+                    **kept_gradients_built(n, z.p, z.width, item, z.chunk, GRAD_CACHE_LIMIT)}
+        product = {"explained gradients": m * z.width * item,
+                   "explained gradients (float64)": m * z.width * e,
+                   **gradients_in_flight(min(z.chunk, max(m, 1)), z.p, z.width, item),
+                   **gradient_products(m, n, z.p, z.width, item, e, z.chunk, GRAD_CACHE_LIMIT)}
+    phases = {"training gradients": {**held, **building,
+                                     "earlier checkpoints": (c - 1) * z.kept()}}
+    if m:
+        kept = {**held, "checkpoints' gradients": c * z.kept()}
+        phases["products"] = {**kept, **product,
+                              "earlier checkpoints' products": (c - 1) * m * n * e}
+        temporaries = 3 if z.normalize else 1  # lr x products (and the denominator, quotient)
+        phases["scores"] = {**kept, "cached products": c * m * n * e, "summed scores": m * n * e,
+                            "temporaries": temporaries * m * n * e}
+    knobs = [Knob("a random projection, proj_dim <= {value:,} (now {now:,})", z.width,
+                  lambda d: tracin_estimate(replace(z, width=d, factored=0, factored_out=0)))]
+    if c > 1:
+        knobs.append(Knob("fewer checkpoints, at most {value:,} epochs in checkpoints= "
+                          "(now {now:,})", c, lambda j: tracin_estimate(replace(z, checkpoints=j))))
+    knobs += explained_knob(lambda j: tracin_estimate(replace(z, m=j)), m)
+    return PathEstimate("tracin", n, m, phases, knobs=tuple(knobs))

@@ -42,6 +42,15 @@ from tdatune.attributors.base import (
 from tdatune.attributors.lambda_path import EnsembleLambdaPath, LambdaPath
 from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem
 from tdatune.data.base import ArrayDataset
+from tdatune.features.budget import (
+    EIG_ITEMSIZE,
+    Knob,
+    PathEstimate,
+    ensemble_parts,
+    estimate_attribution,
+    explained_knob,
+    lambda_path_scores,
+)
 from tdatune.features.factored import KroneckerProjector, make_projector
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.projection import Projector
@@ -93,6 +102,23 @@ class TRAK(Attributor):
     def __init__(self, **values: Any) -> None:
         super().__init__(**values)
         self._proj_dim_given = "proj_dim" in values and values["proj_dim"] is not None
+
+    def memory_estimate(self, task: Task, model: nn.Module, params: Params, train: ArrayDataset,
+                        *, explained: int, validation: int = 0, chunk_size: int = 256,
+                        checkpoints: int | None = None) -> PathEstimate:
+        """TRAK's path, member by member (one per epoch of ``checkpoints``): the [n, d]
+        projected features and their Fisher eigensystem (IFFIM's phases,
+        :func:`~tdatune.features.budget.estimate_attribution`), with the eigensystem, Q and
+        projection of every member fitted before; then each member's explained coordinates
+        and weighted training coordinates, the ensemble path concatenating them, and the
+        [m, n] scores."""
+        p = num_params(params)
+        d = self.params["proj_dim"]
+        return trak_estimate(_Sizes(
+            n=len(train), p=p, width=p if d is None or d > p else d,
+            members=len(self.params["checkpoints"] or [-1]), m=explained, v=validation,
+            chunk=chunk_size, dtype=next(iter(params.values())).dtype,
+            kronecker=self.params["proj_kind"] == "kronecker"))
 
     def _fit(self, context: AttributionContext) -> None:
         self.members: dict[tuple[int, int], TRAKMember] = {}
@@ -172,3 +198,56 @@ class TRAK(Attributor):
         """Scores [m, n] at ``lam`` (mean-loss convention; 0 = pseudo-inverse)."""
         lam = self.score_params(values)["lam"]
         return self.lambda_path(explained).scores(lam).float()
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """n training, m explained, v validation examples, p parameters projected to ``width``
+    (= p: unprojected) by a Kronecker or a dense projection, ``members`` checkpoints."""
+
+    n: int
+    p: int
+    width: int
+    members: int
+    m: int
+    v: int
+    chunk: int
+    dtype: torch.dtype
+    kronecker: bool
+
+
+def trak_estimate(z: _Sizes) -> PathEstimate:
+    """The phases of :class:`TRAK` for the sizes ``z`` (see ``TRAK.memory_estimate``)."""
+    one = estimate_attribution(z.n, z.p, proj_dim=z.width if z.width < z.p else None,
+                               explained=z.m, validation=z.v, chunk_rows=z.chunk,
+                               dtype=z.dtype, proj_bytes=0 if z.kronecker else None)
+    e, n, c, k = EIG_ITEMSIZE, z.n, z.members, one.kept
+    held = one.phases["training gradients"]
+    member = sum(one.fitted.values()) + n * e + held["projection matrix"]  # + Q
+    coords = (z.m + z.v) * k * e  # a member's explained and validation coordinates (cached)
+    earlier = {"earlier members (eigensystem, Q, projection)": (c - 1) * member}
+    phases = {ph: {**one.phases[ph], **earlier} for ph in
+              ("training gradients", "accumulation", "eigendecomposition", "training coordinates")}
+    members = {"parameters": held["parameters"],
+               "members (eigensystem, Q, projection)": c * member,
+               "members' coordinates": c * coords,
+               "member paths' training coordinates": c * n * k * e,
+               "validation ensemble coordinates": z.v * c * k * e}
+    if z.m or z.v:
+        phases["explained"] = {**one.phases["explained"], **earlier,
+                               "earlier members' coordinates": (c - 1) * coords,
+                               "earlier member paths' training coordinates": (c - 1) * n * k * e}
+        phases["ensemble"] = {**members,
+                              **ensemble_parts(n, max(z.m, z.v), c * k, building=True)}
+    if z.m:
+        phases["scores"] = {**members, **ensemble_parts(n, z.m, c * k, building=False),
+                            **lambda_path_scores(z.m, n, c * k)}
+    knobs = [Knob("a smaller projection, proj_dim <= {value:,} (now {now:,})", z.width,
+                  lambda w: trak_estimate(replace(z, width=w)))]
+    if c > 1:
+        knobs.append(Knob("fewer checkpoints in the ensemble, at most {value:,} epochs in "
+                          "checkpoints= (now {now:,})", c,
+                          lambda j: trak_estimate(replace(z, members=j))))
+    knobs += explained_knob(lambda j: trak_estimate(replace(z, m=j)), z.m)
+    return PathEstimate("trak", n, z.m, phases, knobs=tuple(knobs), eig_size=one.eig_size,
+                        form=one.form)

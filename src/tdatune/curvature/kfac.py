@@ -25,7 +25,7 @@ cross-entropy on [B, C] logits).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -166,22 +166,45 @@ class KroneckerFit:
             out.append(w[:, start:])
         return out
 
-    def products(self, w: torch.Tensor, data: ArrayDataset, *, target: str, chunk_size: int,
-                 show_progress: bool = False, desc: str = "inner products"
+    def weighted_back(self, coords: torch.Tensor, h: torch.Tensor, dtype: torch.dtype
+                      ) -> list[torch.Tensor]:
+        """``to_parameter_basis(coords * h)`` at ``dtype``, built one block at a time: the
+        only [m, p]-sized result is the returned blocks (no weighted copy of all the
+        coordinates beside them), so scoring holds the coordinates and one such copy."""
+        out, start = [], 0
+        for j, size in enumerate(self.block_sizes):
+            part = (coords[:, start : start + size] * h[start : start + size].to(coords.dtype)
+                    ).to(dtype)
+            if j < len(self.blocks):
+                b = self.blocks[j]
+                part = b.q_s.to(part) @ part.reshape(-1, *b.sigma.shape)
+                if b.q_a is not None:
+                    part = part @ b.q_a.to(part).T
+            out.append(part.reshape(coords.shape[0], -1).contiguous())
+            start += size
+        return out
+
+    def products(self, w: torch.Tensor | None, data: ArrayDataset, *, target: str,
+                 chunk_size: int, show_progress: bool = False, desc: str = "inner products",
+                 back: Callable[[torch.dtype], list[torch.Tensor]] | None = None
                  ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start, [m, b])``: w c_i for eigen-coordinates ``w`` [m, p] and every example's
         coordinates c_i, without rotating the examples: w is turned back into the parameter
         basis once (the bases are orthogonal, so <Q_S^T G Q_A, W> = <G, Q_S W Q_A^T>) and the
-        examples' gradients are only formed, at their own precision."""
-        back: list[torch.Tensor] | None = None
+        examples' gradients are only formed, at their own precision. ``back(dtype)``, given in
+        place of ``w``, returns that parameter basis directly (see :meth:`weighted_back`)."""
+        if (w is None) == (back is None):
+            raise ValueError("give either w or back")
+        blocks: list[torch.Tensor] | None = None
         for start, captured in self._batches(data, target, chunk_size, show_progress, desc):
             out: torch.Tensor | None = None
             for j, where, rows in self._block_rows(captured):
-                if back is None:  # at the gradients' precision, like every training product
-                    back = [b.contiguous() for b in self.to_parameter_basis(w.to(rows.dtype))]
+                if blocks is None:  # at the gradients' precision, like every training product
+                    blocks = (back(rows.dtype) if back is not None else  # type: ignore[misc]
+                              [b.contiguous() for b in self.to_parameter_basis(w.to(rows.dtype))])
                 if out is None:
-                    out = rows.new_zeros(w.shape[0], captured.b)
-                out[:, where] += back[j] @ rows.T
+                    out = rows.new_zeros(blocks[0].shape[0], captured.b)
+                out[:, where] += blocks[j] @ rows.T
             if out is None:
                 continue
             check_finite_rows(f"per-example {target} gradient products", out.T, offset=start)

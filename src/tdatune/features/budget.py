@@ -20,6 +20,12 @@ d <= n) or n x n (kernel form) matrix in float64 with its eigenvectors and LAPAC
 the training coordinates, the explained side and the [m, n] score matrix.
 :func:`check_attribution` refuses above the memory available (or a budget) and warns once
 above ``WARN_FRACTION`` of it or before an eigendecomposition larger than ``EIGH_WARN_SIZE``.
+
+Every other attributor's path is estimated by its own ``memory_estimate`` as a
+:class:`PathEstimate` (the same phases, with the fixes that fit it: :class:`Knob` settings found
+by search, and other attributors), written with the small pieces below (the scores of a
+lambda-path, an ensemble path, training gradients kept or streamed, the exact Hessian, the
+Kronecker factors), checked by the same :func:`check_attribution`.
 """
 
 from __future__ import annotations
@@ -212,29 +218,10 @@ def _held_by(projector: object) -> int | None:
 # ---------------------------------------------------------------------- attribution
 
 
-@dataclass(frozen=True)
-class AttributionEstimate:
-    """Bytes an attribution with an eigensystem of the empirical Fisher needs, phase by phase
-    (each phase: the parts alive at once); the peak is the largest phase.
+class _Phased:
+    """The peak of an estimate given phase by phase (``phases``: the parts alive at once)."""
 
-    ``form``: "parameter" (the d x d matrix, d <= n) or "kernel" (the n x n matrix);
-    ``factored``: the kernel form is built from the hooks' factors, never the [n, p] rows."""
-
-    n: int
-    width: int
-    grad_width: int
-    form: str
-    factored: bool
-    explained: int
-    validation: int
     phases: dict[str, dict[str, int]]
-    options: dict[str, object] = field(default_factory=dict, repr=False)
-    disk_bytes: int = 0
-
-    @property
-    def eig_size(self) -> int:
-        """Order of the eigendecomposed matrix."""
-        return self.width if self.form == "parameter" else self.n
 
     @property
     def peak_phase(self) -> str:
@@ -249,6 +236,38 @@ class AttributionEstimate:
     def parts_line(self) -> str:
         """The peak phase's parts, largest first, for a message."""
         return f"at its peak, {self.peak_phase}: " + _parts_line(self.phases[self.peak_phase])
+
+
+@dataclass(frozen=True)
+class AttributionEstimate(_Phased):
+    """Bytes an attribution with an eigensystem of the empirical Fisher needs, phase by phase
+    (each phase: the parts alive at once); the peak is the largest phase.
+
+    ``form``: "parameter" (the d x d matrix, d <= n) or "kernel" (the n x n matrix);
+    ``factored``: the kernel form is built from the hooks' factors, never the [n, p] rows;
+    ``fitted``: what the eigensystem keeps once fitted (for the paths that hold several)."""
+
+    n: int
+    width: int
+    grad_width: int
+    form: str
+    factored: bool
+    explained: int
+    validation: int
+    phases: dict[str, dict[str, int]]
+    options: dict[str, object] = field(default_factory=dict, repr=False)
+    disk_bytes: int = 0
+    fitted: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def eig_size(self) -> int:
+        """Order of the eigendecomposed matrix."""
+        return self.width if self.form == "parameter" else self.n
+
+    @property
+    def kept(self) -> int:
+        """Eigenpairs kept, at most: min(n, width)."""
+        return min(self.n, self.width)
 
     def describe(self) -> str:
         """One line: the peak memory, its phase and parts, and the eigendecomposition."""
@@ -355,7 +374,7 @@ def estimate_attribution(
     return AttributionEstimate(
         n=n, width=w, grad_width=grad_width, form=form, factored=factored, explained=explained,
         validation=validation, phases={k: {**held, **v} for k, v in phases.items()},
-        options=options)
+        options=options, fitted=_system(sizes, form, train))
 
 
 @dataclass(frozen=True)
@@ -377,13 +396,20 @@ class _Sizes:
         return min(self.n, self.w)
 
 
+def gradients_in_flight(chunk: int, p: int, width: int, item: int) -> dict[str, int]:
+    """One chunk of per-example gradients being computed: 2 x [chunk, p] (the per-layer
+    pieces of one batched backward pass and the rows they are written into), and its
+    projection [chunk, width] when width < p."""
+    return {"gradients in flight": 2 * chunk * p * item,
+            "projected chunk": chunk * width * item if width < p else 0}
+
+
 def _in_flight(z: _Sizes, p: int) -> dict[str, int]:
     """One chunk of per-example gradients being computed (and projected); from the hooks'
     factors, the captured chunk and its compacted copy."""
     if z.factored:
         return {"gradients in flight": 2 * z.chunk * z.row_numbers * z.item}
-    return {"gradients in flight": 2 * z.chunk * p * z.item,
-            "projected chunk": z.chunk * z.w * z.item if z.w < p else 0}
+    return gradients_in_flight(z.chunk, p, z.w, z.item)
 
 
 def _eigen_phases(z: _Sizes, form: str) -> dict[str, dict[str, int]]:
@@ -408,15 +434,23 @@ def _eigen_phases(z: _Sizes, form: str) -> dict[str, dict[str, int]]:
     return {"accumulation": build, "eigendecomposition": eig, "training coordinates": coords}
 
 
+def _system(z: _Sizes, form: str, train: dict[str, int]) -> dict[str, int]:
+    """What a fitted eigensystem keeps: the kept eigenvectors (parameter form) or kernel
+    vectors, the training coordinates and, in kernel form, the training gradients that
+    explained gradients are mapped through."""
+    e, k = EIG_ITEMSIZE, z.k
+    system = {"eigenvectors kept": (z.w if form == "parameter" else z.n) * k * e,
+              "training coordinates": z.n * k * e}
+    if form == "kernel":
+        system.update(train)
+    return system
+
+
 def _explained_phases(z: _Sizes, form: str, p: int, explained: int, validation: int,
                       train: dict[str, int]) -> dict[str, dict[str, int]]:
     """Mapping the explained (and validation) examples to the eigenbasis, and scoring."""
     e, k = EIG_ITEMSIZE, z.k
-    system = {"eigenvectors kept": (z.w if form == "parameter" else z.n) * k * e,
-              "training coordinates": z.n * k * e,
-              "validation coordinates": validation * k * e}
-    if form == "kernel":
-        system.update(train)  # the kernel form maps explained gradients through G's rows
+    system = {**_system(z, form, train), "validation coordinates": validation * k * e}
     if not z.m:
         return {}
     if z.factored:
@@ -432,11 +466,181 @@ def _explained_phases(z: _Sizes, form: str, p: int, explained: int, validation: 
     scores = {"explained coordinates": explained * k * e,
               "weighted coordinates": explained * k * e,
               "score matrix (float64)": explained * z.n * e,
+              "score matrix, signed copy (float64)": explained * z.n * e,
               "score matrix (float32)": explained * z.n * 4}
     return {"explained": {**system, **side}, "scores": {**system, **scores}}
 
 
-def check_attribution(estimate: AttributionEstimate, *, budget: int | None = None,
+# ------------------------------------------------- the other attributors' paths
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A setting of an attributor whose smaller values need less memory: the fix as a message
+    says it (``{value}``: the largest value that fits, ``{now}``: the value now), the value
+    now, and the estimate at another value (arithmetic only: it is called many times)."""
+
+    said: str
+    now: int
+    at: Callable[[int], PathEstimate]
+
+    def largest(self, available: int | None, max_eig_size: int | None = None) -> int:
+        """The largest value below ``now`` whose estimate needs at most ``available`` bytes
+        and eigendecomposes nothing larger than ``max_eig_size``; 0: none, or no limit."""
+        if available is None and max_eig_size is None:
+            return 0
+
+        def ok(value: int) -> bool:
+            est = self.at(value)
+            return ((available is None or est.memory_bytes <= available)
+                    and (max_eig_size is None or est.eig_size <= max_eig_size))
+
+        return _largest(ok, self.now - 1)
+
+
+@dataclass(frozen=True)
+class PathEstimate(_Phased):
+    """Bytes an attributor's own path needs (TRAK, LoGra, the exact Hessian, K-FAC, TracIn,
+    the Hessian-vector-product methods), phase by phase as :class:`AttributionEstimate`, with
+    the fixes that fit that attributor: ``knobs`` (a smaller setting that fits, found by
+    search) and ``advice`` (another attributor). ``eig_size``: the order of its largest
+    eigendecomposition (0: none), ``form`` what is eigendecomposed."""
+
+    method: str
+    n: int
+    explained: int
+    phases: dict[str, dict[str, int]]
+    advice: tuple[str, ...] = ()
+    knobs: tuple[Knob, ...] = field(default=(), repr=False)
+    eig_size: int = 0
+    form: str = ""
+    disk_bytes: int = 0
+
+    def describe(self) -> str:
+        """One line: the peak memory, its phase and parts (and the largest eigendecomposition)."""
+        s = self.eig_size
+        eig = (f"; eigh of {s:,} x {s:,} ({self.form} form), roughly "
+               f"{format_seconds(eigh_seconds(s))}" if s else "")
+        return f"{self.method}: memory {format_bytes(self.memory_bytes)} ({self.parts_line()}){eig}"
+
+    def fixes(self, available: int | None, *, max_eig_size: int | None = None) -> list[str]:
+        """The settings that would bring the memory under ``available`` bytes (and the
+        eigendecomposition under ``max_eig_size``), then the other attributors to use."""
+        fixes = []
+        for knob in self.knobs:
+            value = knob.largest(available, max_eig_size)
+            if value:
+                fixes.append(knob.said.format(value=value, now=knob.now))
+        return fixes + list(self.advice)
+
+
+def explained_knob(at: Callable[[int], PathEstimate], m: int) -> tuple[Knob, ...]:
+    """The fix every attributor shares: fewer explained examples per call (its score matrix
+    and explained-side arrays grow with them); none for one example."""
+    if m <= 1:
+        return ()
+    return (Knob("fewer explained examples per call, at most {value:,} (now {now:,}): score "
+                 "the rest in further calls", m, at),)
+
+
+def lambda_path_scores(m: int, n: int, k: int, item: int = EIG_ITEMSIZE) -> dict[str, int]:
+    """What ``LambdaPath.scores`` holds beside its path: the weighted explained coordinates
+    [m, k], the product with the training coordinates [m, n] and its signed copy, both alive
+    at once (the float32 copy returned afterwards is smaller than the two)."""
+    return {"weighted coordinates": m * k * item, "score product": m * n * item,
+            "signed score matrix": m * n * item}
+
+
+def ensemble_parts(n: int, m: int, total_k: int, *, building: bool) -> dict[str, int]:
+    """What ``EnsembleLambdaPath`` holds over members of ``total_k`` eigenpairs in all: the
+    concatenated explained [m, K] and training [n, K] coordinates (float64) and, while it is
+    being built, the members' weighted training coordinates that are concatenated."""
+    e = EIG_ITEMSIZE
+    parts = {"ensemble explained coordinates": m * total_k * e,
+             "ensemble training coordinates": n * total_k * e}
+    if building:
+        parts["members' weighted training coordinates"] = n * total_k * e
+    return parts
+
+
+def kept_gradients(n: int, width: int, item: int, limit: int) -> dict[str, int]:
+    """Training gradients [n, width] kept whole when n x width <= ``limit`` numbers (else none:
+    recomputed in chunks on every use), as ``attributors.common.TrainGradients`` does."""
+    return {"training gradients (kept)": n * width * item} if n * width <= limit else {}
+
+
+def kept_gradients_built(n: int, p: int, width: int, item: int, chunk: int,
+                         limit: int) -> dict[str, int]:
+    """Building the kept gradients: the chunks, then their concatenation (both alive as it
+    is made) and one chunk in flight; streamed, one chunk in flight only."""
+    kept = kept_gradients(n, width, item, limit)
+    if kept:
+        kept["their chunks before the concatenation"] = n * width * item
+    return {**kept, **gradients_in_flight(min(chunk, n), p, width, item)}
+
+
+def gradient_products(m: int, n: int, p: int, width: int, item: int, x_item: int, chunk: int,
+                      limit: int) -> dict[str, int]:
+    """``TrainGradients.products(x)`` for x [m, width] in ``x_item`` bytes a number: the kept
+    gradients cast to x's dtype (a copy when it differs) and the [m, n] product; streamed,
+    one chunk recomputed, its cast and its [m, chunk] block, written into the [m, n] result."""
+    kept = kept_gradients(n, width, item, limit)
+    cast = x_item if x_item != item else 0
+    if kept:
+        return {**kept, "training gradients cast": n * width * cast,
+                "products": m * n * x_item}
+    c = min(chunk, n)
+    return {**gradients_in_flight(c, p, width, item), "chunk cast": c * width * cast,
+            "block of products": m * c * x_item, "products": m * n * x_item}
+
+
+def hessian_parts(p: int) -> dict[str, int]:
+    """Forming the exact Hessian (``TrainingObjective.exact``, float64): the accumulated
+    p x p matrix with one batch's Hessian beside it, then, symmetrising, the matrix, H + H^T
+    and 0.5 (H + H^T) at once."""
+    e = EIG_ITEMSIZE
+    return {"Hessian": p * p * e, "H + H^T (or a batch's Hessian)": p * p * e,
+            "symmetrised Hessian": p * p * e}
+
+
+def eigenvector_copies(size: int, item: int = EIG_ITEMSIZE) -> dict[str, int]:
+    """After SciPy's eigh (``curvature.hessian.symmetric_eigh``): the matrix still referenced,
+    the column-major eigenvectors and their row-major copy (then a flipped copy, no more)."""
+    return {"matrix": size * size * item, "eigenvectors (column-major)": size * size * item,
+            "eigenvectors (row-major copy)": size * size * item}
+
+
+def cast_copies(p: int, input_numbers: int, item: int) -> dict[str, int]:
+    """The problem cast to the curvature's precision (``curvature.hessian.cast_problem`` and
+    ``TrainingObjective``): the model's and the detached parameters and the flat theta, and
+    the training inputs (``input_numbers`` floating numbers that are copied; 0 if none)."""
+    return {"parameters cast": 3 * p * item, "training inputs cast": input_numbers * item}
+
+
+def kronecker_factor_parts(sides: list[tuple[int, int, bool]], diagonal: int, *,
+                           ekfac: bool) -> dict[str, int]:
+    """What a K-FAC fit keeps per Kronecker layer of (in, out, input factor diagonal) sides,
+    all float64: the covariances A (in x in, or its diagonal for an embedding) and S
+    (out x out), their eigenvectors and eigenvalues, the [out, in] eigenvalue grid (EK-FAC:
+    and its moments); and E[g^2] of the ``diagonal`` other parameters."""
+    e = EIG_ITEMSIZE
+    a_vectors = sum(0 if diag else d_in * d_in for d_in, _, diag in sides)
+    a_cov = sum(d_in if diag else d_in * d_in for d_in, _, diag in sides)
+    s_cov = sum(d_out * d_out for _, d_out, _ in sides)
+    grid = sum(d_in * d_out for d_in, d_out, _ in sides)
+    return {"covariances": (a_cov + s_cov) * e, "factor eigenvectors": (a_vectors + s_cov) * e,
+            "factor eigenvalues": sum(d_in + d_out for d_in, d_out, _ in sides) * e,
+            "eigenvalue grid": grid * e, "EK-FAC moments": grid * e if ekfac else 0,
+            "diagonal second moments": diagonal * e}
+
+
+def rotated_rows(chunk: int, size: int, item: int, rows_budget: int) -> int:
+    """Examples whose ``size`` coordinates are formed at once: the chunk, cut to
+    ``rows_budget`` numbers (at least one example), as ``curvature.kfac`` does."""
+    return min(chunk, max(1, rows_budget // max(1, size)))
+
+
+def check_attribution(estimate: AttributionEstimate | PathEstimate, *, budget: int | None = None,
                       what: str = "attribution", stacklevel: int = 1) -> None:
     """Before an attribution: refuse (:class:`DoesNotFit`, via :func:`check_fits`) above the
     memory available or ``budget``; else warn once (:class:`BudgetWarning`) when it needs
@@ -465,7 +669,7 @@ def check_attribution(estimate: AttributionEstimate, *, budget: int | None = Non
                       stacklevel=stacklevel + 1)
 
 
-Estimate = FeaturizationEstimate | AttributionEstimate
+Estimate = FeaturizationEstimate | AttributionEstimate | PathEstimate
 
 
 # ---------------------------------------------------------------------- what there is
@@ -628,8 +832,11 @@ def _itemsize(dtype: torch.dtype | np.dtype | str) -> int:
     return int(np.dtype(dtype).itemsize)
 
 
-__all__ = ["AttributionEstimate", "BudgetWarning", "DoesNotFit", "FeaturizationEstimate",
-           "allocated_bytes", "available_memory", "check_attribution", "check_fits",
-           "eigh_bytes", "eigh_seconds", "estimate_attribution", "estimate_featurization",
-           "estimate_gradients", "format_bytes", "format_seconds", "free_disk", "memory_limit",
-           "projector_bytes"]
+__all__ = ["AttributionEstimate", "BudgetWarning", "DoesNotFit", "FeaturizationEstimate", "Knob",
+           "PathEstimate", "allocated_bytes", "available_memory", "cast_copies",
+           "check_attribution", "check_fits", "eigenvector_copies", "eigh_bytes", "eigh_seconds",
+           "ensemble_parts", "estimate_attribution", "estimate_featurization",
+           "estimate_gradients", "explained_knob", "format_bytes", "format_seconds", "free_disk",
+           "gradient_products", "gradients_in_flight", "hessian_parts", "kept_gradients",
+           "kept_gradients_built", "kronecker_factor_parts", "lambda_path_scores",
+           "memory_limit", "projector_bytes", "rotated_rows"]

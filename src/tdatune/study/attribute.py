@@ -5,6 +5,7 @@ Algorithm 1, on the validation set), and return the scores with the selection's 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from tdatune.attributors.base import AttributionContext, Attributor
 from tdatune.attributors.damping import Damping, block_lambdas
 from tdatune.attributors.registry import make_attributor
 from tdatune.data.base import ArrayDataset, as_split
-from tdatune.features.budget import AttributionEstimate, check_attribution
+from tdatune.features.budget import AttributionEstimate, PathEstimate, check_attribution
 from tdatune.models.checkpoints import as_checkpoints
 from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, train_model
@@ -91,12 +92,14 @@ def attribute(
     without them every checkpoint weighs 1, with a warning.
 
     Before any work (training included) the memory of the whole call is estimated
-    (:func:`attribute_estimate`): above the memory available, or ``memory_budget`` bytes when
-    lower, it is refused (:class:`~tdatune.features.budget.DoesNotFit`); above half of that,
-    or with an eigendecomposition too large to be quick, it warns once
-    (:class:`~tdatune.features.budget.BudgetWarning`). Both name the fix: a projection
-    (``params={"proj_dim": ...}``) or K-FAC (``attributor="kfac"`` or ``"ekfac"``).
-    ``check_fit=False`` skips the check.
+    (:func:`attribute_estimate`, every attributor's own path): above the memory available, or
+    ``memory_budget`` bytes when lower, it is refused
+    (:class:`~tdatune.features.budget.DoesNotFit`); above half of that, or with an
+    eigendecomposition too large to be quick, it warns once
+    (:class:`~tdatune.features.budget.BudgetWarning`). Both name the fix that fits the
+    attributor: a projection (``params={"proj_dim": ...}``), K-FAC (``attributor="kfac"`` or
+    ``"ekfac"``), fewer explained examples per call, fewer checkpoints, or (for if_explicit's
+    p x p Hessian) iffim with a projection, kfac or if_cg. ``check_fit=False`` skips the check.
     """
     train_d = as_split(train, "training data")
     val_d = None if val is None else as_split(val, "validation set")
@@ -117,7 +120,8 @@ def attribute(
                              "(examples not in the training data), or lam= to skip the selection")
     if check_fit:
         selects = lam is None and damped and val_d is not None
-        estimate = _estimate(att, task, train_d, explained_d, len(val_d) if selects else 0)
+        estimate = _estimate(att, task, train_d, explained_d, len(val_d) if selects else 0,
+                             _checkpoint_count(checkpoints, training))
         if estimate is not None:
             check_attribution(estimate, budget=memory_budget,
                               what=f"attribute() with {attributor}", stacklevel=2)
@@ -175,26 +179,39 @@ def _block_values(att: Attributor, explained: ArrayDataset, lam: Damping) -> lis
 
 
 def attribute_estimate(task: Task, train: Any, explained: Any, *, val: Any = None,
-                       attributor: str = "iffim", params: dict[str, Any] | None = None
-                       ) -> AttributionEstimate | None:
+                       attributor: str = "iffim", params: dict[str, Any] | None = None,
+                       checkpoints: int | None = None
+                       ) -> AttributionEstimate | PathEstimate | None:
     """The memory :func:`attribute` would need for these data (``val``: lambda selected on
-    it), from the model's architecture alone, no gradient computed: what its check compares
-    with the memory available (``.memory_bytes``, ``.describe()``, ``.phases``). None for an
-    attributor without an estimate."""
+    it; ``checkpoints``: how many states will be given, None: unknown), from the model's
+    architecture alone, no gradient computed: what its check compares with the memory
+    available (``.memory_bytes``, ``.describe()``, ``.phases``). None for an attributor
+    without an estimate."""
     att = make_attributor(attributor, **(params or {}))
     validation = 0 if val is None else len(as_split(val, "validation set"))
     return _estimate(att, task, as_split(train, "training data"),
-                     as_split(explained, "explained examples"), validation)
+                     as_split(explained, "explained examples"), validation, checkpoints)
 
 
 def _estimate(att: Attributor, task: Task, train: ArrayDataset, explained: ArrayDataset,
-              validation: int) -> AttributionEstimate | None:
+              validation: int, checkpoints: int | None = None
+              ) -> AttributionEstimate | PathEstimate | None:
     with torch.random.fork_rng(devices=[]):
         model = task.make_model()
     model.eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
     return att.memory_estimate(task, model, params, train, explained=len(explained),
-                               validation=validation)
+                               validation=validation, checkpoints=checkpoints)
+
+
+def _checkpoint_count(checkpoints: Any, training: Any) -> int | None:
+    """How many states the context will hold, read off the arguments without loading them:
+    one module, state dict or path; a list's length; a recipe's epochs; else None."""
+    if checkpoints is not None:
+        if isinstance(checkpoints, torch.nn.Module | str | Path | Mapping):
+            return 1
+        return len(checkpoints) if isinstance(checkpoints, Sized) else None
+    return getattr(training, "epochs", None) if isinstance(training, TrainRecipe) else None
 
 
 def plot_xi_curve(selection: Selection, path: str | Path, *, title: str = "",
