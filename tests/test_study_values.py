@@ -228,6 +228,11 @@ def test_every_figure_csv_value_is_the_cell_files_value(swept: Path) -> None:
                 elif row["marker"] == "surrogate":
                     (sel,) = [s for s in cell["selections"] if s["threshold"] == 0.5]
                     assert (sel["lambda"], sel["lds"], sel["sem"]) == (lam, lds, float(row["sem"]))
+                elif row["marker"].startswith("default "):
+                    default = cell["default_selection"]
+                    assert row["marker"] == f"default {default['rule']}"
+                    assert (default["lambda"], default["lds"], default["sem"]) == (
+                        lam, lds, float(row["sem"]))
                 else:
                     q = row["marker"].removeprefix("quantile q=")
                     assert cell["quantile_baselines"][q] == [lam, lds]
@@ -249,7 +254,7 @@ def test_every_figure_csv_value_is_the_cell_files_value(swept: Path) -> None:
         sel = read_csv(figdir / f"selection_{method}.csv")
         assert sorted(float(r["lam"]) for r in sel if r["marker"] == "") == grid
         assert sorted(r["marker"] for r in sel if r["marker"]) == \
-            ["quantile q=0.1", "quantile q=0.5", "quantile q=0.9", "surrogate"]
+            ["default quantile", "quantile q=0.1", "quantile q=0.5", "quantile q=0.9", "surrogate"]
         assert len(read_csv(figdir / f"xi_{method}.csv")) == len(cell["xi_curve"]["lambdas"])
     proj = read_csv(figdir / "hp_iffim_proj_dim.csv")
     assert sorted(r["proj_dim"] for r in proj) == ["16", "None"]

@@ -247,6 +247,9 @@ def selection_figures(results: SweepResults, figdir: Path) -> list[dict[str, Any
                                               ["C3", "C1", "C4"], strict=False):
                 ax.scatter([lam_q], [lds_q], marker="v", s=40, color=c, zorder=4,
                            label=f"q={q} ({lds_q:.3f})")
+            default = cell.get("default_selection")
+            if default is not None:
+                _mark_default(ax, default)
             ax.set_title(f"{setting}", fontsize=9)
             ax.set_xlabel("λ", fontsize=8)
             ax.set_ylabel("LDS (test)", fontsize=8)
@@ -260,6 +263,11 @@ def selection_figures(results: SweepResults, figdir: Path) -> list[dict[str, Any
             rows += [{"setting": setting, "method": method.label, "lam": lam_q, "lds": lds_q,
                       "marker": f"quantile q={q}", "file": cell["file"]}
                      for q, (lam_q, lds_q) in cell.get("quantile_baselines", {}).items()]
+            if default is not None:
+                rows.append({"setting": setting, "method": method.label,
+                             "lam": default_lambda(default), "lds": default["lds"],
+                             "sem": default.get("sem"), "marker": f"default {default['rule']}",
+                             "file": cell["file"]})
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         fig.suptitle(f"{method.label}: LDS against λ, surrogate λ (threshold "
@@ -320,3 +328,24 @@ def all_figures(results: SweepResults) -> list[dict[str, Any]]:
     figdir = results.out / "figures"
     return (hyperparameter_figures(results, figdir) + pair_figures(results, figdir)
             + selection_figures(results, figdir) + xi_figures(results, figdir))
+
+
+def default_lambda(default: dict[str, Any]) -> float:
+    """A cell's default damping as one number: the lambda, or for one per layer the geometric
+    mean of the layers' (where a figure marks it)."""
+    lam = default["lambda"]
+    if isinstance(lam, list):
+        return float(np.exp(np.mean(np.log(np.asarray(lam, dtype=float)))))
+    return float(lam)
+
+
+def _mark_default(ax: Any, default: dict[str, Any]) -> None:
+    """The product's default damping on a selection panel: a diamond at its lambda, or for one
+    per layer a bar across the layers' lambdas at its LDS."""
+    lam, lds = default["lambda"], default["lds"]
+    label = f"default {default['rule']} ({lds:.3f})"
+    if isinstance(lam, list):
+        ax.hlines(lds, min(lam), max(lam), color="C5", lw=2.5, zorder=5, label=label)
+    else:
+        ax.scatter([lam], [lds], marker="D", s=40, color="C5", edgecolor="black", zorder=5,
+                   label=label)

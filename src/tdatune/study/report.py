@@ -14,7 +14,7 @@ import numpy as np
 
 from tdatune.study.beyond_factors import factor_figures, factor_rows, factor_summary, factor_table
 from tdatune.study.beyond_report import beyond_figures, beyond_rows, beyond_table
-from tdatune.study.figures import all_figures, write_csv
+from tdatune.study.figures import all_figures, default_lambda, write_csv
 from tdatune.study.results import SweepResults, is_default, load_results
 from tdatune.utils.atomic import atomic_write_text
 
@@ -85,6 +85,10 @@ def selection_rows(results: SweepResults) -> list[dict[str, Any]]:
             row[f"lds@{s['threshold']:g}"] = s["lds"]
         for q, (_, lds_q) in cell.get("quantile_baselines", {}).items():
             row[f"lds@q{q}"] = lds_q
+        default = cell.get("default_selection")
+        if default is not None:
+            row |= {"default_rule": default["rule"], "default_lam": default_lambda(default),
+                    "default_lds": default["lds"]}
         out.append(row)
     return out
 
@@ -189,18 +193,21 @@ def _selection_tables(results: SweepResults, sel: list[dict[str, Any]]) -> list[
              "LDS on test at the lambda chosen without retraining (Algorithm 1 on validation), "
              "at the best lambda of the cell's grid (an oracle that needs the ground truth), and at "
              "the spectrum-quantile baselines. Source: `selection.csv`.", "",
-             "| setting | method | α | fit-stage values | λ selected | LDS there | best LDS | gap | "
+             "| setting | method | α | fit-stage values | default rule | LDS there | λ selected (ξ) "
+             "| LDS there | best LDS | gap (ξ) | "
              + " | ".join(f"q={q}" for q in quantiles) + " | status |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(quantiles) + "---|"]
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(quantiles) + "---|"]
     for r in sel:
         qcols = "".join(f" {_num(r.get(f'lds@q{q}'))} |" for q in quantiles)
         lines.append(f"| {r['setting']} | {r['method']} | {r['alpha']:g} | {r['fit']} | "
+                     f"{r.get('default_rule', '—')} | {_num(r.get('default_lds'))} | "
                      f"{r[f'lam@{t}']:.3g} | {r[f'lds@{t}']:.3f} | {r['best_lds']:.3f} | "
                      f"{r['best_lds'] - r[f'lds@{t}']:.3f} |{qcols} {r['status']} |")
     if len(spec.thresholds) > 1 or quantiles:
         lines += ["", "### Gap to the grid best, by rule (over every cell above)", "",
                   "| rule | mean gap | median gap | max gap |", "|---|---|---|---|"]
-        rules = [(f"surrogate ξ ≥ {x:g}", f"lds@{x:g}") for x in spec.thresholds]
+        rules = [("default (the attributor's own rule)", "default_lds")]
+        rules += [(f"surrogate ξ ≥ {x:g}", f"lds@{x:g}") for x in spec.thresholds]
         rules += [(f"quantile q = {q}", f"lds@q{q}") for q in quantiles]
         for name, key in rules:
             gaps = np.array([r["best_lds"] - r[key] for r in sel if key in r])
