@@ -8,7 +8,9 @@ lambda the selection falls. A *calibrated* threshold is judged honestly by leavi
 out: the threshold with the smallest mean gap on every other setting is applied to the one
 left out, and its gap there is compared with the default threshold's. The default per
 attributor chosen out of sample (:mod:`tdatune.study.rule_choice`) and how well the reliability
-signal flags the cells it loses (:mod:`tdatune.study.rule_reliability`) close the report.
+signal flags the cells it loses (:mod:`tdatune.study.rule_reliability`), and, for cells that
+recorded it, the product's own choice, the flow filter and the few-retrain choice measured at
+their exact lambdas (:mod:`tdatune.study.recorded_choice`) close the report.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tdatune.study.figures import write_csv
+from tdatune.study.recorded_choice import recorded_lines, recorded_rows
 from tdatune.study.report import selection_rows
 from tdatune.study.results import load_results
 from tdatune.study.rule_choice import choose_defaults, recommend
@@ -192,6 +195,10 @@ def write_rules(dirs: list[str | Path], out: str | Path, default: float = 0.5) -
               [{"study": r["study"], **x} for r, x in zip(rows, reliability_rows(cells, judged),
                                                            strict=True)])
     lines += ["", *reliability_lines(judged)]
+    recorded, _ = recorded_rows(cells)
+    if recorded:
+        write_csv(out / "rules_recorded.csv", recorded)
+        lines += ["", *recorded_lines(cells), "", "Per cell: `rules_recorded.csv`."]
     path = out / "rules.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
