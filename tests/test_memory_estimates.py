@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import tdatune.features.budget as budget
+from counting import CALLS, counting_loss, counting_margin
 from tdatune.data.base import ArrayDataset
 from tdatune.features.budget import BudgetWarning, DoesNotFit, PathEstimate, check_attribution
 from tdatune.models.task import make_task
@@ -24,19 +25,6 @@ F64, F32 = 8, 4
 N, M, P = 3_000, 700, 146  # training, explained examples; parameters of mlp()
 SIDES = ((7 + 1, 13), (13 + 1, 3))  # (in + bias, out) of its two layers
 
-CALLS = {"grad": 0}
-
-
-def counting_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per example; counts the calls made with gradients enabled."""
-    CALLS["grad"] += int(torch.is_grad_enabled())
-    return nn.functional.cross_entropy(out, y, reduction="none")
-
-
-def counting_margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Correct-class logit; counts the calls made with gradients enabled."""
-    CALLS["grad"] += int(torch.is_grad_enabled())
-    return out.gather(1, y[:, None])[:, 0]
 
 
 def mlp():

@@ -19,6 +19,7 @@ from torch import nn
 
 import tdatune.curvature.eigen as eigen_module
 import tdatune.features.budget as budget
+from counting import CALLS, counting_loss, counting_margin
 from tdatune.curvature.eigen import fisher_eigensystem
 from tdatune.data.base import ArrayDataset
 from tdatune.features.budget import (
@@ -203,19 +204,6 @@ def test_the_copy_savings_leave_every_number_bit_identical():
 
 # --------------------------------------------------------- (3), (4) attribute()'s guard
 
-CALLS = {"grad": 0}
-
-
-def counting_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per example; counts the calls made with gradients enabled."""
-    CALLS["grad"] += int(torch.is_grad_enabled())
-    return nn.functional.cross_entropy(out, y, reduction="none")
-
-
-def counting_margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Correct-class logit; counts the calls made with gradients enabled."""
-    CALLS["grad"] += int(torch.is_grad_enabled())
-    return out.gather(1, y[:, None])[:, 0]
 
 
 def mlp_problem(n: int = 1_000):

@@ -19,7 +19,7 @@ float64 on the LDS curve of mnist-lr (docs/performance.md, bench/sweep.py --prec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from tdatune.attributors.base import (
     one_of,
     positive_float,
 )
-from tdatune.attributors.common import DTYPES, cast_input_numbers
+from tdatune.attributors.common import DTYPES, HVPSizes, cast_input_numbers
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.curvature.hessian import TrainingObjective, cast_problem
 from tdatune.data.base import ArrayDataset
@@ -81,7 +81,7 @@ class IFExplicit(Attributor):
         gradients and their coordinates, the explained side and the [m, n] scores."""
         dtype = DTYPES[self.params["precision"]]
         first = next(iter(params.values()))
-        return explicit_estimate(_Sizes(
+        return explicit_estimate(HVPSizes(
             n=len(train), p=num_params(params), m=explained, v=validation, chunk=chunk_size,
             item=first.element_size(), prec=torch.empty(0, dtype=dtype).element_size(),
             inputs=cast_input_numbers(train, torch.float64)))
@@ -132,22 +132,7 @@ class IFExplicit(Attributor):
         return self.lambda_path(explained).scores(lam).float()
 
 
-@dataclass(frozen=True)
-class _Sizes:
-    """n training, m explained, v validation examples, p parameters, the gradient chunk, the
-    model's and the eigendecomposition's (``prec``) bytes a number, training inputs cast."""
-
-    n: int
-    p: int
-    m: int
-    v: int
-    chunk: int
-    item: int
-    prec: int
-    inputs: int
-
-
-def explicit_estimate(z: _Sizes) -> PathEstimate:
+def explicit_estimate(z: HVPSizes) -> PathEstimate:
     """The phases of :class:`IFExplicit` for the sizes ``z`` (see its ``memory_estimate``)."""
     e, q, n, p, m = EIG_ITEMSIZE, z.prec, z.n, z.p, z.m
     held = {"parameters": 2 * p * z.item, **cast_copies(p, z.inputs, e)}
