@@ -34,6 +34,7 @@ from tdatune.utils.checks import check_choice, check_finite_rows
 from tdatune.utils.progress import progress
 
 GRADIENT_TARGETS = ("loss", "output")
+SAID_BATCHING: set[tuple[str, tuple[str, ...]]] = set()  # (task, operations): said once a process
 _BATCHING_RULE = re.compile(r"not yet implemented the batching rule for (\S+?)\.? ")
 
 def num_params(params: Params) -> int:
@@ -67,7 +68,6 @@ class GradientSource:
         self.mode = "hooks" if self.plan.layers else "vmap"
         self.reason = "" if self.plan.layers else "no layer of a hooked kind"
         self._vmap_ok = True
-        self._said_batching = False
         if self.mode == "hooks" and probe is not None and len(probe) > 0:
             self._verify(probe)
 
@@ -101,7 +101,8 @@ class GradientSource:
 
     def _pass_on(self, caught: list[warnings.WarningMessage], names: list[str]) -> None:
         """Re-issue the warnings of one vmap call, except PyTorch's "no batching rule" one
-        (repeated on every chunk): that is said once per source, in tdatune's words."""
+        (repeated on every chunk): that is said once per process for a task and its operations,
+        in tdatune's words (a sweep builds many gradient sources for one model)."""
         slow: list[str] = []
         for w in caught:
             op = _BATCHING_RULE.search(str(w.message))
@@ -110,8 +111,9 @@ class GradientSource:
                                        source=w.source)
             elif op.group(1) not in slow:
                 slow.append(op.group(1))
-        if slow and not self._said_batching:
-            self._said_batching = True
+        said = (self.task.name, tuple(sorted(slow)))
+        if slow and said not in SAID_BATCHING:
+            SAID_BATCHING.add(said)
             warnings.warn(
                 f"tdatune: {self.task.name}: torch.func.vmap has no batching rule for "
                 f"{', '.join(slow)}, so PyTorch runs these one example at a time (slower; the "
