@@ -90,3 +90,20 @@ def test_the_candidates_are_the_rules_dampings_each_once():
     assert list(cands) == ["default", "xi", "q0.5", "tiny"]
     assert cands["xi"] == 0.37 and cands["q0.5"] == pytest.approx(5.5)
     assert cands["tiny"] == pytest.approx(1e-5)
+
+
+def test_candidate_draws_also_judge_other_z_and_the_best_candidate():
+    """'a' leads the default by a noisy margin on the seen subsets: z = 0 always switches
+    (the best mean wins), z = 2 keeps the default; candidates_best is the unseen gap of the
+    better of the two, never above either choice's."""
+    rng = np.random.default_rng(7)
+    outputs = rng.standard_normal((14, 6))
+    good = outputs.T[None]
+    noisy = good + rng.standard_normal(good.shape) * 3.0
+    preds = np.concatenate([noisy, good + rng.standard_normal(good.shape) * 2.5])
+    gaps = candidate_draws(preds, outputs, 5, ["default", "a"], "default", draws=20, seed=3)
+    assert len(gaps["paired_z0"]) == len(gaps["paired_z1"]) == 20
+    for i in range(20):
+        assert gaps["candidates_best"][i] <= min(gaps["paired"][i], gaps["paired_z0"][i]) + 1e-12
+        assert gaps["candidates_best"][i] <= gaps["default"][i] + 1e-12
+    assert sum(gaps["sure"]) < 20  # z = 2 does not always switch

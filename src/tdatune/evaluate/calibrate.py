@@ -114,6 +114,7 @@ def calibration_draws(preds: np.ndarray, outputs: np.ndarray, k: int, draws: int
 
 
 PAIRED_Z = 2.0  # a candidate replaces the default only when ahead by this many standard errors
+OTHER_Z = (0.0, 1.0)  # also judged by candidate_draws, so a study can say which z to use
 
 
 @dataclass
@@ -186,13 +187,17 @@ def candidate_draws(preds: np.ndarray, outputs: np.ndarray, k: int, names: list[
     """Out-of-sample gaps of :func:`paired_choice` with ``k`` models: per draw, choose on ``k``
     random subsets among the candidates (``preds`` [C, m, M]) and measure, on the other M - k,
     the best LDS (over the grid ``grid_preds`` [L, m, M] when given, else over the candidates)
-    minus the chosen candidate's (``paired``), and the same for the default kept (``default``)."""
+    minus the chosen candidate's (``paired``; ``paired_z0``, ``paired_z1`` at the other
+    ``OTHER_Z``), the same for the default kept (``default``), and for the best candidate on the
+    unseen subsets (``candidates_best``: what no choice among them can beat)."""
     total = preds.shape[2]
     if not 3 <= k <= total - 3:
         raise ValueError(f"k must be between 3 and M - 3 = {total - 3} (got {k})")
     outputs = np.asarray(outputs, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    gaps: dict[str, list[float]] = {"paired": [], "default": [], "sure": []}
+    gaps: dict[str, list[float]] = {"paired": [], "default": [], "sure": [],
+                                    "candidates_best": []}
+    gaps |= {f"paired_z{other:g}": [] for other in OTHER_Z}
     d = names.index(default)
     for _ in range(draws):
         order = rng.permutation(total)
@@ -204,4 +209,8 @@ def candidate_draws(preds: np.ndarray, outputs: np.ndarray, k: int, names: list[
         gaps["paired"].append(top - float(rest[names.index(choice.chosen)]))
         gaps["default"].append(top - float(rest[d]))
         gaps["sure"].append(float(choice.sure))
+        gaps["candidates_best"].append(top - float(np.nanmax(rest)))  # the best a choice could do
+        for other in OTHER_Z:
+            alt = paired_choice(seen, names, default, other).chosen
+            gaps[f"paired_z{other:g}"].append(top - float(rest[names.index(alt)]))
     return gaps

@@ -41,9 +41,11 @@ def recorded_row(cell: dict[str, Any]) -> dict[str, Any] | None:
         "flow_minus_damping": (max(cell["flow"]["lds"]) - best) if "flow" in cell else float("nan")}
     draws = cell.get("candidate_calibration", {}).get("draws", {})
     for k in CALIBRATION_KS:
-        gaps = draws.get(k, {}).get("paired")
-        row[f"k{k}_median"] = float(np.median(gaps)) if gaps else float("nan")
-        row[f"k{k}_worst"] = float(np.max(gaps)) if gaps else float("nan")
+        for key, suffix in (("paired", ""), ("paired_z0", "_z0"), ("paired_z1", "_z1"),
+                            ("candidates_best", "_best_candidate")):
+            gaps = draws.get(k, {}).get(key)
+            row[f"k{k}_median{suffix}"] = float(np.median(gaps)) if gaps else float("nan")
+            row[f"k{k}_worst{suffix}"] = float(np.max(gaps)) if gaps else float("nan")
     return row
 
 
