@@ -337,7 +337,7 @@ def _linear() -> nn.Module:
     return nn.Linear(3, 2)
 
 
-def _train_fn(data, seed, epochs=1):
+def _train_fn(data, seed, epochs=1, make=None):
     return _linear()
 
 
@@ -460,3 +460,25 @@ def test_every_permutation_of_a_dict_gives_one_content_identity():
     items = [("a", 1), ("b", torch.ones(2)), ("c", [1, 2])]
     fps = {content_fingerprint(dict(p)) for p in itertools.permutations(items)}
     assert len(fps) == 1
+
+
+def _vit(width: int) -> nn.Module:
+    return nn.Linear(width, 2)
+
+
+def test_a_training_function_wrapping_a_partial_has_the_same_identity_in_every_process():
+    """A partial holding another partial of a function: its repr has memory addresses
+    (``<function ... at 0x7f...>``), which change from run to run; the recorded name must not,
+    or every cell of such a setting is stale when read back (found on the ViT family)."""
+    import subprocess
+
+    code = ("import functools, sys; sys.path.insert(0, 'tests');"
+            "from test_identity_properties import _vit, _train_fn;"
+            "from tdatune.models.training import TrainFunction;"
+            "from tdatune.utils.fingerprint import fingerprint_config;"
+            "f = TrainFunction(functools.partial(_train_fn, make=functools.partial(_vit, 3)));"
+            "print(fingerprint_config(f.to_dict()))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, cwd=Path(__file__).parent.parent).stdout.strip()
+            for _ in range(2)}
+    assert len(runs) == 1, runs

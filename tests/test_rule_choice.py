@@ -234,3 +234,17 @@ def test_the_recommended_defaults_together():
     np.testing.assert_allclose(recommended_gaps(ch, recs), [0.5, 0.3, 0.5, 0.05, 0, 0, 0])
     assert "Together, out of sample over all 7 cells: 0.193 / 0.500, against 0.407 / 0.500" in \
         "\n".join(choice_lines(ch))
+
+
+def test_the_recipe_rule_has_no_lambda_for_a_training_function_of_ones_own():
+    """A cell trained by a TrainFunction records no learning rate or steps: no recipe lambda
+    (and no error), as for an optimizer the rule has no formula for."""
+    from tdatune.study.rule_candidates import recipe_rule
+
+    cell = {"definition": {"setting": {"recipe": {"train_function": "m:f", "weight_decay": 0.0,
+                                                  "options": {}}, "sizes": [100, 10, 10]}}}
+    assert recipe_rule(cell) is None
+    sgd = {"definition": {"setting": {"recipe": {"optimizer": "sgd", "lr": 0.1, "epochs": 2,
+                                                 "batch_size": 30, "momentum": 0.5},
+                                      "sizes": [100, 10, 10]}}}
+    assert recipe_rule(sgd) == (1 - 0.5) / (0.1 * 2 * 4)  # 4 = ceil(100 / 30) steps an epoch

@@ -33,6 +33,7 @@ from tdatune.models.outputs import (
     probability,
 )
 from tdatune.utils.checks import check_class_targets
+from tdatune.utils.fingerprint import ADDRESS
 
 Params = dict[str, torch.Tensor]
 Forward = Callable[[nn.Module, Any], Any]
@@ -182,8 +183,9 @@ def callable_name(fn: Any) -> str:
     """``module:qualname`` of a function, class or partial (stable across runs)."""
     inner = getattr(fn, "func", fn)  # functools.partial
     name = f"{getattr(inner, '__module__', '?')}:{getattr(inner, '__qualname__', type(inner).__name__)}"
-    if inner is not fn:
-        name += f"(partial {getattr(fn, 'args', ())!r} {getattr(fn, 'keywords', {})!r})"
+    if inner is not fn:  # without memory addresses, which change every run
+        name += ADDRESS.sub("", f"(partial {getattr(fn, 'args', ())!r} "
+                                f"{getattr(fn, 'keywords', {})!r})")
     return name
 
 

@@ -99,7 +99,8 @@ def training_steps(recipe: dict, n_train: int) -> int:
 
 def recipe_rule(cell: Cell) -> float | None:
     """The training-recipe lambda (a crude hypothesis under test; see the module docstring).
-    None for an optimizer it has no formula for, or Adam without a stored mean eigenvalue."""
+    None for an optimizer it has no formula for, Adam without a stored mean eigenvalue, or a
+    training function of the user's own (its recipe holds no learning rate or steps)."""
     setting = cell.get("definition", {}).get("setting", {})
     recipe, sizes = setting.get("recipe"), setting.get("sizes")
     if not recipe or not sizes:
@@ -108,6 +109,8 @@ def recipe_rule(cell: Cell) -> float | None:
     wd = float(recipe.get("weight_decay") or 0.0)
     if optimizer == "lbfgs":
         return wd
+    if not all(k in recipe for k in ("lr", "epochs", "batch_size")):
+        return None
     lr_steps = float(recipe["lr"]) * training_steps(recipe, int(sizes[0]))
     if optimizer == "sgd":
         return wd + (1.0 - float(recipe.get("momentum") or 0.0)) / lr_steps

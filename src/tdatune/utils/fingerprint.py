@@ -215,10 +215,10 @@ def describe_content(value: Any, seen: set[int] | None = None) -> Any:
         return {"object": qualified_name(type(value)), "source": source_fingerprint(type(value)),
                 "attributes": describe_content(attributes if isinstance(attributes, dict) else slots,
                                                seen)}
-    return {"object": qualified_name(type(value)), "repr": _ADDRESS.sub("", repr(value))}
+    return {"object": qualified_name(type(value)), "repr": ADDRESS.sub("", repr(value))}
 
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # what a repr says that changes every run
 
 
 def _sort_key(item: Any) -> str:
