@@ -127,10 +127,9 @@ class KFAC(Attributor):
                                        desc=f"{self.name} training coordinates")
 
             def products(h: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-                return fit.products(None, ctx.train, target="loss", chunk_size=ctx.chunk_size,
-                                    show_progress=ctx.show_progress,
-                                    desc=f"{self.name} training products",
-                                    back=lambda dtype: fit.weighted_back(coords, h, dtype))
+                return fit.products(coords, h, ctx.train, target="loss",
+                                    chunk_size=ctx.chunk_size, show_progress=ctx.show_progress,
+                                    desc=f"{self.name} training products")
 
             def masked_sums(masks: torch.Tensor) -> torch.Tensor:
                 return fit.masked_sums(masks, ctx.train, target="loss",

@@ -33,6 +33,7 @@ from tdatune.attributors.damping import Damping, block_lambdas
 from tdatune.utils.checks import check_shape
 
 SINGULAR_RTOL = 1e-12
+HOLD_LIMIT = 1 << 27  # training coordinates a streamed path agrees to hold (1 GiB in float64)
 NULL_RTOL = 1e-10  # |eigenvalues| at or below this fraction of the largest are the null space
 
 
@@ -68,7 +69,6 @@ def damped_inverse(sigma: torch.Tensor, lam: float | torch.Tensor, filter: str =
     else:
         raise ValueError(f"unknown spectral filter {filter!r}; choose one of {', '.join(FILTERS)}")
     return torch.where(null_space(sigma) if null is None else null, torch.zeros_like(h), h)
-HOLD_LIMIT = 1 << 27  # training coordinates a streamed path agrees to hold (1 GiB in float64)
 
 
 def check_path_lambdas(sigma: torch.Tensor, lambdas: torch.Tensor | Sequence[float] | float
@@ -123,8 +123,15 @@ class LambdaPath:
 
     def null_mask(self) -> torch.Tensor:
         """The null space, block by block: each block is a curvature of its own (a layer, a
-        checkpoint), so an eigenvalue is null against its own block's largest."""
-        return torch.cat([null_space(part) for part in self._block_parts(self.sigma)])
+        checkpoint), so an eigenvalue is null against its own block's largest. Computed once
+        (the spectrum does not change; every damping of a sweep reuses it)."""
+        if getattr(self, "_null", None) is None:
+            self._null = torch.cat([null_space(part) for part in self._block_parts(self.sigma)])
+        return self._null
+
+    def _negative(self) -> int:
+        """How many eigenvalues outside the null space are negative."""
+        return int(((self.sigma < 0) & ~self.null_mask()).sum())
 
     def _block_parts(self, values: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(values, self.block_sizes()))
@@ -184,10 +191,10 @@ class LambdaPath:
     def _check_filter(self, filter: str) -> None:
         if filter not in FILTERS:
             raise ValueError(f"unknown spectral filter {filter!r}; choose one of {', '.join(FILTERS)}")
-        negative = (self.sigma < 0) & ~self.null_mask()
-        if bool(negative.any()):
+        negative = self._negative()
+        if negative:
             raise ValueError(f"the {filter} filter needs a PSD curvature; this one has "
-                             f"{int(negative.sum())} negative eigenvalue(s)")
+                             f"{negative} negative eigenvalue(s)")
 
     def self_influence(self, lambdas: torch.Tensor | Sequence[Damping]) -> torch.Tensor:
         """Each training example's influence on its own loss, sum_k a_ik^2 / (sigma_k +
@@ -227,10 +234,10 @@ class LambdaPath:
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma, explained_coords) for the surrogate indicator, the null space's eigenvalues
         set to 0 (they carry no weight); needs a PSD spectrum."""
-        negative = (self.sigma < 0) & ~self.null_mask()
-        if bool(negative.any()):
+        negative = self._negative()
+        if negative:
             raise ValueError(
-                f"the curvature has {int(negative.sum())} negative eigenvalue(s) (most "
+                f"the curvature has {negative} negative eigenvalue(s) (most "
                 f"negative {float(self.sigma.min()):.3g}); the surrogate indicator is defined for "
                 "PSD matrices (Fisher, TRAK's Phi^T Phi, LoGra's projected Fisher)")
         sigma = torch.where(self.null_mask(), torch.zeros_like(self.sigma), self.sigma)

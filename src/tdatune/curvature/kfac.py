@@ -25,7 +25,7 @@ cross-entropy on [B, C] logits).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -150,27 +150,12 @@ class KroneckerFit:
             check_finite_rows(f"per-example {target} gradients", coords, offset=start)
             yield start, coords
 
-    def to_parameter_basis(self, w: torch.Tensor) -> list[torch.Tensor]:
-        """Eigen-coordinates [m, p] back in the parameter basis, Q_S W Q_A^T per Kronecker
-        block, at the precision of ``w``: one [m, size] matrix per entry of ``block_sizes``."""
-        out, start = [], 0
-        for b in self.blocks:
-            size = b.sigma.numel()
-            part = w[:, start : start + size].reshape(-1, *b.sigma.shape)
-            part = b.q_s.to(part) @ part
-            if b.q_a is not None:
-                part = part @ b.q_a.to(part).T
-            out.append(part.reshape(w.shape[0], -1))
-            start += size
-        if self.diagonal:
-            out.append(w[:, start:])
-        return out
-
     def weighted_back(self, coords: torch.Tensor, h: torch.Tensor, dtype: torch.dtype
                       ) -> list[torch.Tensor]:
-        """``to_parameter_basis(coords * h)`` at ``dtype``, built one block at a time: the
-        only [m, p]-sized result is the returned blocks (no weighted copy of all the
-        coordinates beside them), so scoring holds the coordinates and one such copy."""
+        """Eigen-coordinates weighted by the filter, ``coords * h`` [m, p], back in the
+        parameter basis (Q_S W Q_A^T per Kronecker block) at ``dtype``: one [m, size] matrix
+        per entry of ``block_sizes``, built one block at a time, so the only [m, p]-sized
+        result is the returned blocks (scoring holds the coordinates and one such copy)."""
         out, start = [], 0
         for j, size in enumerate(self.block_sizes):
             part = (coords[:, start : start + size] * h[start : start + size].to(coords.dtype)
@@ -184,24 +169,20 @@ class KroneckerFit:
             start += size
         return out
 
-    def products(self, w: torch.Tensor | None, data: ArrayDataset, *, target: str,
-                 chunk_size: int, show_progress: bool = False, desc: str = "inner products",
-                 back: Callable[[torch.dtype], list[torch.Tensor]] | None = None
-                 ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, [m, b])``: w c_i for eigen-coordinates ``w`` [m, p] and every example's
-        coordinates c_i, without rotating the examples: w is turned back into the parameter
-        basis once (the bases are orthogonal, so <Q_S^T G Q_A, W> = <G, Q_S W Q_A^T>) and the
-        examples' gradients are only formed, at their own precision. ``back(dtype)``, given in
-        place of ``w``, returns that parameter basis directly (see :meth:`weighted_back`)."""
-        if (w is None) == (back is None):
-            raise ValueError("give either w or back")
+    def products(self, coords: torch.Tensor, h: torch.Tensor, data: ArrayDataset, *,
+                 target: str, chunk_size: int, show_progress: bool = False,
+                 desc: str = "inner products") -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, [m, b])``: w c_i for w = ``coords * h`` (eigen-coordinates [m, p] times a
+        spectral filter [p]) and every example's coordinates c_i, without rotating the
+        examples: w is turned back into the parameter basis once (:meth:`weighted_back`; the
+        bases are orthogonal, so <Q_S^T G Q_A, W> = <G, Q_S W Q_A^T>) and the examples'
+        gradients are only formed, at their own precision."""
         blocks: list[torch.Tensor] | None = None
         for start, captured in self._batches(data, target, chunk_size, show_progress, desc):
             out: torch.Tensor | None = None
             for j, where, rows in self._block_rows(captured):
                 if blocks is None:  # at the gradients' precision, like every training product
-                    blocks = (back(rows.dtype) if back is not None else  # type: ignore[misc]
-                              [b.contiguous() for b in self.to_parameter_basis(w.to(rows.dtype))])
+                    blocks = self.weighted_back(coords, h, rows.dtype)
                 if out is None:
                     out = rows.new_zeros(blocks[0].shape[0], captured.b)
                 out[:, where] += blocks[j] @ rows.T

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from tdatune.attributors.damping import Damping
 from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.utils.checks import check_choice, check_shape
 
@@ -133,9 +134,10 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, outputs: torch.Tensor | np.nd
 
 
 def lds_path(path: LambdaPath, masks: torch.Tensor, outputs: torch.Tensor | np.ndarray,
-             lambdas: torch.Tensor | list[float], *, invalid: str = "raise") -> list[LDSResult]:
+             lambdas: torch.Tensor | list[float], *, invalid: str = "raise",
+             filter: str = "damping") -> list[LDSResult]:
     """LDS at every lambda of a lambda-path, without forming score matrices (``invalid`` as
-    in :func:`lds`).
+    in :func:`lds`; ``filter``: the path's spectral filter, damping or gradient flow).
 
     ``masks`` [M, n] are the retrained subsets, ``outputs`` [M, m] their (seed-averaged)
     outputs on the explained examples (a ground truth's ``masks`` and ``mean_outputs``).
@@ -143,8 +145,25 @@ def lds_path(path: LambdaPath, masks: torch.Tensor, outputs: torch.Tensor | np.n
     ``mean`` (the LDS), ``sem``, ``per_example`` [m], ``n_valid`` and ``n_masked``, as
     :func:`lds` returns for the scores at that lambda. The best lambda of the grid is
     ``lambdas[int(np.nanargmax([r.mean for r in results]))]``."""
+    preds = path.subset_predictions(masks, lambdas, filter=filter).numpy()  # [L, m, M]
+    return _predicted_lds(preds, masks, outputs, invalid)
+
+
+def lds_at(path: LambdaPath, masks: torch.Tensor, outputs: torch.Tensor | np.ndarray,
+           damping: Damping, *, invalid: str = "raise",
+           projected: torch.Tensor | None = None) -> LDSResult:
+    """LDS of a lambda-path at one damping, which may be one value per block (any form
+    ``LambdaPath.entry_lambdas`` takes: a list, ``{block: value}``, ``"per_layer"``), without
+    forming the score matrix (arguments as in :func:`lds_path`; ``projected``: the masks
+    already projected, ``path.project_masks(masks)``, to reuse across dampings)."""
+    preds = path.blockwise_predictions(masks, damping, projected).numpy()[None]  # [1, m, M]
+    return _predicted_lds(preds, masks, outputs, invalid)[0]
+
+
+def _predicted_lds(preds: np.ndarray, masks: torch.Tensor, outputs: torch.Tensor | np.ndarray,
+                   invalid: str) -> list[LDSResult]:
+    """LDS of predicted subset sums ``preds`` [L, m, M] against ``outputs`` [M, m]."""
     outputs = np.asarray(outputs, dtype=np.float64)
-    preds = path.subset_predictions(masks, lambdas).numpy()  # [L, m, M]
     if outputs.shape != (masks.shape[0], preds.shape[1]):
         raise ValueError(f"ground-truth outputs must have shape [{masks.shape[0]}, {preds.shape[1]}], "
                          f"got {list(outputs.shape)}")

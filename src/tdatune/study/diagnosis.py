@@ -41,7 +41,7 @@ from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.calibrate import XI_WINDOW, calibration_draws, candidate_draws, window_mask
 from tdatune.evaluate.condition import condition_curves, decompose, first_crossing
 from tdatune.evaluate.groundtruth import GroundTruth
-from tdatune.evaluate.lds import spearman_rows, summarize
+from tdatune.evaluate.lds import lds_at, lds_path
 from tdatune.select.centered import centered_indicator
 from tdatune.select.damping_choice import choose_damping
 from tdatune.select.quantile import quantile_lambda
@@ -147,20 +147,14 @@ def default_selection(att: Attributor, test_path: LambdaPath, val: ArrayDataset,
                       threshold: float) -> dict[str, Any]:
     """The attributor's default damping on ``val`` and its LDS on the test path."""
     choice = choose_damping(att, val, threshold=threshold)
-    preds = test_path.blockwise_predictions(gt.masks, choice.lam).numpy()
-    outputs = np.asarray(gt.mean_outputs, dtype=np.float64).T
-    with np.errstate(invalid="ignore"):
-        result = summarize(spearman_rows(preds, outputs))
+    result = lds_at(test_path, gt.masks, gt.mean_outputs, choice.lam, invalid="mask")
     return {**choice.to_dict(), "lds": result.mean, "sem": result.sem}
 
 
 def flow_lds(test_path: LambdaPath, gt: GroundTruth, grid: torch.Tensor) -> dict[str, Any]:
     """Mean LDS over the explained examples at each grid lambda under the flow filter."""
-    preds = test_path.subset_predictions(gt.masks, grid, filter="flow").numpy()
-    outputs = np.asarray(gt.mean_outputs, dtype=np.float64).T
-    with np.errstate(invalid="ignore"):
-        lds = [float(np.nanmean(spearman_rows(p, outputs))) for p in preds]
-    return {"lambdas": [float(x) for x in grid], "lds": lds}
+    results = lds_path(test_path, gt.masks, gt.mean_outputs, grid, invalid="mask", filter="flow")
+    return {"lambdas": [float(x) for x in grid], "lds": [r.mean for r in results]}
 
 
 def xi_window(lambdas: np.ndarray, xi_mean: np.ndarray) -> tuple[float, float]:
@@ -181,9 +175,8 @@ def _blockwise(test_path: LambdaPath, val_path: LambdaPath, gt: GroundTruth,
         by_xi.append(select_lambda(sigma, val_path.explained_coords[:, lo:hi],
                                    threshold=threshold).lam)
     projected = test_path.project_masks(gt.masks)
-    outputs = np.asarray(gt.mean_outputs, dtype=np.float64).T
     result: dict[str, Any] = {"blocks": len(heuristic)}
     for name, lams in (("heuristic", heuristic), ("xi", by_xi)):
-        preds = test_path.blockwise_predictions(gt.masks, lams, projected).numpy()
-        result[name] = {"lambdas": lams, "lds": float(np.nanmean(spearman_rows(preds, outputs)))}
+        at = lds_at(test_path, gt.masks, gt.mean_outputs, lams, invalid="mask", projected=projected)
+        result[name] = {"lambdas": lams, "lds": at.mean}
     return result

@@ -17,7 +17,7 @@ from tdatune import __version__
 from tdatune.attributors.registry import ATTRIBUTORS, make_attributor
 from tdatune.evaluate.calibrate import MAX_CALIBRATION_MODELS, calibrate_candidates, calibrate_lambda
 from tdatune.evaluate.groundtruth import GroundTruthConfig
-from tdatune.evaluate.lds import lds, lds_path, spearman_rows
+from tdatune.evaluate.lds import lds_at, lds_path
 from tdatune.select.blockwise import is_block_rule
 from tdatune.select.damping_choice import choose_damping
 from tdatune.select.default import QUANTILE, parse_rule
@@ -133,7 +133,7 @@ def run_lambda_study(config: LambdaStudyConfig, out: str | Path) -> dict[str, An
     results = lds_path(test_path, gt.masks, gt.mean_outputs, torch.cat([grid, extra]))
     curve, lds_sel = results[: len(grid)], results[len(grid)]
     if choice.per_block:  # one damping per layer: scored on its own
-        lds_sel = lds(test_path.scores(choice.lam), gt.masks, gt.mean_outputs)
+        lds_sel = lds_at(test_path, gt.masks, gt.mean_outputs, choice.lam)
     other = {"rule": other_rule, "threshold": config.threshold, "lambda": other_lam,
              "lds": results[len(grid) + 1].mean}
     baselines = {str(q): [lam, res.mean] for q, lam, res in
@@ -229,9 +229,7 @@ def _calibrate_candidates(k: int, test_path: Any, val_path: Any, gt: Any, choice
     lam = cands[picked.chosen]
 
     def score(cols: slice) -> float:
-        preds = test_path.blockwise_predictions(gt.masks[cols], lam).numpy()
-        with np.errstate(invalid="ignore"):
-            return float(np.nanmean(spearman_rows(preds, outputs[cols].T)))
+        return lds_at(test_path, gt.masks[cols], outputs[cols], lam, invalid="mask").mean
 
     out: dict[str, Any] = {"k": k, "rule": picked.chosen, "lambda": lam, "sure": picked.sure,
                            "line": picked.line(), "candidates": cands, "lds": score(slice(None))}
