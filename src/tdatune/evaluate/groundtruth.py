@@ -344,7 +344,7 @@ def _check_or_write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
         stored = read_json(path, _MANIFEST_FIX)
         if stored.get("fingerprint") == manifest["fingerprint"]:
             return
-        refuse_older_format(stored, manifest, f"{directory} holds ground truth", "retrain it")
+        refuse_older_format(stored, manifest, directory, "ground truth", "retrain it")
         diffs = differences({k: v for k, v in stored.items() if k != "fingerprint"},
                             {k: v for k, v in manifest.items() if k != "fingerprint"})
         top = dict.fromkeys(d.split(".")[0] for d in diffs)

@@ -95,20 +95,20 @@ def record_versions(record: dict[str, Any]) -> tuple[int, int]:
             int(task.get("identity_format", 1)) if isinstance(task, dict) else 1)
 
 
-def refuse_older_format(stored: dict[str, Any], current: dict[str, Any], holds: str,
-                        redo: str) -> None:
+def refuse_older_format(stored: dict[str, Any], current: dict[str, Any], directory: Any,
+                        what: str, redo: str) -> None:
     """Raise when ``stored`` was written in an older format than ``current``: its fields cannot
-    be compared with today's, so it can be neither reused nor upgraded; the message gives the
-    command that rebuilds it (``holds``: ``"<dir> holds checkpoints"``; ``redo``: the verb)."""
+    be compared with today's, so it can be neither reused nor upgraded; the message names the
+    ``directory`` holding ``what`` ("checkpoints") and the command that rebuilds it (``redo``:
+    the verb)."""
     old, new = record_versions(stored), record_versions(current)
     if old == new:
         return
-    directory = holds.split(" holds ")[0]
     raise ValueError(
-        f"{holds} recorded by an older tdatune (record format {old[0]}, task identity format "
-        f"{old[1]}; this version writes {new[0]} and {new[1]}), which cannot tell whether they "
-        f"are of this run; delete it (rm -r {directory}) and rerun to {redo}, or use another "
-        "directory")
+        f"{directory} holds {what} recorded by an older tdatune (record format {old[0]}, task "
+        f"identity format {old[1]}; this version writes {new[0]} and {new[1]}), which cannot "
+        f"tell whether they are of this run; delete it (rm -r {directory}) and rerun to {redo}, "
+        "or use another directory")
 
 
 __all__ = ["IDENTITY_FORMAT", "architecture", "describe_value", "module_options", "record_versions",

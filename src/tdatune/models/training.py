@@ -436,7 +436,7 @@ def _claim(ckpt_dir: Path, task: Task, data: ArrayDataset, recipe: TrainRecipe |
     if saved.get("fingerprint") == fp:
         return fp
     stored = saved.get("meta") or {}
-    refuse_older_format(stored, meta, f"{ckpt_dir} holds checkpoints", "retrain")
+    refuse_older_format(stored, meta, ckpt_dir, "checkpoints", "retrain")
     diffs = differences(stored, meta)
     raise ValueError(
         f"{ckpt_dir} holds checkpoints of a different training run (differs in: "

@@ -49,6 +49,8 @@ def fingerprint_config(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # what a repr says that changes every run
+
 # Packages whose objects are identified by name, not by source: their behaviour is pinned by the
 # installed version (recorded with every result's numeric environment), and reading their
 # source would make every stored result stale on an upgrade that changed a comment.
@@ -125,12 +127,9 @@ def _function_content(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
 def _plain_globals(fn: types.FunctionType) -> dict[str, Any]:
     """The module-level constants a function reads (numbers, strings and tuples of them): a
     changed ``SCALE = 2.0`` changes what the function computes without touching its source."""
-    out: dict[str, Any] = {}
-    for name in fn.__code__.co_names:
-        value = fn.__globals__.get(name)
-        if is_plain(value) and value is not None:
-            out[name] = value if not isinstance(value, float) or math.isfinite(value) else repr(value)
-    return out
+    values = {name: fn.__globals__.get(name) for name in fn.__code__.co_names}
+    return {name: describe_content(v) for name, v in values.items()
+            if v is not None and is_plain(v)}
 
 
 def is_plain(value: Any) -> bool:
@@ -207,18 +206,13 @@ def describe_content(value: Any, seen: set[int] | None = None) -> Any:
         return {"builtin": qualified_name(value) if not isinstance(value, types.ModuleType)
                 else value.__name__}
     attributes = getattr(value, "__dict__", None)
-    if isinstance(attributes, dict):
-        slots = {}
-    else:
-        slots = {s: getattr(value, s) for s in getattr(type(value), "__slots__", ()) if hasattr(value, s)}
-    if isinstance(attributes, dict) or slots:
+    if not isinstance(attributes, dict):  # a __slots__ class: its filled slots, if any
+        slots = getattr(type(value), "__slots__", ())
+        attributes = {s: getattr(value, s) for s in slots if hasattr(value, s)} or None
+    if attributes is not None:
         return {"object": qualified_name(type(value)), "source": source_fingerprint(type(value)),
-                "attributes": describe_content(attributes if isinstance(attributes, dict) else slots,
-                                               seen)}
+                "attributes": describe_content(attributes, seen)}
     return {"object": qualified_name(type(value)), "repr": ADDRESS.sub("", repr(value))}
-
-
-ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # what a repr says that changes every run
 
 
 def _sort_key(item: Any) -> str:
