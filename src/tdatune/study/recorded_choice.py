@@ -15,13 +15,8 @@ from typing import Any
 
 import numpy as np
 
-CALIBRATION_KS = ("3", "5", "10")
-
-
-def attributor_label(cell: dict[str, Any]) -> str:
-    """The attributor, with ``-layer`` for LoGra with one block per layer."""
-    blocks = (cell.get("fit") or {}).get("blocks")
-    return cell["attributor"] + ("-layer" if blocks == "layer" else "")
+from tdatune.study.diagnosis import CALIBRATION_K
+from tdatune.study.rule_candidates import attributor_of
 
 
 def recorded_row(cell: dict[str, Any]) -> dict[str, Any] | None:
@@ -34,13 +29,13 @@ def recorded_row(cell: dict[str, Any]) -> dict[str, Any] | None:
     xi = next((s for s in cell.get("selections", []) if s["threshold"] == 0.5), None)
     q9 = cell.get("quantile_baselines", {}).get("0.9")
     row: dict[str, Any] = {
-        "setting": cell["setting"], "attributor": attributor_label(cell), "rule": default["rule"],
+        "setting": cell["setting"], "attributor": attributor_of(cell), "rule": default["rule"],
         "best_lds": best, "gap_default": best - default["lds"],
         "gap_q0.9": best - q9[1] if q9 else float("nan"),
         "gap_xi": best - xi["lds"] if xi else float("nan"),
         "flow_minus_damping": (max(cell["flow"]["lds"]) - best) if "flow" in cell else float("nan")}
     draws = cell.get("candidate_calibration", {}).get("draws", {})
-    for k in CALIBRATION_KS:
+    for k in map(str, CALIBRATION_K):
         for key, suffix in (("paired", ""), ("paired_z0", "_z0"), ("paired_z1", "_z1"),
                             ("candidates_best", "_best_candidate")):
             gaps = draws.get(k, {}).get(key)
@@ -91,4 +86,4 @@ def recorded_lines(cells: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-__all__ = ["attributor_label", "recorded_lines", "recorded_row", "recorded_rows"]
+__all__ = ["recorded_lines", "recorded_row", "recorded_rows"]
