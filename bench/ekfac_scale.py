@@ -3,8 +3,10 @@
 The question is memory: EK-FAC's factors are small (in^2 + out^2 per layer), but its
 eigenvalue correction and its scores touch every example's gradient in the Kronecker
 eigenbasis (p numbers each). tdatune never holds n x p numbers: the correction pass and the
-training eigen-coordinates stream chunk by chunk, so peak memory is the model, one chunk's
-rotated gradients and the explained examples' coordinates (m x p).
+training eigen-coordinates stream chunk by chunk, and a score weighs the explained examples
+straight from their gradients (no eigen-coordinates held), so peak memory is the model, one
+chunk's rotated gradients and one copy of the explained examples' weighted gradients (m x p,
+in groups of what ``--query-memory`` allows, or rank-r factors with ``--query-rank``).
 
 Baseline measured in the same run: training steps (Adam, the setting's recipe) over the first
 ``--baseline-blocks`` blocks, one pass, which is also all the training the model gets (the
@@ -14,6 +16,7 @@ memory of the process:
 
     python bench/ekfac_scale.py --threads 2                  # 11M parameters, 10,000 blocks
     python bench/ekfac_scale.py --n-train 500 --d-model 128  # a quick check of the script
+    python bench/ekfac_scale.py --n-train 300 --baseline-blocks 50 --compare-path  # memory
 """
 
 from __future__ import annotations
@@ -50,8 +53,17 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=32, help="examples per streamed chunk")
     parser.add_argument("--baseline-blocks", type=int, default=1000,
                         help="blocks of the timed training pass (scaled to an epoch)")
+    parser.add_argument("--query-rank", type=int, default=None,
+                        help="keep each explained example's weighted layer gradients at rank r")
+    parser.add_argument("--query-memory", type=float, default=None,
+                        help="GiB the explained side's weighted gradients may hold at once")
+    parser.add_argument("--compare-path", action="store_true",
+                        help="then score through a lambda-path (holds the explained "
+                             "coordinates) and print the Pearson correlation of the two")
     add_machine_flags(parser)
     args = parser.parse_args()
+    if args.query_memory is not None:
+        args.query_memory = int(args.query_memory * 2**30)
     device = setup_machine(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}, "
@@ -81,19 +93,28 @@ def main() -> None:
     fit_s = time.perf_counter() - t0
     print(f"  ekfac fit (covariances, eigenbases, eigenvalue correction) {fit_s:.1f} s "
           f"= {fit_s / epoch_s:.2f} x epoch; peak {peak_rss_gib():.2f} GiB")
+    lam = 0.1 * float(att.fit_.sigma.mean())
+    t0 = time.perf_counter()
+    scores = att.score(splits.test, lam=lam, query_rank=args.query_rank,
+                       query_memory=args.query_memory)
+    score_s = time.perf_counter() - t0
+    print(f"  scores [{scores.shape[0]} x {scores.shape[1]}] at lambda {lam:.3g}, explained side "
+          f"weighted from its gradients in groups (query_rank {args.query_rank}), training side "
+          f"streamed: {score_s:.1f} s = {score_s / epoch_s:.2f} x epoch; finite "
+          f"{bool(torch.isfinite(scores).all())}; peak {peak_rss_gib():.2f} GiB")
+    if not args.compare_path:
+        return
     t0 = time.perf_counter()
     path = att.lambda_path(splits.test)
     coords_s = time.perf_counter() - t0
-    print(f"  explained coordinates [{len(splits.test)} x {path.sigma.numel()}] {coords_s:.1f} s;"
-          f" peak {peak_rss_gib():.2f} GiB")
-    lam = 0.1 * float(path.sigma.mean())
+    print(f"  (then) explained coordinates of a lambda-path [{len(splits.test)} x "
+          f"{path.sigma.numel()}] {coords_s:.1f} s; peak {peak_rss_gib():.2f} GiB")
     t0 = time.perf_counter()
-    scores = path.scores(lam)
+    held = path.scores(lam).float()
     score_s = time.perf_counter() - t0
-    print(f"  scores [{scores.shape[0]} x {scores.shape[1]}] at lambda {lam:.3g} (training "
-          f"coordinates streamed) {score_s:.1f} s = {score_s / epoch_s:.2f} x epoch; "
-          f"finite {bool(torch.isfinite(scores).all())}; peak {peak_rss_gib():.2f} GiB")
-
+    r = float(torch.corrcoef(torch.stack([scores.reshape(-1), held.reshape(-1)]))[0, 1])
+    print(f"  (then) scores through the path {score_s:.1f} s; Pearson with the grouped scores "
+          f"{r:.6f}; peak {peak_rss_gib():.2f} GiB")
 
 if __name__ == "__main__":
     main()

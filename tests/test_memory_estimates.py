@@ -219,10 +219,19 @@ def test_kfac_streamed_scores_hold_one_weighted_copy():
     assert est.memory_bytes >= phase(est, "scores") >= at_scores
 
 
-def test_kfac_wide_coordinates_are_in_the_gradients_dtype():
-    m = 250_000  # m p > 2^26 numbers: float32, as KFAC._explained_coords writes them
-    est = kfac_estimate("kfac", 100, m)
-    assert est.phases["scores"]["explained coordinates"] == m * P_EMB * F32
+@pytest.mark.parametrize(("rank", "numbers"), [(None, P_EMB), (1, (6 + 50) + (3 + 7))])
+def test_kfac_wide_explained_sets_are_weighted_in_groups_without_coordinates(rank, numbers):
+    """m p > 2^26 numbers: no explained coordinates; one group's weighted gradients (in the
+    gradients' dtype) as query_memory allows: 1,000 examples of 321 numbers each, or with
+    rank 1 the embedding's [6, 50] block as 6 + 50 numbers and the linear [3, 7] as 3 + 7."""
+    m = 250_000
+    est = attribute_estimate(embedding_task()[0], tokens(100, 1), tokens(m, 2),
+                             attributor="kfac", params={"query_rank": rank,
+                                                        "query_memory": 1000 * numbers * F32})
+    scores = est.phases["scores"]
+    assert "explained coordinates" not in scores
+    assert scores["weighted gradients of one group"] == 1000 * numbers * F32
+    assert scores["score matrix"] == m * 100 * F32
 
 
 # ---------------------------------------------------------------------------- TracIn

@@ -24,15 +24,27 @@ from tdatune.attributors.base import (
     optional_positive_int,
     positive_float,
 )
-from tdatune.attributors.lambda_path import LambdaPath
+from tdatune.attributors.lambda_path import LambdaPath, TruncatedLambdaPath
 from tdatune.curvature.eigen import Eigensystem, fisher_eigensystem, gram_eigensystem
 from tdatune.data.base import ArrayDataset
+from tdatune.features import budget
 from tdatune.features.budget import AttributionEstimate, estimate_attribution
 from tdatune.features.factored import KroneckerProjector, make_projector
 from tdatune.features.gradients import num_params, per_example_grads
 from tdatune.features.kernel import FactoredGradients, factored_numbers
 from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
+from tdatune.utils.atomic import notice
+
+KERNEL_EXACT_LIMIT = budget.EIGH_WARN_SIZE  # larger kernels take the top-k route by default
+KERNEL_RANK = 1_000  # eigenpairs that route keeps by default
+
+
+def kernel_rank(n: int, rank: int | None) -> int | None:
+    """The top-k route's k for an n x n kernel (None: the exact eigendecomposition)."""
+    if rank is None:
+        return KERNEL_RANK if n > KERNEL_EXACT_LIMIT else None
+    return rank if rank < n else None
 
 
 class IFFIM(Attributor):
@@ -47,6 +59,11 @@ class IFFIM(Attributor):
                        "projection matrix entries, or kronecker: per layer from the hooks' "
                        "factors (proj_dim = total width, at most)"),
         HyperParameter("proj_seed", 0, "fit", any_int, "projection seed"),
+        HyperParameter("kernel_rank", None, "fit", optional_positive_int,
+                       "unprojected with n < p: keep the kernel's top r eigenpairs (the rest "
+                       "count as zero curvature, 1 / lambda) instead of eigendecomposing the "
+                       "n x n kernel; None: exact up to KERNEL_EXACT_LIMIT examples, else "
+                       "KERNEL_RANK"),
         CHECKPOINT,
     )
 
@@ -62,7 +79,9 @@ class IFFIM(Attributor):
                   "dtype": next(iter(params.values())).dtype}
         if d is None and kind != "identity":
             held = factored_numbers(task, model, params, train) if n < p else None
-            return estimate_attribution(n, p, factored_numbers=held, **common)
+            return estimate_attribution(n, p, factored_numbers=held,
+                                        kernel_rank=kernel_rank(n, self.params["kernel_rank"]),
+                                        **common)
         return estimate_attribution(n, p, proj_dim=None if kind == "identity" else d,
                                     proj_bytes=0 if kind in ("identity", "kronecker") else None,
                                     **common)
@@ -76,13 +95,23 @@ class IFFIM(Attributor):
                                             seed=self.params["proj_seed"], device=context.device)
         self._paths: dict[str, LambdaPath] = {}
         self.factored: FactoredGradients | None = None
-        if self.projector is None and len(context.train) < num_params(params):
+        n = len(context.train)
+        if self.projector is None and n < num_params(params):
             # kernel form from the factors: G G^T and V G^T, never the [n, p] matrix
+            rank = kernel_rank(n, self.params["kernel_rank"])
+            if rank is not None:
+                notice(f"{self.name}: {n:,} training examples without a projection: the "
+                       f"kernel's top {rank:,} eigenpairs by randomised subspace iteration "
+                       f"(the rest count as zero curvature) instead of eigendecomposing the "
+                       f"{n:,} x {n:,} kernel (roughly "
+                       f"{budget.format_seconds(budget.eigh_seconds(n))}); "
+                       "params={'kernel_rank': r} sets r, r >= n the exact route")
             self.factored = FactoredGradients(
                 context.task, model, params, context.train, target="loss",
                 chunk_size=context.chunk_size, show_progress=context.show_progress,
                 desc="train gradients")
-            self.eigen: Eigensystem = gram_eigensystem(self.factored.gram(), overwrite=True)
+            self.eigen: Eigensystem = gram_eigensystem(self.factored.gram(), overwrite=True,
+                                                       rank=rank)
             return
         grads = per_example_grads(context.task, model, params, context.train, target="loss",
                                   chunk_size=context.chunk_size, projector=self.projector,
@@ -106,7 +135,14 @@ class IFFIM(Attributor):
                 model, params = ctx.model_at(self.params["checkpoint"])
                 v = FactoredGradients(ctx.task, model, params, explained, target="output",
                                       chunk_size=ctx.chunk_size)
-                coords = self.eigen.coords_from_products(self.factored.products(v))
+                vg = self.factored.products(v)
+                coords = self.eigen.coords_from_products(vg)
+                if self.eigen.train_sq is not None:  # truncated: what lies outside the top k
+                    a = self.eigen.train_coords
+                    self._paths[key] = TruncatedLambdaPath(
+                        self.eigen.sigma, coords, a, vg.double() - coords @ a.T,
+                        self.eigen.train_sq - a.square().sum(1))
+                    return self._paths[key]
             else:
                 coords = self.eigen.coords(self.explained_grads(explained))
             self._paths[key] = LambdaPath(self.eigen.sigma, coords, self.eigen.train_coords)

@@ -26,15 +26,17 @@ from tdatune.attributors.base import (
     HyperParameter,
     any_int,
     one_of,
+    optional_positive_int,
 )
 from tdatune.attributors.damping import block_mean_dampings, check_damping
-from tdatune.attributors.lambda_path import LambdaPath, StreamedLambdaPath
+from tdatune.attributors.lambda_path import LambdaPath, StreamedLambdaPath, damped_inverse
 from tdatune.attributors.logra import optional_names
 from tdatune.curvature.kfac import ROWS_BUDGET, KroneckerFit, fit_kronecker
 from tdatune.data.base import ArrayDataset
 from tdatune.features.budget import (
     EIG_ITEMSIZE,
     PathEstimate,
+    available_memory,
     eigh_bytes,
     explained_knob,
     kronecker_factor_parts,
@@ -43,9 +45,26 @@ from tdatune.features.budget import (
 from tdatune.features.capture import EmbeddingRule
 from tdatune.features.factored import layer_sides
 from tdatune.features.gradients import GradientSource, num_params
+from tdatune.features.low_rank import compresses
 from tdatune.models.task import Params, Task
+from tdatune.utils.atomic import notice
 
 COORDS_KEEP_LIMIT = 1 << 26  # training coordinates (n x p float64 numbers) held in memory
+FALLBACK_QUERY_MEMORY = 4 << 30  # query_memory where the memory available cannot be read
+
+
+def query_numbers(block_sizes: list[int], kron_shapes: list[tuple[int, int]],
+                  rank: int | None) -> int:
+    """Numbers one explained example's weighted gradients hold: every block whole, or a
+    Kronecker block [out, in] as rank-r factors r (out + in) where that is smaller."""
+    total = 0
+    for j, size in enumerate(block_sizes):
+        if rank is not None and j < len(kron_shapes) and compresses(rank, *kron_shapes[j]):
+            d_out, d_in = kron_shapes[j]
+            total += min(rank, d_out, d_in) * (d_out + d_in)
+        else:
+            total += size
+    return total
 
 
 class KFAC(Attributor):
@@ -62,6 +81,14 @@ class KFAC(Attributor):
         HyperParameter("layers", None, "fit", optional_names,
                        "modules whose parameters are attributed (default: all parameters)"),
         HyperParameter("seed", 0, "fit", any_int, "seed of the sampled labels (fisher='true')"),
+        HyperParameter("query_rank", None, "score", optional_positive_int,
+                       "keep each explained example's weighted per-layer gradient as rank r "
+                       "(less memory and time for wide layers; approximate, exact at r >= "
+                       "the layer's smaller side); None: exact"),
+        HyperParameter("query_memory", None, "score", optional_positive_int,
+                       "bytes the explained examples' weighted gradients may hold at once; "
+                       "more explained examples are scored in groups, one training pass each "
+                       "(None: half the memory available)"),
         CHECKPOINT,
     )
 
@@ -100,7 +127,8 @@ class KFAC(Attributor):
             n=len(train), p=p, all_params=num_params(params), m=explained, v=validation,
             chunk=chunk_size, item=next(iter(params.values())).element_size(), sides=sides,
             diagonal=p - sum(d_in * d_out for d_in, d_out, _ in sides),
-            method=self.name, ekfac=self.strategy == "ekfac"))
+            method=self.name, ekfac=self.strategy == "ekfac", rank=self.params["query_rank"],
+            query_memory=self.params["query_memory"]))
 
     def _fit(self, context: AttributionContext) -> None:
         model, params = context.model_at(self.params["checkpoint"])
@@ -111,6 +139,7 @@ class KFAC(Attributor):
             fisher=self.params["fisher"], seed=self.params["seed"],
             chunk_size=context.chunk_size, show_progress=context.show_progress)
         self._paths: dict[str, LambdaPath] = {}
+        self._spectrum_path: StreamedLambdaPath | None = None
 
     def lambda_path(self, explained: ArrayDataset) -> LambdaPath:
         """The damping path for ``explained`` (training coordinates streamed when large)."""
@@ -160,9 +189,74 @@ class KFAC(Attributor):
 
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:
         """Scores [m, n] at ``lam``: one damping, one per block (in ``block_names`` order),
-        ``{block name: value}`` (``"*"`` for the rest) or ``"per_layer"``."""
-        lam = self.score_params(values)["lam"]
-        return self.lambda_path(explained).scores(lam).float()
+        ``{block name: value}`` (``"*"`` for the rest) or ``"per_layer"``.
+
+        A small explained set goes through its lambda-path (cached, so other dampings cost
+        one product). A wide one (m x p above ``COORDS_KEEP_LIMIT`` numbers) or any call with
+        ``query_rank`` never holds its eigen-coordinates: each group of explained examples
+        whose weighted gradients fit ``query_memory`` is weighted straight from its gradients
+        (``KroneckerFit.weighted_explained``) and scored in one training pass."""
+        v = self.score_params(values)
+        lam, rank = v["lam"], v["query_rank"]
+        self._require_fit()
+        p = self.fit_.sigma.numel()
+        if rank is None and (explained.fingerprint() in self._paths
+                             or len(explained) * p <= COORDS_KEEP_LIMIT):
+            return self.lambda_path(explained).scores(lam).float()
+        return self._grouped_scores(explained, lam, rank, v["query_memory"])
+
+    def _spectrum(self) -> StreamedLambdaPath:
+        """A path with no examples: what a damping means for this fit (blocks, names, null
+        space and the checks of ``entry_lambdas``)."""
+        if self._spectrum_path is None:
+            sigma = self.fit_.sigma
+            self._spectrum_path = StreamedLambdaPath(
+                sigma, sigma.new_empty(0, sigma.numel()), lambda: iter(()),
+                len(self._require_fit().train), sizes=self.fit_.block_sizes,
+                names=self.fit_.block_names)
+        return self._spectrum_path
+
+    def query_groups(self, m: int, rank: int | None = None, budget: int | None = None
+                     ) -> list[range]:
+        """The explained examples [0, m) in groups whose weighted gradients fit ``budget``
+        bytes (default: half the memory available, else ``FALLBACK_QUERY_MEMORY``); each
+        group costs one training pass."""
+        self._require_fit()
+        if budget is None:
+            free = available_memory()
+            budget = free // 2 if free else FALLBACK_QUERY_MEMORY
+        item = next(iter(self._params.values())).element_size()
+        per = query_numbers(self.fit_.block_sizes, self._kron_shapes(), rank) * item
+        size = max(1, min(m, budget // max(1, per)))
+        return [range(i, min(m, i + size)) for i in range(0, m, size)]
+
+    def _kron_shapes(self) -> list[tuple[int, int]]:
+        return [tuple(b.sigma.shape) for b in self.fit_.blocks]  # type: ignore[misc]
+
+    def _grouped_scores(self, explained: ArrayDataset, lam: Any, rank: int | None,
+                        budget: int | None) -> torch.Tensor:
+        ctx = self._require_fit()
+        path = self._spectrum()
+        filt = damped_inverse(path.sigma, path.entry_lambdas(lam), "damping", path.null_mask())
+        groups = self.query_groups(len(explained), rank, budget)
+        if len(groups) > 1:
+            notice(f"{self.name}: scoring {len(explained):,} explained examples in "
+                   f"{len(groups)} groups of up to {len(groups[0]):,} (one pass over the "
+                   f"{len(ctx.train):,} training examples each) to keep their weighted "
+                   "gradients within query_memory; query_rank=r holds fewer numbers per "
+                   "example")
+        out = torch.empty(len(explained), len(ctx.train))
+        for group in groups:
+            part = explained.subset(torch.arange(group.start, group.stop))
+            weighted = self.fit_.weighted_explained(
+                part, filt, rank=rank, target="output", chunk_size=ctx.chunk_size,
+                show_progress=ctx.show_progress, desc=f"{self.name} explained gradients")
+            for start, prod in self.fit_.weighted_products(
+                    weighted, ctx.train, target="loss", chunk_size=ctx.chunk_size,
+                    show_progress=ctx.show_progress, desc=f"{self.name} training products"):
+                out[group.start : group.stop, start : start + prod.shape[1]] = -prod
+            del weighted
+        return out
 
     @property
     def block_names(self) -> list[str]:
@@ -192,6 +286,25 @@ class _Sizes:
     diagonal: int
     method: str
     ekfac: bool
+    rank: int | None = None
+    query_memory: int | None = None
+
+    @property
+    def grouped(self) -> bool:
+        """Whether ``score`` weighs the explained examples straight from their gradients, in
+        groups, holding no coordinates (``KFAC.score``)."""
+        return self.rank is not None or self.m * self.p > COORDS_KEEP_LIMIT
+
+    @property
+    def group(self) -> int:
+        """Explained examples per group (``KFAC.query_groups``)."""
+        per = query_numbers(self.blocks, [(d_out, d_in) for d_in, d_out, _ in self.sides],
+                            self.rank) * self.item
+        budget = self.query_memory
+        if budget is None:
+            free = available_memory()
+            budget = free // 2 if free else FALLBACK_QUERY_MEMORY
+        return max(1, min(self.m, budget // max(1, per)))
 
     def coords_item(self, rows: int) -> int:
         """Bytes a number of the eigen-coordinates of ``rows`` examples: float64 unless that
@@ -222,7 +335,8 @@ class _Sizes:
 def kfac_estimate(z: _Sizes) -> PathEstimate:
     """The phases of :class:`KFAC` and :class:`EKFAC` for the sizes ``z`` (see
     ``KFAC.memory_estimate``)."""
-    e, item, n, p, rows = EIG_ITEMSIZE, z.item, z.n, z.p, max(z.m, z.v)
+    e, item, n, p = EIG_ITEMSIZE, z.item, z.n, z.p
+    rows = max(0 if z.grouped else z.m, z.v)  # explained sets that get a path
     factors = kronecker_factor_parts(list(z.sides), z.diagonal, ekfac=z.ekfac)
     side = max([d_out for _, d_out, _ in z.sides]
                + [d_in for d_in, _, diag in z.sides if not diag], default=0)
@@ -248,8 +362,8 @@ def kfac_estimate(z: _Sizes) -> PathEstimate:
                 **kept, **validation, "explained coordinates": rows * p * z.coords_item(rows),
                 "training coordinates": n * p * item, "their chunks": n * p * item}
     if z.m:
-        phases.update({name: {**kept, **validation, **parts}
-                       for name, parts in _score_phases(z).items()})
+        scoring = _grouped_phases(z) if z.grouped else _score_phases(z)
+        phases.update({name: {**kept, **validation, **parts} for name, parts in scoring.items()})
     return PathEstimate(
         z.method, n, z.m, phases, eig_size=side, form="Kronecker factor",
         advice=("fewer attributed modules, params={'layers': [...]} (the coordinates are "
@@ -278,6 +392,25 @@ def _score_phases(z: _Sizes) -> dict[str, dict[str, int]]:
                 * item, "chunk products": 3 * m * min(z.chunk, n) * item}
     return {"scores": {**path, **loop},
             "scores returned": {**path, "score matrix (float32)": m * n * 4 if ci != 4 else 0}}
+
+
+def _grouped_phases(z: _Sizes) -> dict[str, dict[str, int]]:
+    """``KFAC.score`` without a path: per group of explained examples its weighted gradients
+    (whole blocks, or rank-r factors), one chunk's rotated block and its two back-rotated
+    copies while they are built, then the training pass's rows and products; the [m, n]
+    float32 score matrix throughout."""
+    item, g, n = z.item, z.group, z.n
+    numbers = query_numbers(z.blocks, [(d_out, d_in) for d_in, d_out, _ in z.sides], z.rank)
+    scores = {"eigenvalues and filter": 2 * z.p * EIG_ITEMSIZE, "score matrix": z.m * n * 4,
+              "weighted gradients of one group": g * numbers * item}
+    return {
+        "explained gradients weighted": {
+            **scores, "a few examples' block rotated, weighted and turned back":
+                3 * z.chunk_rows(z.p) * max(z.blocks) * item},
+        "scores": {**scores,
+                   "a chunk's rows of a block": max(z.chunk_rows(size) * size
+                                                    for size in z.blocks) * item,
+                   "chunk products": 3 * g * min(z.chunk, n) * item}}
 
 
 class EKFAC(KFAC):

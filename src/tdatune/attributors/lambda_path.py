@@ -244,6 +244,65 @@ class LambdaPath:
         return sigma, self.explained_coords
 
 
+class TruncatedLambdaPath(LambdaPath):
+    """A path over the top k eigenpairs of a curvature whose other directions count as zero
+    curvature (a truncated kernel eigensystem, IFFIM's route for large n). With R = V G^T -
+    c a^T [m, n] (each explained gradient's inner products outside the top k directions) and
+    h(0) = 1 / lambda (both filters' limit at sigma -> 0),
+
+        score(lambda) = sign (c h(sigma) a^T + R / lambda),
+
+    exact when the dropped eigenvalues are << lambda, and equal to the full path when k
+    covers the whole non-null spectrum (R = 0). ``train_rest`` [n]: each training gradient's
+    squared norm outside the top k, |g_i|^2 - |a_i|^2, for self-influence. lambda must be > 0."""
+
+    def __init__(self, sigma: torch.Tensor, explained_coords: torch.Tensor,
+                 train_coords: torch.Tensor, rest: torch.Tensor, train_rest: torch.Tensor,
+                 sign: float = -1.0) -> None:
+        super().__init__(sigma, explained_coords, train_coords, sign)
+        check_shape("rest", rest, [explained_coords.shape[0], train_coords.shape[0]])
+        check_shape("train_rest", train_rest, [train_coords.shape[0]])
+        self.rest, self.train_rest = rest.double(), train_rest.double()
+
+    def _rest_weight(self, lam: float | torch.Tensor) -> float:
+        value = float(lam)
+        if not value > 0:
+            raise ValueError("this path keeps only the top eigenpairs (the rest count as zero "
+                             "curvature), so lambda must be > 0")
+        return 1.0 / value
+
+    def scores(self, lam: Damping, filter: str = "damping") -> torch.Tensor:
+        """Score matrix [m, n] at one damping, the top eigenpairs and the rest."""
+        entries = self.entry_lambdas(lam, filter)
+        return super().scores(lam, filter) + (
+            self.sign * self._rest_weight(entries) * self.rest).to(self.explained_coords.dtype)
+
+    def subset_predictions(self, masks: torch.Tensor, lambdas: torch.Tensor | list[float],
+                           projected: torch.Tensor | None = None, filter: str = "damping"
+                           ) -> torch.Tensor:
+        """Predicted subset sums [L, m, M], the rest's share included."""
+        lam = self._checked(lambdas, filter)
+        top = super().subset_predictions(masks, lam, projected, filter)
+        rest = self.sign * (self.rest @ masks.double().T)
+        return top + torch.stack([self._rest_weight(x) * rest for x in lam]).to(top.dtype)
+
+    def blockwise_predictions(self, masks: torch.Tensor, block_lambdas: Damping,
+                              projected: torch.Tensor | None = None, filter: str = "damping"
+                              ) -> torch.Tensor:
+        """Predicted subset sums [m, M] at one damping (one block)."""
+        top = super().blockwise_predictions(masks, block_lambdas, projected, filter)
+        weight = self._rest_weight(self.entry_lambdas(block_lambdas, filter))
+        return top + (self.sign * weight * (self.rest @ masks.double().T)).to(top.dtype)
+
+    def self_influence(self, lambdas: torch.Tensor | Sequence[Damping]) -> torch.Tensor:
+        """Self-influence [L, n], the rest's |g_i|^2 - |a_i|^2 weighted by 1 / lambda."""
+        items = lambdas.tolist() if isinstance(lambdas, torch.Tensor) else list(lambdas)
+        top = super().self_influence(items)
+        weights = torch.tensor([self._rest_weight(self.entry_lambdas(x)) for x in items],
+                               dtype=torch.float64)
+        return top + weights[:, None] * self.train_rest[None, :]
+
+
 class EnsembleLambdaPath(LambdaPath):
     """The weighted sum of member paths, stored as one path over the concatenated spectrum.
 

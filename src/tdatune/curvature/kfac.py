@@ -36,6 +36,7 @@ from tdatune.data.batches import batch_len
 from tdatune.features.capture import Captured, CapturedLayer, EmbeddingRule
 from tdatune.features.factored import formed, input_factor, project_layer
 from tdatune.features.gradients import GradientSource
+from tdatune.features.low_rank import LowRank, compresses, low_rank, low_rank_products
 from tdatune.models.outputs import cross_entropy, logits_of
 from tdatune.models.task import Params, Task
 from tdatune.utils.checks import check_choice, check_finite_rows
@@ -126,20 +127,24 @@ class KroneckerFit:
             for i in range(0, captured.b, step):
                 yield start + i, sliced(captured, i, i + step)
 
+    def _rows(self, j: int, captured: Captured) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(examples, rows)``: block ``j``'s parameter-basis rows of a captured batch, as many
+        examples at once as ``ROWS_BUDGET`` allows for that block (the products of a wide
+        model stay matrix-matrix, not one long matrix-vector pass per few examples)."""
+        step = max(1, ROWS_BUDGET // max(1, self.block_sizes[j]))
+        for i in range(0, captured.b, step):
+            part = sliced(captured, i, i + step)
+            if j < len(self.blocks):
+                rows = formed(self.blocks[j].layer, part).reshape(part.b, -1)
+            else:
+                rows = torch.cat([part.dense[k] for k in self.diagonal], dim=1)
+            yield slice(i, i + part.b), rows
+
     def _block_rows(self, captured: Captured) -> Iterator[tuple[int, slice, torch.Tensor]]:
-        """``(block, examples, rows)``: each block's parameter-basis rows of a captured batch,
-        as many examples at once as ``ROWS_BUDGET`` allows for that block (the products of a
-        wide model stay matrix-matrix, not one long matrix-vector pass per few examples)."""
-        sizes = self.block_sizes
-        for j, size in enumerate(sizes):
-            step = max(1, ROWS_BUDGET // max(1, size))
-            for i in range(0, captured.b, step):
-                part = sliced(captured, i, i + step)
-                if j < len(self.blocks):
-                    rows = formed(self.blocks[j].layer, part).reshape(part.b, -1)
-                else:
-                    rows = torch.cat([part.dense[k] for k in self.diagonal], dim=1)
-                yield j, slice(i, i + part.b), rows
+        """``(block, examples, rows)`` of every block (:meth:`_rows`)."""
+        for j in range(len(self.block_sizes)):
+            for where, rows in self._rows(j, captured):
+                yield j, where, rows
 
     def iter_coords(self, data: ArrayDataset, *, target: str, chunk_size: int,
                     show_progress: bool = False, desc: str = "eigen-coordinates"
@@ -149,6 +154,15 @@ class KroneckerFit:
             coords = self.coords(captured)
             check_finite_rows(f"per-example {target} gradients", coords, offset=start)
             yield start, coords
+
+    def _back(self, j: int, part: torch.Tensor) -> torch.Tensor:
+        """Weighted eigen-coordinates [b, size] of block ``j`` back in the parameter basis
+        (Q_S W Q_A^T for a Kronecker block, [b, out, in]; the diagonal block as it is)."""
+        if j >= len(self.blocks):
+            return part
+        b = self.blocks[j]
+        part = b.q_s.to(part) @ part.reshape(-1, *b.sigma.shape)
+        return part @ b.q_a.to(part).T if b.q_a is not None else part
 
     def weighted_back(self, coords: torch.Tensor, h: torch.Tensor, dtype: torch.dtype
                       ) -> list[torch.Tensor]:
@@ -160,14 +174,51 @@ class KroneckerFit:
         for j, size in enumerate(self.block_sizes):
             part = (coords[:, start : start + size] * h[start : start + size].to(coords.dtype)
                     ).to(dtype)
-            if j < len(self.blocks):
-                b = self.blocks[j]
-                part = b.q_s.to(part) @ part.reshape(-1, *b.sigma.shape)
-                if b.q_a is not None:
-                    part = part @ b.q_a.to(part).T
-            out.append(part.reshape(coords.shape[0], -1).contiguous())
+            out.append(self._back(j, part).reshape(coords.shape[0], -1).contiguous())
             start += size
         return out
+
+    def weighted_explained(self, data: ArrayDataset, h: torch.Tensor, *, rank: int | None = None,
+                           target: str = "output", chunk_size: int = 256,
+                           show_progress: bool = False, desc: str = "explained gradients"
+                           ) -> list[torch.Tensor | LowRank]:
+        """What :meth:`weighted_back` returns for ``data``'s eigen-coordinates, computed from
+        its gradients chunk by chunk without ever holding the coordinates: each block rotated,
+        weighted by the filter ``h`` [p] and turned back at the gradients' precision, written
+        into one preallocated [m, size] matrix per block. With ``rank`` a Kronecker block whose
+        rank-r factors are smaller is kept as them (:func:`~tdatune.features.low_rank.low_rank`,
+        an approximation). Holds one such copy of ``data`` and one chunk's blocks."""
+        sizes, m = self.block_sizes, len(data)
+        hs = torch.split(h, sizes)
+        out: list[torch.Tensor | LowRank | None] = [None] * len(sizes)
+        for start, captured in self._chunks(data, target, chunk_size, show_progress, desc):
+            b = captured.b
+            for j, size in enumerate(sizes):
+                if j < len(self.blocks):
+                    c = self.blocks[j].rotate(captured)
+                else:
+                    c = torch.cat([captured.dense[k] for k in self.diagonal], dim=1)
+                check_finite_rows(f"per-example {target} gradients", c, offset=start)
+                w = self._back(j, c * hs[j].to(c.dtype))
+                shape = self.blocks[j].sigma.shape if j < len(self.blocks) else None
+                if rank is not None and shape is not None and compresses(rank, *shape):
+                    part = low_rank(w, rank)
+                    if out[j] is None:
+                        r = part.left.shape[2]
+                        out[j] = LowRank(w.new_empty(m, shape[0], r), w.new_empty(m, r, shape[1]))
+                    held = out[j]
+                    assert isinstance(held, LowRank)
+                    held.left[start : start + b] = part.left
+                    held.right[start : start + b] = part.right
+                else:
+                    if out[j] is None:
+                        out[j] = w.new_empty(m, size)
+                    held = out[j]
+                    assert isinstance(held, torch.Tensor)
+                    held[start : start + b] = w.reshape(b, -1)
+        if any(x is None for x in out):
+            raise ValueError("no explained examples to score")
+        return [x for x in out if x is not None]
 
     def products(self, coords: torch.Tensor, h: torch.Tensor, data: ArrayDataset, *,
                  target: str, chunk_size: int, show_progress: bool = False,
@@ -177,15 +228,29 @@ class KroneckerFit:
         examples: w is turned back into the parameter basis once (:meth:`weighted_back`; the
         bases are orthogonal, so <Q_S^T G Q_A, W> = <G, Q_S W Q_A^T>) and the examples'
         gradients are only formed, at their own precision."""
-        blocks: list[torch.Tensor] | None = None
+        dtype = next(iter(self.source.detached.values())).dtype
+        yield from self.weighted_products(self.weighted_back(coords, h, dtype), data,
+                                          target=target, chunk_size=chunk_size,
+                                          show_progress=show_progress, desc=desc)
+
+    def weighted_products(self, weighted: list[torch.Tensor | LowRank], data: ArrayDataset, *,
+                          target: str, chunk_size: int, show_progress: bool = False,
+                          desc: str = "inner products") -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, [g, b])``: the inner products of the parameter-basis blocks ``weighted``
+        (:meth:`weighted_back` or :meth:`weighted_explained`) with every example's gradients,
+        formed block by block at their own precision (low-rank blocks from the factors)."""
+        g = weighted[0].rows if isinstance(weighted[0], LowRank) else weighted[0].shape[0]
         for start, captured in self._batches(data, target, chunk_size, show_progress, desc):
             out: torch.Tensor | None = None
-            for j, where, rows in self._block_rows(captured):
-                if blocks is None:  # at the gradients' precision, like every training product
-                    blocks = self.weighted_back(coords, h, rows.dtype)
-                if out is None:
-                    out = rows.new_zeros(blocks[0].shape[0], captured.b)
-                out[:, where] += blocks[j] @ rows.T
+            for j, w in enumerate(weighted):
+                if isinstance(w, LowRank):
+                    part = low_rank_products(self.blocks[j].layer, captured, w)
+                    out = part if out is None else out + part.to(out)
+                    continue
+                for where, rows in self._rows(j, captured):
+                    if out is None:
+                        out = rows.new_zeros(g, captured.b)
+                    out[:, where] += w.to(rows) @ rows.T
             if out is None:
                 continue
             check_finite_rows(f"per-example {target} gradient products", out.T, offset=start)

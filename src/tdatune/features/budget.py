@@ -47,6 +47,7 @@ RECORD_BYTES = 4096  # one chunk record on disk (a small JSON file: one file-sys
 HEADER_BYTES = 128  # the .npy header
 EIG_ITEMSIZE = 8  # eigendecompositions run in float64 (tdatune.curvature.eigen)
 WARN_FRACTION = 0.5  # warn above this share of the memory available (or of the budget)
+RANGE_OVERSAMPLE = 10  # extra columns of a randomised top-k eigendecomposition
 EIGH_NOTICE_SIZE = 4_000  # an eigendecomposition above this order says so before it starts
 EIGH_WARN_SIZE = 8_000  # attribute() warns before an eigendecomposition above this order
 EIGH_SECONDS_2000 = 2.0  # float64 eigh of order 2,000 on one core (measured 1.5-6.9 s)
@@ -258,16 +259,19 @@ class AttributionEstimate(_Phased):
     options: dict[str, object] = field(default_factory=dict, repr=False)
     disk_bytes: int = 0
     fitted: dict[str, int] = field(default_factory=dict, repr=False)
+    rank: int | None = None  # the kernel's top eigenpairs kept by randomised iteration
 
     @property
     def eig_size(self) -> int:
-        """Order of the eigendecomposed matrix."""
+        """Order of the eigendecomposed matrix (the small projected one for a top-k kernel)."""
+        if self.rank is not None:
+            return min(self.n, self.rank + RANGE_OVERSAMPLE)
         return self.width if self.form == "parameter" else self.n
 
     @property
     def kept(self) -> int:
-        """Eigenpairs kept, at most: min(n, width)."""
-        return min(self.n, self.width)
+        """Eigenpairs kept, at most: min(n, width, rank)."""
+        return min(self.n, self.width, self.rank or self.n)
 
     def describe(self) -> str:
         """One line: the peak memory, its phase and parts, and the eigendecomposition."""
@@ -277,8 +281,8 @@ class AttributionEstimate(_Phased):
 
     def with_proj_dim(self, d: int) -> AttributionEstimate:
         """The same attribution with the gradients projected to ``d`` by a ``Projector``."""
-        keep = {k: v for k, v in self.options.items() if k not in ("proj_bytes",
-                                                                  "factored_numbers")}
+        keep = {k: v for k, v in self.options.items()
+                if k not in ("proj_bytes", "factored_numbers", "kernel_rank")}
         return estimate_attribution(self.n, self.grad_width, proj_dim=d,
                                     explained=self.explained, validation=self.validation,
                                     **keep)  # type: ignore[arg-type]
@@ -340,7 +344,7 @@ def estimate_attribution(
     n: int, grad_width: int, *, proj_dim: int | None = None, explained: int = 0,
     validation: int = 0, factored_numbers: int | None = None, chunk_rows: int = 256,
     eig_chunk_rows: int = 2048, dtype: torch.dtype | np.dtype | str = torch.float32,
-    proj_bytes: int | None = None,
+    proj_bytes: int | None = None, kernel_rank: int | None = None,
 ) -> AttributionEstimate:
     """Memory of an eigensystem of the empirical Fisher on ``n`` training gradients of
     ``grad_width`` = p dimensions (projected to ``proj_dim`` = d < p when given), the
@@ -351,7 +355,10 @@ def estimate_attribution(
     ``dtype``. ``factored_numbers``: the kernel form is built from the hooks' factors holding
     that many numbers per example (:func:`tdatune.features.kernel.factored_numbers`).
     ``chunk_rows``: examples differentiated at a time; ``eig_chunk_rows``: rows of G read at a
-    time by :func:`tdatune.curvature.eigen.fisher_eigensystem`."""
+    time by :func:`tdatune.curvature.eigen.fisher_eigensystem`. ``kernel_rank`` < n: the
+    factored kernel form keeps its top ``kernel_rank`` eigenpairs by randomised subspace
+    iteration (:func:`tdatune.curvature.eigen.top_kernel_eigenpairs`) and each explained
+    example's products outside them."""
     if min(n, grad_width, chunk_rows, eig_chunk_rows) < 1 or (proj_dim or 1) < 1:
         raise ValueError(f"an estimate needs n, grad_width, proj_dim and chunk sizes >= 1; got "
                          f"n={n}, grad_width={grad_width}, proj_dim={proj_dim}")
@@ -360,19 +367,22 @@ def estimate_attribution(
     form = "parameter" if w <= n else "kernel"
     factored = factored_numbers is not None and form == "kernel" and w == grad_width
     row_numbers = int(factored_numbers) if factored else w  # type: ignore[arg-type]
+    rank = kernel_rank if factored and kernel_rank is not None and kernel_rank < n else None
     held = {"parameters": 2 * grad_width * item,
             "projection matrix": (projector_bytes(grad_width, w, item) if proj_bytes is None
                                   else int(proj_bytes))}
     train = {"training gradients": n * row_numbers * item}
     sizes = _Sizes(n, w, item, min(chunk_rows, n), min(eig_chunk_rows, n),
-                   max(explained, validation), row_numbers, factored)
+                   max(explained, validation), row_numbers, factored, rank)
     phases = {"training gradients": {**train, **_in_flight(sizes, grad_width)},
               **{k: {**train, **v} for k, v in _eigen_phases(sizes, form).items()},
               **_explained_phases(sizes, form, grad_width, explained, validation, train)}
     options = {"chunk_rows": chunk_rows, "eig_chunk_rows": eig_chunk_rows, "dtype": dtype,
-               "proj_bytes": proj_bytes, "factored_numbers": factored_numbers}
+               "proj_bytes": proj_bytes, "factored_numbers": factored_numbers,
+               "kernel_rank": kernel_rank}
     return AttributionEstimate(
-        n=n, width=w, grad_width=grad_width, form=form, factored=factored, explained=explained,
+        n=n, width=w, grad_width=grad_width, form=form, factored=factored, rank=rank,
+        explained=explained,
         validation=validation, phases={k: {**held, **v} for k, v in phases.items()},
         options=options, fitted=_system(sizes, form, train))
 
@@ -389,11 +399,12 @@ class _Sizes:
     m: int  # the larger explained set
     row_numbers: int  # numbers held per training example (w, or the factors)
     factored: bool
+    rank: int | None = None  # the kernel's top eigenpairs kept (None: all)
 
     @property
     def k(self) -> int:
         """Eigenpairs kept, at most."""
-        return min(self.n, self.w)
+        return min(self.n, self.w, self.rank or self.n)
 
 
 def gradients_in_flight(chunk: int, p: int, width: int, item: int) -> dict[str, int]:
@@ -429,6 +440,12 @@ def _eigen_phases(z: _Sizes, form: str) -> dict[str, dict[str, int]]:
         if not z.factored:  # two chunks of rows (one when they are all in one chunk)
             build["row chunks (float64)"] = (1 + (z.n > z.eig_chunk)) * z.eig_chunk * z.w * e
         coords = {name: s * s * e, "eigenvectors": s * s * e, "eigenvectors kept": s * k * e}
+    if z.rank is not None:  # randomised subspace iteration: blocks of n x (rank + oversample)
+        cols = min(z.n, z.rank + RANGE_OVERSAMPLE)
+        eig = {name: s * s * e, "range finder blocks": 3 * s * cols * e,
+               **{f"small eigh: {k_}": v for k_, v in eigh_bytes(cols).items()}}
+        coords = {name: s * s * e, "eigenvectors kept": s * k * e}
+        return {"accumulation": build, "eigendecomposition": eig, "training coordinates": coords}
     eig = eigh_bytes(s)
     eig[name] = eig.pop("matrix")
     return {"accumulation": build, "eigendecomposition": eig, "training coordinates": coords}
@@ -463,7 +480,9 @@ def _explained_phases(z: _Sizes, form: str, p: int, explained: int, validation: 
             side.update({"row chunk (float64)": z.eig_chunk * z.w * e,
                          "V G^T block": z.m * z.eig_chunk * e})
     side["explained coordinates"] = z.m * k * e
-    scores = {"explained coordinates": explained * k * e,
+    rest = {"products outside the top eigenpairs": z.m * z.n * e} if z.rank else {}
+    side.update(rest)
+    scores = {**rest, "explained coordinates": explained * k * e,
               "weighted coordinates": explained * k * e,
               "score matrix (float64)": explained * z.n * e,
               "score matrix, signed copy (float64)": explained * z.n * e,

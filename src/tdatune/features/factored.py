@@ -61,7 +61,7 @@ def formed(layer: CapturedLayer, captured: Captured) -> torch.Tensor:
     """M [b, out, in(+1)] of one layer, from its factors or its materialised gradients."""
     b = captured.b
     d_out = layer_sides(layer)[1]
-    if _factors(layer, captured) is not None:  # the projection with both sides whole
+    if layer_factors(layer, captured) is not None:  # the projection with both sides whole
         return project_layer(layer, captured, None, None).reshape(b, d_out, -1)
     parts = []
     if "weight" in layer.params:
@@ -83,8 +83,10 @@ def input_factor(layer: CapturedLayer, a: torch.Tensor, d: torch.Tensor) -> torc
     return torch.cat(cols, dim=2) if len(cols) > 1 else cols[0]
 
 
-def _factors(layer: CapturedLayer, captured: Captured
-             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def layer_factors(layer: CapturedLayer, captured: Captured
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's (a, delta) in a captured batch; None when it was differentiated without
+    hooks (materialised gradients)."""
     for c, a, d in captured.factors:
         if c.path == layer.path:
             return a, d
@@ -125,7 +127,7 @@ def inner_products(layers: list[CapturedLayer], x: Captured, y: Captured,
     out = torch.zeros(x.b, y.b, dtype=_dtype(x), device=_device(x))
     seen: set[str] = set()
     for layer in layers:
-        fx, fy = _factors(layer, x), _factors(layer, y)
+        fx, fy = layer_factors(layer, x), layer_factors(layer, y)
         if fx is None and fy is None and not all(k in x.dense for k in layer.params.values()):
             continue
         seen.update(layer.params.values())
@@ -250,7 +252,7 @@ def project_layer(layer: CapturedLayer, captured: Captured, p_in: torch.Tensor |
                   p_out: torch.Tensor | None) -> torch.Tensor:
     """P_out^T M P_in [b, k_out * k_in] of one Kronecker layer (row-major; None: that side
     whole), from its factors when the batch has them, else from its formed M."""
-    f = _factors(layer, captured)
+    f = layer_factors(layer, captured)
     if f is None:
         m = formed(layer, captured)
         if p_in is not None:
@@ -293,6 +295,7 @@ __all__ = [
     "formed",
     "inner_products",
     "input_factor",
+    "layer_factors",
     "layer_sides",
     "make_projector",
     "project_layer",

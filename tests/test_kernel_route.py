@@ -1,0 +1,134 @@
+"""IFFIM's route for a large unprojected kernel: its top k eigenpairs by randomised subspace
+iteration, the rest counted as zero curvature; checked against numpy's eigh and a dense
+formula on loop gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tdatune.attributors.iffim as iffim_module
+from tdatune.attributors import AttributionContext, make_attributor
+from tdatune.curvature.eigen import top_kernel_eigenpairs
+from tdatune.data.base import ArrayDataset
+from tdatune.models.task import Task
+from tdatune.study.attribute import attribute_estimate
+from test_capture import loop_grads, plain_call
+from test_kfac import ce, margin_out, mlp
+
+
+def test_top_kernel_eigenpairs_match_numpy():
+    """A 300 x 300 PSD matrix with eigenvalues 0.9^j (slow decay, not low-rank): with 22
+    columns and 4 subspace iterations the j-th Ritz value converges as (0.9^(22 - j))^10;
+    the 12th as 0.35^10 ~ 3e-5. So the top 12 eigenvalues to 1e-4 relative (the top 4, 0.15^10, to
+    1e-8), the eigenvectors up to sign."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64)).Q
+    values = 0.9 ** torch.arange(300, dtype=torch.float64)
+    kernel = (q * values) @ q.T
+    sigma, w = top_kernel_eigenpairs(kernel, 12)
+    want_values, want_vectors = np.linalg.eigh(kernel.numpy())
+    np.testing.assert_allclose(sigma.numpy(), want_values[::-1][:12], rtol=1e-4)
+    np.testing.assert_allclose(sigma.numpy()[:4], want_values[::-1][:4], rtol=1e-8)
+    overlap = np.abs(np.sum(w.numpy() * want_vectors[:, ::-1][:, :12], axis=0))
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-2)
+
+
+def problem(n: int = 40, m: int = 4):
+    model = mlp().eval()  # 74 parameters: n = 40 < p, the kernel form
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    xe, ye = torch.randn(m, 6, generator=gen), torch.randint(0, 3, (m,), generator=gen)
+    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    ctx = AttributionContext(task, ArrayDataset(x, y), [model.state_dict()], chunk_size=9)
+    g = loop_grads(model, plain_call, ce, x, y, n).double().numpy()
+    v = loop_grads(model, plain_call, margin_out, xe, ye, m).double().numpy()
+    return ctx, ArrayDataset(xe, ye), g, v
+
+
+def dense_truncated(g: np.ndarray, v: np.ndarray, lam: float, k: int | None) -> np.ndarray:
+    """-(v U_k (S_k + lam)^-1 U_k^T g^T + v (I - U_k U_k^T) g^T / lam) with F = g^T g / n by
+    numpy's eigh (k None: the whole non-null spectrum, i.e. the exact damped solve)."""
+    n, p = g.shape
+    s, u = np.linalg.eigh(g.T @ g / n)
+    s, u = s[::-1], u[:, ::-1]
+    if k is None:
+        return -(v @ np.linalg.solve(g.T @ g / n + lam * np.eye(p), g.T))
+    uk, sk = u[:, :k], s[:k]
+    top = (v @ uk) / (sk + lam) @ (g @ uk).T
+    rest = v @ (np.eye(p) - uk @ uk.T) @ g.T / lam
+    return -(top + rest)
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1e-1])
+def test_kernel_rank_scores_equal_the_dense_truncated_formula(lam):
+    """kernel_rank=5 of a 40 x 40 kernel: scores, subset sums and self-influence equal the
+    dense formula; the rest term matters (without it the scores differ)."""
+    ctx, explained, g, v = problem()
+    att = make_attributor("iffim", kernel_rank=5).fit(ctx)
+    want = dense_truncated(g, v, lam, 5)
+    got = att.score(explained, lam=lam).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    path = att.lambda_path(explained)
+    top_only = -(path.explained_coords / (path.sigma + lam)) @ path.train_coords.T
+    assert np.abs(top_only.numpy() - want).max() > 1e-2 * np.abs(want).max()
+    masks = torch.rand(6, 40, generator=torch.Generator().manual_seed(2)) < 0.5
+    preds = path.subset_predictions(masks, [lam])[0].numpy()
+    np.testing.assert_allclose(preds, want @ masks.double().numpy().T, rtol=1e-4,
+                               atol=1e-6 * np.abs(want).max())
+    own = path.self_influence([lam])[0].numpy()
+    want_own = -np.diag(dense_truncated(g, g, lam, 5))
+    np.testing.assert_allclose(own, want_own, rtol=1e-4)
+
+
+def test_a_rank_at_least_n_is_the_exact_route():
+    ctx, explained, g, v = problem()
+    att = make_attributor("iffim", kernel_rank=40).fit(ctx)
+    want = dense_truncated(g, v, 1e-2, None)
+    got = att.score(explained, lam=1e-2).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    assert att.eigen.train_sq is None  # the exact eigendecomposition
+
+
+def test_the_route_is_said_before_work_above_the_limit(monkeypatch, capsys):
+    """Above KERNEL_EXACT_LIMIT examples the top-k route is the default and says so (lowered
+    here to 30 examples, k to 6); lambda = 0 is refused on it (the rest has no curvature)."""
+    monkeypatch.setattr(iffim_module, "KERNEL_EXACT_LIMIT", 30)
+    monkeypatch.setattr(iffim_module, "KERNEL_RANK", 6)
+    ctx, explained, g, v = problem()
+    att = make_attributor("iffim").fit(ctx)
+    assert "40 training examples without a projection: the kernel's top 6 eigenpairs" in (
+        capsys.readouterr().err)
+    np.testing.assert_allclose(att.score(explained, lam=1e-2).double().numpy(),
+                               dense_truncated(g, v, 1e-2, 6), rtol=1e-4,
+                               atol=1e-6 * np.abs(dense_truncated(g, v, 1e-2, 6)).max())
+    with pytest.raises(ValueError, match="lambda must be > 0"):
+        att.lambda_path(explained).scores(0.0)  # iffim's own lam > 0 check is earlier
+    small = make_attributor("iffim").fit(AttributionContext(
+        ctx.task, ctx.train.subset(torch.arange(30)), ctx.checkpoints, chunk_size=9))
+    assert small.eigen.train_sq is None  # at the limit: exact
+
+
+def test_the_estimate_counts_the_route():
+    """20,000 examples of a 74-parameter... no: an estimate at n = 20,000 of a wide model
+    (the ViT-sized case) is built from sizes only: the exact route holds eigh's 4 n^2
+    float64 numbers, the top-1,000 route the kernel and a few n x 1,010 blocks."""
+    from tdatune.features.budget import estimate_attribution
+
+    n, p = 20_000, 5_000_000
+    exact = estimate_attribution(n, p, factored_numbers=2_000, explained=100)
+    top = estimate_attribution(n, p, factored_numbers=2_000, explained=100, kernel_rank=1_000)
+    assert exact.eig_size == n and top.eig_size == 1_010
+    assert exact.phases["eigendecomposition"]["n x n matrix"] == n * n * 8
+    assert top.phases["eigendecomposition"]["range finder blocks"] == 3 * n * 1_010 * 8
+    assert top.memory_bytes < 8 * 2**30 < exact.memory_bytes
+    assert top.phases["scores"]["products outside the top eigenpairs"] == 100 * n * 8
+
+
+def test_iffims_estimate_takes_the_route_by_default(monkeypatch):
+    monkeypatch.setattr(iffim_module, "KERNEL_EXACT_LIMIT", 30)
+    monkeypatch.setattr(iffim_module, "KERNEL_RANK", 6)
+    ctx, explained, _, _ = problem()
+    est = attribute_estimate(ctx.task, ctx.train, explained, attributor="iffim")
+    assert est.rank == 6 and est.eig_size == 16
