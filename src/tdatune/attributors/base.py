@@ -77,6 +77,9 @@ class HyperParameter:
     stage: str  # "fit" or "score"
     check: Callable[[Any], Any]
     doc: str = ""
+    # False: a sweep cell names it only away from its default (an option added later whose
+    # default gives the results computed before it existed, so stored cells stay current)
+    named_at_default: bool = True
 
 
 class Attributor(ABC):

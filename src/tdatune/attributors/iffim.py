@@ -63,7 +63,7 @@ class IFFIM(Attributor):
                        "unprojected with n < p: keep the kernel's top r eigenpairs (the rest "
                        "count as zero curvature, 1 / lambda) instead of eigendecomposing the "
                        "n x n kernel; None: exact up to KERNEL_EXACT_LIMIT examples, else "
-                       "KERNEL_RANK"),
+                       "KERNEL_RANK", named_at_default=False),
         CHECKPOINT,
     )
 

@@ -84,11 +84,11 @@ class KFAC(Attributor):
         HyperParameter("query_rank", None, "score", optional_positive_int,
                        "keep each explained example's weighted per-layer gradient as rank r "
                        "(less memory and time for wide layers; approximate, exact at r >= "
-                       "the layer's smaller side); None: exact"),
+                       "the layer's smaller side); None: exact", named_at_default=False),
         HyperParameter("query_memory", None, "score", optional_positive_int,
                        "bytes the explained examples' weighted gradients may hold at once; "
                        "more explained examples are scored in groups, one training pass each "
-                       "(None: half the memory available)"),
+                       "(None: half the memory available)", named_at_default=False),
         CHECKPOINT,
     )
 

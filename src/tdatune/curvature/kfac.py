@@ -44,6 +44,7 @@ from tdatune.utils.progress import progress
 
 FISHER_KINDS = ("empirical", "true")
 ROWS_BUDGET = 1 << 25  # numbers of rotated gradients formed at once (128 MiB in float32)
+QUERY_ROWS_BUDGET = 1 << 24  # numbers of one block's explained rows weighted at once
 STRATEGIES = ("ekfac", "kfac")
 
 
@@ -191,34 +192,47 @@ class KroneckerFit:
         sizes, m = self.block_sizes, len(data)
         hs = torch.split(h, sizes)
         out: list[torch.Tensor | LowRank | None] = [None] * len(sizes)
-        for start, captured in self._chunks(data, target, chunk_size, show_progress, desc):
-            b = captured.b
+        for start, captured in self._batches(data, target, chunk_size, show_progress, desc):
             for j, size in enumerate(sizes):
-                if j < len(self.blocks):
-                    c = self.blocks[j].rotate(captured)
-                else:
-                    c = torch.cat([captured.dense[k] for k in self.diagonal], dim=1)
-                check_finite_rows(f"per-example {target} gradients", c, offset=start)
-                w = self._back(j, c * hs[j].to(c.dtype))
-                shape = self.blocks[j].sigma.shape if j < len(self.blocks) else None
-                if rank is not None and shape is not None and compresses(rank, *shape):
-                    part = low_rank(w, rank)
-                    if out[j] is None:
-                        r = part.left.shape[2]
-                        out[j] = LowRank(w.new_empty(m, shape[0], r), w.new_empty(m, r, shape[1]))
-                    held = out[j]
-                    assert isinstance(held, LowRank)
-                    held.left[start : start + b] = part.left
-                    held.right[start : start + b] = part.right
-                else:
-                    if out[j] is None:
-                        out[j] = w.new_empty(m, size)
-                    held = out[j]
-                    assert isinstance(held, torch.Tensor)
-                    held[start : start + b] = w.reshape(b, -1)
+                # Block by block, as many examples at once as QUERY_ROWS_BUDGET allows
+                # (matrix-matrix rotations, a bounded temporary).
+                step = max(1, QUERY_ROWS_BUDGET // max(1, size))
+                for i in range(0, captured.b, step):
+                    part = sliced(captured, i, i + step)
+                    self._weigh_into(out, j, part, hs[j], start + i, m, rank, target)
         if any(x is None for x in out):
             raise ValueError("no explained examples to score")
         return [x for x in out if x is not None]
+
+    def _weigh_into(self, out: list[torch.Tensor | LowRank | None], j: int, part: Captured,
+                    h: torch.Tensor, start: int, m: int, rank: int | None, target: str) -> None:
+        """Block ``j`` of a few examples, rotated, weighted by ``h`` and turned back, written
+        into ``out[j]`` (allocated for ``m`` examples on first use) at ``start``."""
+        b = part.b
+        if j < len(self.blocks):
+            c = self.blocks[j].rotate(part)
+        else:
+            c = torch.cat([part.dense[k] for k in self.diagonal], dim=1)
+        check_finite_rows(f"per-example {target} gradients", c, offset=start)
+        w = self._back(j, c * h.to(c.dtype))
+        del c
+        shape = self.blocks[j].sigma.shape if j < len(self.blocks) else None
+        if rank is not None and shape is not None and compresses(rank, *shape):
+            low = low_rank(w, rank)
+            if out[j] is None:
+                r = low.left.shape[2]
+                out[j] = LowRank(w.new_empty(m, shape[0], r), w.new_empty(m, r, shape[1]))
+            held = out[j]
+            assert isinstance(held, LowRank)
+            held.left[start : start + b] = low.left
+            held.right[start : start + b] = low.right
+            return
+        rows = w.reshape(b, -1)
+        if out[j] is None:
+            out[j] = w.new_empty(m, rows.shape[1])
+        held = out[j]
+        assert isinstance(held, torch.Tensor)
+        held[start : start + b] = rows
 
     def products(self, coords: torch.Tensor, h: torch.Tensor, data: ArrayDataset, *,
                  target: str, chunk_size: int, show_progress: bool = False,

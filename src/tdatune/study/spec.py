@@ -295,8 +295,10 @@ def experiment_points(method: MethodSpec, index: int) -> list[tuple[dict[str, An
             if key != ALPHA:
                 name, value = method.translate(key, value)
                 values[name] = value
-        fit = tuple(sorted((k, _hashable(v)) for k, v in values.items() if spec[k].stage == "fit"))
-        score = tuple(sorted((k, _hashable(v)) for k, v in values.items()
+        named = {k: v for k, v in values.items()
+                 if spec[k].named_at_default or v != spec[k].default}
+        fit = tuple(sorted((k, _hashable(v)) for k, v in named.items() if spec[k].stage == "fit"))
+        score = tuple(sorted((k, _hashable(v)) for k, v in named.items()
                              if spec[k].stage == "score"))
         alpha = float(varied[ALPHA]) if ALPHA in varied else None
         out.append((varied, Point(fit, score, alpha)))
