@@ -132,3 +132,21 @@ def test_iffims_estimate_takes_the_route_by_default(monkeypatch):
     ctx, explained, _, _ = problem()
     est = attribute_estimate(ctx.task, ctx.train, explained, attributor="iffim")
     assert est.rank == 6 and est.eig_size == 16
+
+
+def test_kernel_rank_names_a_cell_only_away_from_its_default():
+    """A sweep cell of IFFIM at kernel_rank's default has the identity it had before the
+    option existed (its fit values hashed as recorded: checkpoint, proj_dim, proj_kind,
+    proj_seed); a given kernel_rank is part of the identity."""
+    from tdatune.study.spec import spec_from_dict
+    from tdatune.study.sweep import expand_cells
+
+    plain = expand_cells(spec_from_dict({"settings": ["digits-lr"],
+                                         "methods": [{"name": "iffim"}]}))
+    assert [dict(c.fit) for c in plain] == [{"checkpoint": -1, "proj_dim": None,
+                                             "proj_kind": "gaussian", "proj_seed": 0}]
+    assert plain[0].cell_id == "digits-lr__iffim__a0.5__cd6865c1b2"  # the published cells'
+    ranked = expand_cells(spec_from_dict({"settings": ["digits-lr"], "methods": [
+        {"name": "iffim", "defaults": {"kernel_rank": 50}}]}))
+    assert dict(ranked[0].fit)["kernel_rank"] == 50
+    assert ranked[0].cell_id != plain[0].cell_id
