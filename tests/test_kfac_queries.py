@@ -40,8 +40,10 @@ def fitted(strategy: str, n: int = 30, m: int = 5, seed: int = 3):
 def test_grouped_scores_equal_the_dense_kronecker_solve(monkeypatch, strategy, budget):
     """A wide explained set (forced: the keep limit at 0) is scored without a path, in groups
     of 1 (a budget of 1 byte), 2 (two examples' 74 numbers in float32) or all at once, at one
-    damping and at one damping per layer: equal to the dense solve."""
+    damping and at one damping per layer: equal to the dense solve. Blocks are weighted one or
+    two examples at a time (a small row budget)."""
     monkeypatch.setattr(kfac_module, "COORDS_KEEP_LIMIT", 0)
+    monkeypatch.setattr("tdatune.curvature.kfac.QUERY_ROWS_BUDGET", 40)
     model, train, explained, att = fitted(strategy)
     data = ArrayDataset(*explained)
     if budget is not None:

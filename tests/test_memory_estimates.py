@@ -230,6 +230,7 @@ def test_kfac_wide_explained_sets_are_weighted_in_groups_without_coordinates(ran
                                                         "query_memory": 1000 * numbers * F32})
     scores = est.phases["scores"]
     assert "explained coordinates" not in scores
+    assert "explained coordinates" not in est.phases  # no path is built for them
     assert scores["weighted gradients of one group"] == 1000 * numbers * F32
     assert scores["score matrix"] == m * 100 * F32
 

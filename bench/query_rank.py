@@ -1,0 +1,91 @@
+"""EK-FAC with low-rank explained gradients (``query_rank=r``) against exact scores, on
+trained settings of a sweep directory and their stored ground truth.
+
+For each setting: EK-FAC fitted once; scores at the attributor's default damping (one per
+layer, 0.1 x each layer's mean eigenvalue) exact and at each rank; per rank its LDS, the
+Pearson correlation of its scores with the exact ones (all m x n entries, and the mean over
+explained examples of each row's correlation), the numbers one explained example holds
+(against the exact p) and the scoring time. The sweep directory supplies the trained model
+and the ground truth (nothing is retrained; run the sweep first):
+
+    PYTHONPATH=. python bench/query_rank.py --spec examples/selection_seeds.toml --out runs/seeds/s0 \\
+        --settings text-gpt2 cifar2-resnet9 --ranks 1 4 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import add_machine_flags, setup_machine
+from tdatune.attributors import make_attributor
+from tdatune.attributors.kfac import query_numbers
+from tdatune.evaluate.lds import lds
+from tdatune.study.spec import load_spec
+from tdatune.study.sweep import Workspace
+
+
+def row_pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the Pearson correlation of a's and b's rows."""
+    a = a.double() - a.double().mean(1, keepdim=True)
+    b = b.double() - b.double().mean(1, keepdim=True)
+    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+    return float(r.mean())
+
+
+def main() -> None:
+    """One table row per setting and rank."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, help="the sweep's TOML file")
+    parser.add_argument("--out", required=True, help="the sweep directory (trained, with GT)")
+    parser.add_argument("--settings", nargs="+", required=True, help="setting labels")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the sweep's seed (default: the spec's)")
+    add_machine_flags(parser)
+    args = parser.parse_args()
+    device = setup_machine(args)
+    spec = load_spec(args.spec)
+    if args.seed is not None:
+        spec = replace(spec, seed=args.seed)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+          f"load {os.getloadavg()[0]:.1f}, device {device}")
+    work = Workspace(spec, Path(args.out), str(device), False, lambda *a, **k: None)
+    print("| setting | rank | LDS | Pearson (all) | Pearson (per row) | numbers / example | "
+          "of p | score s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label in args.settings:
+        trained = work.trained(label)
+        gt = work.groundtruth(label, spec.groundtruth.alpha)
+        att = make_attributor("ekfac").fit(trained.context)
+        test = trained.splits.test
+        outputs = gt.mean_outputs
+        fit = att.fit_
+        shapes = [tuple(b.sigma.shape) for b in fit.blocks]
+        p = int(fit.sigma.numel())
+        t0 = time.perf_counter()
+        exact = att.score(test, lam="per_layer")
+        exact_s = time.perf_counter() - t0
+        base = lds(exact, gt.masks, outputs, invalid="mask").mean
+        print(f"| {label} | exact | {base:.4f} | 1 | 1 | {p:,} | 1 | {exact_s:.1f} |", flush=True)
+        for r in args.ranks:
+            t0 = time.perf_counter()
+            got = att.score(test, lam="per_layer", query_rank=r)
+            took = time.perf_counter() - t0
+            value = lds(got, gt.masks, outputs, invalid="mask").mean
+            pearson = float(np.corrcoef(got.reshape(-1).double().numpy(),
+                                        exact.reshape(-1).double().numpy())[0, 1])
+            numbers = query_numbers(fit.block_sizes, shapes, r)  # type: ignore[arg-type]
+            print(f"| {label} | {r} | {value:.4f} | {pearson:.4f} | "
+                  f"{row_pearson(got, exact):.4f} | {numbers:,} | {numbers / p:.3f} | "
+                  f"{took:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
