@@ -10,7 +10,7 @@ import torch
 
 import tdatune.attributors.iffim as iffim_module
 from tdatune.attributors import AttributionContext, make_attributor
-from tdatune.curvature.eigen import top_kernel_eigenpairs
+from tdatune.curvature.eigen import top_psd_eigenpairs
 from tdatune.data.base import ArrayDataset
 from tdatune.models.task import Task
 from tdatune.study.attribute import attribute_estimate
@@ -18,7 +18,7 @@ from test_capture import loop_grads, plain_call
 from test_kfac import ce, margin_out, mlp
 
 
-def test_top_kernel_eigenpairs_match_numpy():
+def test_top_psd_eigenpairs_match_numpy():
     """A 300 x 300 PSD matrix with eigenvalues 0.9^j (slow decay, not low-rank): with 22
     columns and 4 subspace iterations the j-th Ritz value converges as (0.9^(22 - j))^10;
     the 12th as 0.35^10 ~ 3e-5. So the top 12 eigenvalues to 1e-4 relative (the top 4, 0.15^10, to
@@ -27,7 +27,7 @@ def test_top_kernel_eigenpairs_match_numpy():
     q = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64)).Q
     values = 0.9 ** torch.arange(300, dtype=torch.float64)
     kernel = (q * values) @ q.T
-    sigma, w = top_kernel_eigenpairs(kernel, 12)
+    sigma, w = top_psd_eigenpairs(kernel, 12)
     want_values, want_vectors = np.linalg.eigh(kernel.numpy())
     np.testing.assert_allclose(sigma.numpy(), want_values[::-1][:12], rtol=1e-4)
     np.testing.assert_allclose(sigma.numpy()[:4], want_values[::-1][:4], rtol=1e-8)
@@ -62,11 +62,11 @@ def dense_truncated(g: np.ndarray, v: np.ndarray, lam: float, k: int | None) -> 
 
 
 @pytest.mark.parametrize("lam", [1e-3, 1e-1])
-def test_kernel_rank_scores_equal_the_dense_truncated_formula(lam):
-    """kernel_rank=5 of a 40 x 40 kernel: scores, subset sums and self-influence equal the
+def test_eig_rank_scores_equal_the_dense_truncated_formula(lam):
+    """eig_rank=5 of a 40 x 40 kernel: scores, subset sums and self-influence equal the
     dense formula; the rest term matters (without it the scores differ)."""
     ctx, explained, g, v = problem()
-    att = make_attributor("iffim", kernel_rank=5).fit(ctx)
+    att = make_attributor("iffim", eig_rank=5).fit(ctx)
     want = dense_truncated(g, v, lam, 5)
     got = att.score(explained, lam=lam).double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
@@ -82,9 +82,24 @@ def test_kernel_rank_scores_equal_the_dense_truncated_formula(lam):
     np.testing.assert_allclose(own, want_own, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("n", "params"), [(100, {}), (40, {"proj_kind": "identity"})])
+def test_the_parameter_form_and_held_gradients_take_the_same_route(n, params):
+    """100 examples of 74 parameters (the p x p parameter form) and 40 held gradients (an
+    identity projection: the kernel form from rows, not factors): eig_rank=5 scores equal the
+    dense truncated formula."""
+    ctx, explained, g, v = problem(n=n)
+    att = make_attributor("iffim", eig_rank=5, **params).fit(ctx)
+    assert att.eigen.form == ("parameter" if n > 74 else "kernel")
+    want = dense_truncated(g, v, 1e-2, 5)
+    got = att.score(explained, lam=1e-2).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    own = att.lambda_path(explained).self_influence([1e-2])[0].numpy()
+    np.testing.assert_allclose(own, -np.diag(dense_truncated(g, g, 1e-2, 5)), rtol=1e-4)
+
+
 def test_a_rank_at_least_n_is_the_exact_route():
     ctx, explained, g, v = problem()
-    att = make_attributor("iffim", kernel_rank=40).fit(ctx)
+    att = make_attributor("iffim", eig_rank=40).fit(ctx)
     want = dense_truncated(g, v, 1e-2, None)
     got = att.score(explained, lam=1e-2).double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
@@ -92,14 +107,14 @@ def test_a_rank_at_least_n_is_the_exact_route():
 
 
 def test_the_route_is_said_before_work_above_the_limit(monkeypatch, capsys):
-    """Above KERNEL_EXACT_LIMIT examples the top-k route is the default and says so (lowered
+    """Above EXACT_EIGH_LIMIT examples the top-k route is the default and says so (lowered
     here to 30 examples, k to 6); lambda = 0 is refused on it (the rest has no curvature)."""
-    monkeypatch.setattr(iffim_module, "KERNEL_EXACT_LIMIT", 30)
-    monkeypatch.setattr(iffim_module, "KERNEL_RANK", 6)
+    monkeypatch.setattr(iffim_module, "EXACT_EIGH_LIMIT", 30)
+    monkeypatch.setattr(iffim_module, "TOP_RANK", 6)
     ctx, explained, g, v = problem()
     att = make_attributor("iffim").fit(ctx)
-    assert "40 training examples without a projection: the kernel's top 6 eigenpairs" in (
-        capsys.readouterr().err)
+    assert ("the Fisher of 40 training examples x 74 gradient dimensions: its top 6 "
+            "eigenpairs") in capsys.readouterr().err
     np.testing.assert_allclose(att.score(explained, lam=1e-2).double().numpy(),
                                dense_truncated(g, v, 1e-2, 6), rtol=1e-4,
                                atol=1e-6 * np.abs(dense_truncated(g, v, 1e-2, 6)).max())
@@ -111,33 +126,39 @@ def test_the_route_is_said_before_work_above_the_limit(monkeypatch, capsys):
 
 
 def test_the_estimate_counts_the_route():
-    """20,000 examples of a 74-parameter... no: an estimate at n = 20,000 of a wide model
-    (the ViT-sized case) is built from sizes only: the exact route holds eigh's 4 n^2
-    float64 numbers, the top-1,000 route the kernel and a few n x 1,010 blocks."""
+    """At n = 20,000, from sizes only: the exact route holds eigh's ~4 s^2 float64 numbers
+    (s = n for a wide model's kernel, p for 19,500 parameters), the top-1,000 route the
+    matrix and a few s x 1,010 blocks, within 8 GiB."""
     from tdatune.features.budget import estimate_attribution
 
     n, p = 20_000, 5_000_000
     exact = estimate_attribution(n, p, factored_numbers=2_000, explained=100)
-    top = estimate_attribution(n, p, factored_numbers=2_000, explained=100, kernel_rank=1_000)
+    top = estimate_attribution(n, p, factored_numbers=2_000, explained=100, eig_rank=1_000)
     assert exact.eig_size == n and top.eig_size == 1_010
     assert exact.phases["eigendecomposition"]["n x n matrix"] == n * n * 8
     assert top.phases["eigendecomposition"]["range finder blocks"] == 3 * n * 1_010 * 8
     assert top.memory_bytes < 8 * 2**30 < exact.memory_bytes
     assert top.phases["scores"]["products outside the top eigenpairs"] == 100 * n * 8
+    # the user's ViT: 20,000 examples of 19,500 parameters, the p x p parameter form
+    exact = estimate_attribution(n, 19_500, explained=100)
+    top = estimate_attribution(n, 19_500, explained=100, eig_rank=1_000)
+    assert (exact.form, exact.eig_size, top.eig_size) == ("parameter", 19_500, 1_010)
+    assert top.phases["eigendecomposition"]["range finder blocks"] == 3 * 19_500 * 1_010 * 8
+    assert top.memory_bytes < 8 * 2**30 < exact.memory_bytes
 
 
 def test_iffims_estimate_takes_the_route_by_default(monkeypatch):
-    monkeypatch.setattr(iffim_module, "KERNEL_EXACT_LIMIT", 30)
-    monkeypatch.setattr(iffim_module, "KERNEL_RANK", 6)
+    monkeypatch.setattr(iffim_module, "EXACT_EIGH_LIMIT", 30)
+    monkeypatch.setattr(iffim_module, "TOP_RANK", 6)
     ctx, explained, _, _ = problem()
     est = attribute_estimate(ctx.task, ctx.train, explained, attributor="iffim")
     assert est.rank == 6 and est.eig_size == 16
 
 
-def test_kernel_rank_names_a_cell_only_away_from_its_default():
-    """A sweep cell of IFFIM at kernel_rank's default has the identity it had before the
+def test_eig_rank_names_a_cell_only_away_from_its_default():
+    """A sweep cell of IFFIM at eig_rank's default has the identity it had before the
     option existed (its fit values hashed as recorded: checkpoint, proj_dim, proj_kind,
-    proj_seed); a given kernel_rank is part of the identity."""
+    proj_seed); a given eig_rank is part of the identity."""
     from tdatune.study.spec import spec_from_dict
     from tdatune.study.sweep import expand_cells
 
@@ -147,6 +168,6 @@ def test_kernel_rank_names_a_cell_only_away_from_its_default():
                                              "proj_kind": "gaussian", "proj_seed": 0}]
     assert plain[0].cell_id == "digits-lr__iffim__a0.5__cd6865c1b2"  # the published cells'
     ranked = expand_cells(spec_from_dict({"settings": ["digits-lr"], "methods": [
-        {"name": "iffim", "defaults": {"kernel_rank": 50}}]}))
-    assert dict(ranked[0].fit)["kernel_rank"] == 50
+        {"name": "iffim", "defaults": {"eig_rank": 50}}]}))
+    assert dict(ranked[0].fit)["eig_rank"] == 50
     assert ranked[0].cell_id != plain[0].cell_id

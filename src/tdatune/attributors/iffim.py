@@ -36,15 +36,15 @@ from tdatune.features.projection import Projector
 from tdatune.models.task import Params, Task
 from tdatune.utils.atomic import notice
 
-KERNEL_EXACT_LIMIT = budget.EIGH_WARN_SIZE  # larger kernels take the top-k route by default
-KERNEL_RANK = 1_000  # eigenpairs that route keeps by default
+EXACT_EIGH_LIMIT = budget.EIGH_WARN_SIZE  # larger eigensystems take the top-k route by default
+TOP_RANK = 1_000  # eigenpairs that route keeps by default
 
 
-def kernel_rank(n: int, rank: int | None) -> int | None:
-    """The top-k route's k for an n x n kernel (None: the exact eigendecomposition)."""
+def top_rank(size: int, rank: int | None) -> int | None:
+    """The top-k route's k for a size x size eigensystem (None: the exact eigh)."""
     if rank is None:
-        return KERNEL_RANK if n > KERNEL_EXACT_LIMIT else None
-    return rank if rank < n else None
+        return TOP_RANK if size > EXACT_EIGH_LIMIT else None
+    return rank if rank < size else None
 
 
 class IFFIM(Attributor):
@@ -59,11 +59,11 @@ class IFFIM(Attributor):
                        "projection matrix entries, or kronecker: per layer from the hooks' "
                        "factors (proj_dim = total width, at most)"),
         HyperParameter("proj_seed", 0, "fit", any_int, "projection seed"),
-        HyperParameter("kernel_rank", None, "fit", optional_positive_int,
-                       "unprojected with n < p: keep the kernel's top r eigenpairs (the rest "
-                       "count as zero curvature, 1 / lambda) instead of eigendecomposing the "
-                       "n x n kernel; None: exact up to KERNEL_EXACT_LIMIT examples, else "
-                       "KERNEL_RANK", named_at_default=False),
+        HyperParameter("eig_rank", None, "fit", optional_positive_int,
+                       "keep the Fisher's top r eigenpairs (the rest count as zero curvature, "
+                       "1 / lambda) instead of eigendecomposing its min(n, p) x min(n, p) "
+                       "form; None: exact up to EXACT_EIGH_LIMIT, else TOP_RANK",
+                       named_at_default=False),
         CHECKPOINT,
     )
 
@@ -80,10 +80,12 @@ class IFFIM(Attributor):
         if d is None and kind != "identity":
             held = factored_numbers(task, model, params, train) if n < p else None
             return estimate_attribution(n, p, factored_numbers=held,
-                                        kernel_rank=kernel_rank(n, self.params["kernel_rank"]),
+                                        eig_rank=top_rank(min(n, p), self.params["eig_rank"]),
                                         **common)
+        width = p if kind == "identity" or d is None else min(d, p)
         return estimate_attribution(n, p, proj_dim=None if kind == "identity" else d,
                                     proj_bytes=0 if kind in ("identity", "kronecker") else None,
+                                    eig_rank=top_rank(min(n, width), self.params["eig_rank"]),
                                     **common)
 
     def _fit(self, context: AttributionContext) -> None:
@@ -96,16 +98,18 @@ class IFFIM(Attributor):
         self._paths: dict[str, LambdaPath] = {}
         self.factored: FactoredGradients | None = None
         n = len(context.train)
+        width = num_params(params) if self.projector is None else self.projector.d
+        rank = top_rank(min(n, width), self.params["eig_rank"])
+        if rank is not None:
+            size = min(n, width)
+            notice(f"{self.name}: the Fisher of {n:,} training examples x {width:,} gradient "
+                   f"dimensions: its top {rank:,} eigenpairs by randomised subspace iteration "
+                   f"(the rest count as zero curvature) instead of eigendecomposing the "
+                   f"{size:,} x {size:,} {'parameter' if width <= n else 'kernel'} form "
+                   f"(roughly {budget.format_seconds(budget.eigh_seconds(size))}); "
+                   "params={'eig_rank': r} sets r, r >= that size the exact route")
         if self.projector is None and n < num_params(params):
             # kernel form from the factors: G G^T and V G^T, never the [n, p] matrix
-            rank = kernel_rank(n, self.params["kernel_rank"])
-            if rank is not None:
-                notice(f"{self.name}: {n:,} training examples without a projection: the "
-                       f"kernel's top {rank:,} eigenpairs by randomised subspace iteration "
-                       f"(the rest count as zero curvature) instead of eigendecomposing the "
-                       f"{n:,} x {n:,} kernel (roughly "
-                       f"{budget.format_seconds(budget.eigh_seconds(n))}); "
-                       "params={'kernel_rank': r} sets r, r >= n the exact route")
             self.factored = FactoredGradients(
                 context.task, model, params, context.train, target="loss",
                 chunk_size=context.chunk_size, show_progress=context.show_progress,
@@ -116,7 +120,7 @@ class IFFIM(Attributor):
         grads = per_example_grads(context.task, model, params, context.train, target="loss",
                                   chunk_size=context.chunk_size, projector=self.projector,
                                   show_progress=context.show_progress, desc="train gradients")
-        self.eigen = fisher_eigensystem(grads)
+        self.eigen = fisher_eigensystem(grads, rank=rank)
 
     def explained_grads(self, explained: ArrayDataset) -> torch.Tensor:
         """Gradients of the output function for ``explained`` (projected like the training side)."""
@@ -137,15 +141,17 @@ class IFFIM(Attributor):
                                       chunk_size=ctx.chunk_size)
                 vg = self.factored.products(v)
                 coords = self.eigen.coords_from_products(vg)
-                if self.eigen.train_sq is not None:  # truncated: what lies outside the top k
-                    a = self.eigen.train_coords
-                    self._paths[key] = TruncatedLambdaPath(
-                        self.eigen.sigma, coords, a, vg.double() - coords @ a.T,
-                        self.eigen.train_sq - a.square().sum(1))
-                    return self._paths[key]
             else:
-                coords = self.eigen.coords(self.explained_grads(explained))
-            self._paths[key] = LambdaPath(self.eigen.sigma, coords, self.eigen.train_coords)
+                grads = self.explained_grads(explained)
+                coords = self.eigen.coords(grads)
+                vg = self.eigen.products(grads) if self.eigen.truncated else None
+            if self.eigen.train_sq is not None and vg is not None:  # what lies outside the top k
+                a = self.eigen.train_coords
+                self._paths[key] = TruncatedLambdaPath(
+                    self.eigen.sigma, coords, a, vg.double() - coords @ a.T,
+                    self.eigen.train_sq - a.square().sum(1))
+            else:
+                self._paths[key] = LambdaPath(self.eigen.sigma, coords, self.eigen.train_coords)
         return self._paths[key]
 
     def score(self, explained: ArrayDataset, **values: Any) -> torch.Tensor:

@@ -7,6 +7,10 @@ space of G, so the null space of F never contributes to v^T (F + lambda I)^-1 g_
 forms give the same scores. Eigenvalues at or below ``rtol * max(sigma)`` count as zero and
 are dropped. The decomposition runs in float64 by default.
 
+Top-k route (``rank``): either form keeps only its top ``rank`` eigenpairs, by randomised
+subspace iteration (:func:`top_psd_eigenpairs`), and each training gradient's squared norm;
+the rest of the spectrum then counts as zero curvature (``TruncatedLambdaPath``).
+
 Memory (counted by :func:`tdatune.features.budget.estimate_attribution`): the s x s matrix
 (s = p or n), scaled in place, ``torch.linalg.eigh``'s eigenvectors and LAPACK workspace
 (about 3 s^2 more), then one copy of the kept eigenvectors; an eigendecomposition larger than
@@ -57,7 +61,7 @@ class Eigensystem:
     form: str
     n: int
     basis: torch.Tensor | None = None
-    grads: RowSource | None = field(default=None, repr=False)
+    grads: RowSource | None = field(default=None, repr=False)  # kernel or truncated form
     kernel_vectors: torch.Tensor | None = field(default=None, repr=False)
     chunk_rows: int = 2048
     train_sq: torch.Tensor | None = field(default=None, repr=False)  # |g_i|^2, when truncated
@@ -73,7 +77,10 @@ class Eigensystem:
         if self.basis is None and self.grads is None:
             raise ValueError("this eigensystem was built from a Gram matrix: map explained "
                              "gradients with coords_from_products(V G^T)")
-        return int(self.basis.shape[0]) if self.basis is not None else int(self.grads.shape[1])
+        if self.basis is not None:
+            return int(self.basis.shape[0])
+        assert self.grads is not None
+        return int(self.grads.shape[1])
 
     def coords_from_products(self, vg: torch.Tensor) -> torch.Tensor:
         """Coordinates [m, k] of explained gradients given only their products with the
@@ -101,6 +108,19 @@ class Eigensystem:
             out += (v @ g.T) @ self.kernel_vectors[s : s + g.shape[0]]
         return out / torch.sqrt(self.n * self.sigma)
 
+    def products(self, v: torch.Tensor) -> torch.Tensor:
+        """V G^T [m, n] (float64): the gradients ``v`` [m, width] against every training
+        gradient, reading G's rows in chunks (the truncated route's rest needs them)."""
+        if self.grads is None:
+            raise ValueError("this eigensystem keeps no training gradients; use "
+                             "coords_from_products(V G^T)")
+        v = v.to(torch.float64)
+        out = torch.empty(v.shape[0], self.n, dtype=torch.float64)
+        for s in range(0, self.n, self.chunk_rows):
+            g = _rows(self.grads, s, min(self.n, s + self.chunk_rows), torch.float64)
+            out[:, s : s + g.shape[0]] = v @ g.T
+        return out
+
     def nonzero_quantile(self, q: float) -> float:
         """The q-quantile of the (non-zero) eigenvalues."""
         return float(torch.quantile(self.sigma, q))
@@ -108,9 +128,11 @@ class Eigensystem:
 
 def fisher_eigensystem(
     grads: RowSource, *, form: str = "auto", dtype: torch.dtype = torch.float64,
-    chunk_rows: int = 2048, rtol: float = 1e-10,
+    chunk_rows: int = 2048, rtol: float = 1e-10, rank: int | None = None,
 ) -> Eigensystem:
-    """Eigendecompose F = G^T G / n for training gradients G ([n, p], rows read in chunks)."""
+    """Eigendecompose F = G^T G / n for training gradients G ([n, p], rows read in chunks);
+    ``rank`` below the form's size: only the top ``rank`` eigenpairs
+    (:func:`top_psd_eigenpairs`; the system keeps G and each |g_i|^2 for the rest)."""
     check_choice("eigensystem form", form, FORMS)
     n, p = int(grads.shape[0]), int(grads.shape[1])
     if n == 0:
@@ -118,9 +140,9 @@ def fisher_eigensystem(
     if form == "auto":
         form = "parameter" if p <= n else "kernel"
     if form == "parameter":
-        return _parameter_form(grads, dtype=dtype, chunk_rows=chunk_rows, rtol=rtol)
+        return _parameter_form(grads, dtype=dtype, chunk_rows=chunk_rows, rtol=rtol, rank=rank)
     return gram_eigensystem(_gram(grads, dtype, chunk_rows), grads=grads, rtol=rtol,
-                            chunk_rows=chunk_rows, overwrite=True)
+                            chunk_rows=chunk_rows, overwrite=True, rank=rank)
 
 
 def _gram(grads: RowSource, dtype: torch.dtype, chunk_rows: int) -> torch.Tensor:
@@ -150,21 +172,30 @@ def _fisher(grads: RowSource, dtype: torch.dtype, chunk_rows: int) -> torch.Tens
     return fisher
 
 
-def _parameter_form(grads: RowSource, *, dtype: torch.dtype, chunk_rows: int, rtol: float
-                    ) -> Eigensystem:
-    """Parameter form: eigh of F [p, p], then G U chunk by chunk (F is freed before the
-    coordinates are built)."""
+def _parameter_form(grads: RowSource, *, dtype: torch.dtype, chunk_rows: int, rtol: float,
+                    rank: int | None = None) -> Eigensystem:
+    """Parameter form: eigh of F [p, p] (or its top ``rank`` eigenpairs), then G U chunk by
+    chunk (F is freed before the coordinates are built)."""
     n, p = int(grads.shape[0]), int(grads.shape[1])
     fisher = _fisher(grads, dtype, chunk_rows)
-    announce_eigh(p, "parameter", dtype)
-    sigma, basis = _top(*torch.linalg.eigh(fisher), rtol=rtol)
+    truncate = rank is not None and rank < p
+    if truncate:
+        assert rank is not None
+        sigma, basis = top_psd_eigenpairs(fisher, rank, rtol=rtol)
+    else:
+        announce_eigh(p, "parameter", dtype)
+        sigma, basis = _top(*torch.linalg.eigh(fisher), rtol=rtol)
     del fisher
     coords = torch.empty(n, sigma.numel(), dtype=dtype)
+    train_sq = torch.empty(n, dtype=torch.float64) if truncate else None
     for s in range(0, n, chunk_rows):
         stop = min(n, s + chunk_rows)
-        coords[s:stop] = _rows(grads, s, stop, dtype) @ basis
+        coords[s:stop] = _rows(grads, s, stop, dtype) @ basis  # (the chunk freed at once)
+        if train_sq is not None:
+            train_sq[s:stop] = _rows(grads, s, stop, torch.float64).square().sum(1)
     return Eigensystem(sigma=sigma, train_coords=coords, form="parameter", n=n, basis=basis,
-                       chunk_rows=chunk_rows)
+                       chunk_rows=chunk_rows, grads=grads if truncate else None,
+                       train_sq=train_sq)
 
 
 def _top(sigma: torch.Tensor, vectors: torch.Tensor, *, rtol: float
@@ -199,7 +230,7 @@ def gram_eigensystem(gram: torch.Tensor, *, grads: RowSource | None = None,
     gram's). Without ``grads`` explained gradients are mapped by
     :meth:`Eigensystem.coords_from_products`. ``overwrite``: scale ``gram`` in place (saves
     an n x n copy; ``gram`` then holds G G^T / n). ``rank`` < n: only the top ``rank``
-    eigenpairs, by :func:`top_kernel_eigenpairs` (no n x n eigendecomposition); the system
+    eigenpairs, by :func:`top_psd_eigenpairs` (no n x n eigendecomposition); the system
     then keeps each |g_i|^2 (``train_sq``) for what lies outside them."""
     n = int(gram.shape[0])
     if n == 0:
@@ -210,7 +241,7 @@ def gram_eigensystem(gram: torch.Tensor, *, grads: RowSource | None = None,
     scaled = gram.div_(n) if overwrite else gram / n
     if truncate:
         assert rank is not None
-        sigma, w = top_kernel_eigenpairs(scaled, rank, rtol=rtol)
+        sigma, w = top_psd_eigenpairs(scaled, rank, rtol=rtol)
     else:
         announce_eigh(n, "kernel", gram.dtype)
         sigma, w = _top(*torch.linalg.eigh(scaled), rtol=rtol)
@@ -222,7 +253,7 @@ def gram_eigensystem(gram: torch.Tensor, *, grads: RowSource | None = None,
 KERNEL_POWER_ITERATIONS = 4  # subspace iterations (a Fisher's spectrum decays slowly)
 
 
-def top_kernel_eigenpairs(kernel: torch.Tensor, k: int, *, rtol: float = 1e-10, seed: int = 0,
+def top_psd_eigenpairs(kernel: torch.Tensor, k: int, *, rtol: float = 1e-10, seed: int = 0,
                           iters: int = KERNEL_POWER_ITERATIONS
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues [<= k] descending, eigenvectors [n, <= k]) of the ``k`` largest eigenpairs

@@ -265,7 +265,7 @@ class AttributionEstimate(_Phased):
     def eig_size(self) -> int:
         """Order of the eigendecomposed matrix (the small projected one for a top-k kernel)."""
         if self.rank is not None:
-            return min(self.n, self.rank + RANGE_OVERSAMPLE)
+            return min(self.n, self.width, self.rank + RANGE_OVERSAMPLE)
         return self.width if self.form == "parameter" else self.n
 
     @property
@@ -282,7 +282,7 @@ class AttributionEstimate(_Phased):
     def with_proj_dim(self, d: int) -> AttributionEstimate:
         """The same attribution with the gradients projected to ``d`` by a ``Projector``."""
         keep = {k: v for k, v in self.options.items()
-                if k not in ("proj_bytes", "factored_numbers", "kernel_rank")}
+                if k not in ("proj_bytes", "factored_numbers", "eig_rank")}
         return estimate_attribution(self.n, self.grad_width, proj_dim=d,
                                     explained=self.explained, validation=self.validation,
                                     **keep)  # type: ignore[arg-type]
@@ -344,7 +344,7 @@ def estimate_attribution(
     n: int, grad_width: int, *, proj_dim: int | None = None, explained: int = 0,
     validation: int = 0, factored_numbers: int | None = None, chunk_rows: int = 256,
     eig_chunk_rows: int = 2048, dtype: torch.dtype | np.dtype | str = torch.float32,
-    proj_bytes: int | None = None, kernel_rank: int | None = None,
+    proj_bytes: int | None = None, eig_rank: int | None = None,
 ) -> AttributionEstimate:
     """Memory of an eigensystem of the empirical Fisher on ``n`` training gradients of
     ``grad_width`` = p dimensions (projected to ``proj_dim`` = d < p when given), the
@@ -355,10 +355,10 @@ def estimate_attribution(
     ``dtype``. ``factored_numbers``: the kernel form is built from the hooks' factors holding
     that many numbers per example (:func:`tdatune.features.kernel.factored_numbers`).
     ``chunk_rows``: examples differentiated at a time; ``eig_chunk_rows``: rows of G read at a
-    time by :func:`tdatune.curvature.eigen.fisher_eigensystem`. ``kernel_rank`` < n: the
-    factored kernel form keeps its top ``kernel_rank`` eigenpairs by randomised subspace
-    iteration (:func:`tdatune.curvature.eigen.top_kernel_eigenpairs`) and each explained
-    example's products outside them."""
+    time by :func:`tdatune.curvature.eigen.fisher_eigensystem`. ``eig_rank`` < min(n, width):
+    either form keeps its top ``eig_rank`` eigenpairs by randomised subspace iteration
+    (:func:`tdatune.curvature.eigen.top_psd_eigenpairs`) and each explained example's
+    products with every training gradient (what lies outside them)."""
     if min(n, grad_width, chunk_rows, eig_chunk_rows) < 1 or (proj_dim or 1) < 1:
         raise ValueError(f"an estimate needs n, grad_width, proj_dim and chunk sizes >= 1; got "
                          f"n={n}, grad_width={grad_width}, proj_dim={proj_dim}")
@@ -367,7 +367,7 @@ def estimate_attribution(
     form = "parameter" if w <= n else "kernel"
     factored = factored_numbers is not None and form == "kernel" and w == grad_width
     row_numbers = int(factored_numbers) if factored else w  # type: ignore[arg-type]
-    rank = kernel_rank if factored and kernel_rank is not None and kernel_rank < n else None
+    rank = eig_rank if eig_rank is not None and eig_rank < min(n, w) else None
     held = {"parameters": 2 * grad_width * item,
             "projection matrix": (projector_bytes(grad_width, w, item) if proj_bytes is None
                                   else int(proj_bytes))}
@@ -379,7 +379,7 @@ def estimate_attribution(
               **_explained_phases(sizes, form, grad_width, explained, validation, train)}
     options = {"chunk_rows": chunk_rows, "eig_chunk_rows": eig_chunk_rows, "dtype": dtype,
                "proj_bytes": proj_bytes, "factored_numbers": factored_numbers,
-               "kernel_rank": kernel_rank}
+               "eig_rank": eig_rank}
     return AttributionEstimate(
         n=n, width=w, grad_width=grad_width, form=form, factored=factored, rank=rank,
         explained=explained,
@@ -440,11 +440,15 @@ def _eigen_phases(z: _Sizes, form: str) -> dict[str, dict[str, int]]:
         if not z.factored:  # two chunks of rows (one when they are all in one chunk)
             build["row chunks (float64)"] = (1 + (z.n > z.eig_chunk)) * z.eig_chunk * z.w * e
         coords = {name: s * s * e, "eigenvectors": s * s * e, "eigenvectors kept": s * k * e}
-    if z.rank is not None:  # randomised subspace iteration: blocks of n x (rank + oversample)
-        cols = min(z.n, z.rank + RANGE_OVERSAMPLE)
+    if z.rank is not None:  # randomised subspace iteration: blocks of s x (rank + oversample)
+        cols = min(s, z.rank + RANGE_OVERSAMPLE)
         eig = {name: s * s * e, "range finder blocks": 3 * s * cols * e,
                **{f"small eigh: {k_}": v for k_, v in eigh_bytes(cols).items()}}
-        coords = {name: s * s * e, "eigenvectors kept": s * k * e}
+        if form == "kernel":
+            coords = {name: s * s * e, "eigenvectors kept": s * k * e}
+        else:
+            coords.pop("eigenvectors kept")
+            coords["eigenvectors kept"] = s * k * e
         return {"accumulation": build, "eigendecomposition": eig, "training coordinates": coords}
     eig = eigh_bytes(s)
     eig[name] = eig.pop("matrix")
