@@ -60,3 +60,40 @@ def count_flops(work: Callable[[], object]) -> int:
     with counter:
         work()
     return int(counter.get_total_flops())
+
+
+def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
+    """--spec, --out, --settings and --seed: trained settings of a sweep directory."""
+    parser.add_argument("--spec", required=True, help="the sweep's TOML file")
+    parser.add_argument("--out", required=True, help="the sweep directory (trained, with GT)")
+    parser.add_argument("--settings", nargs="+", required=True, help="setting labels")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the sweep's seed (default: the spec's)")
+
+
+def sweep_workspace(args: argparse.Namespace, device: torch.device) -> tuple[object, object]:
+    """(spec, Workspace) of a sweep directory: its trained settings and ground truths are
+    resumed from the files (nothing is retrained when the sweep has run)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tdatune.study.spec import load_spec
+    from tdatune.study.sweep import Workspace
+
+    spec = load_spec(args.spec)
+    if args.seed is not None:
+        spec = replace(spec, seed=args.seed)
+    return spec, Workspace(spec, Path(args.out), str(device), False, lambda *a, **k: None)
+
+
+def row_pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the Pearson correlation of a's and b's rows."""
+    a = a.double() - a.double().mean(1, keepdim=True)
+    b = b.double() - b.double().mean(1, keepdim=True)
+    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+    return float(r.mean())
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of all entries of a and b."""
+    return float(torch.corrcoef(torch.stack([a.reshape(-1).double(), b.reshape(-1).double()]))[0, 1])

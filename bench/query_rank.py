@@ -17,46 +17,33 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from common import add_machine_flags, setup_machine
+from common import (
+    add_machine_flags,
+    add_sweep_flags,
+    pearson,
+    row_pearson,
+    setup_machine,
+    sweep_workspace,
+)
 from tdatune.attributors import make_attributor
 from tdatune.attributors.kfac import query_numbers
 from tdatune.evaluate.lds import lds
-from tdatune.study.spec import load_spec
-from tdatune.study.sweep import Workspace
-
-
-def row_pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of the Pearson correlation of a's and b's rows."""
-    a = a.double() - a.double().mean(1, keepdim=True)
-    b = b.double() - b.double().mean(1, keepdim=True)
-    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
-    return float(r.mean())
 
 
 def main() -> None:
     """One table row per setting and rank."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, help="the sweep's TOML file")
-    parser.add_argument("--out", required=True, help="the sweep directory (trained, with GT)")
-    parser.add_argument("--settings", nargs="+", required=True, help="setting labels")
+    add_sweep_flags(parser)
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 4, 16, 64])
-    parser.add_argument("--seed", type=int, default=None,
-                        help="the sweep's seed (default: the spec's)")
     add_machine_flags(parser)
     args = parser.parse_args()
     device = setup_machine(args)
-    spec = load_spec(args.spec)
-    if args.seed is not None:
-        spec = replace(spec, seed=args.seed)
+    spec, work = sweep_workspace(args, device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
           f"load {os.getloadavg()[0]:.1f}, device {device}")
-    work = Workspace(spec, Path(args.out), str(device), False, lambda *a, **k: None)
     print("| setting | rank | LDS | Pearson (all) | Pearson (per row) | numbers / example | "
           "of p | score s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -79,10 +66,8 @@ def main() -> None:
             got = att.score(test, lam="per_layer", query_rank=r)
             took = time.perf_counter() - t0
             value = lds(got, gt.masks, outputs, invalid="mask").mean
-            pearson = float(np.corrcoef(got.reshape(-1).double().numpy(),
-                                        exact.reshape(-1).double().numpy())[0, 1])
             numbers = query_numbers(fit.block_sizes, shapes, r)  # type: ignore[arg-type]
-            print(f"| {label} | {r} | {value:.4f} | {pearson:.4f} | "
+            print(f"| {label} | {r} | {value:.4f} | {pearson(got, exact):.4f} | "
                   f"{row_pearson(got, exact):.4f} | {numbers:,} | {numbers / p:.3f} | "
                   f"{took:.1f} |", flush=True)
 
