@@ -40,6 +40,7 @@ from tdatune.features.low_rank import LowRank, compresses, low_rank, low_rank_pr
 from tdatune.models.outputs import cross_entropy, logits_of
 from tdatune.models.task import Params, Task
 from tdatune.utils.checks import check_choice, check_finite_rows
+from tdatune.utils.memory import release_freed_memory
 from tdatune.utils.progress import progress
 
 FISHER_KINDS = ("empirical", "true")
@@ -200,6 +201,8 @@ class KroneckerFit:
                 for i in range(0, captured.b, step):
                     part = sliced(captured, i, i + step)
                     self._weigh_into(out, j, part, hs[j], start + i, m, rank, target)
+            del captured
+            release_freed_memory()  # the chunk's temporaries, before the next chunk's
         if any(x is None for x in out):
             raise ValueError("no explained examples to score")
         return [x for x in out if x is not None]
@@ -265,6 +268,8 @@ class KroneckerFit:
                     if out is None:
                         out = rows.new_zeros(g, captured.b)
                     out[:, where] += w.to(rows) @ rows.T
+            del captured
+            release_freed_memory()
             if out is None:
                 continue
             check_finite_rows(f"per-example {target} gradient products", out.T, offset=start)
