@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -71,6 +74,27 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
                         help="the sweep's seed (default: the spec's)")
 
 
+def ranked_settings(doc: str, ranks: list[int]) -> tuple[argparse.Namespace, Iterator[Any]]:
+    """Parse the sweep, ``--ranks`` and machine flags of a script documented by ``doc``,
+    print the run's conditions, and return the arguments with an iterator of ``(label,
+    trained setting, ground truth)`` over ``--settings`` (resumed from the sweep's files)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_sweep_flags(parser)
+    parser.add_argument("--ranks", nargs="+", type=int, default=ranks)
+    add_machine_flags(parser)
+    args = parser.parse_args()
+    device = setup_machine(args)
+    spec, work = sweep_workspace(args, device)
+    print(conditions(device))
+
+    def settings() -> Iterator[Any]:
+        for label in args.settings:
+            yield (label, work.trained(label),  # type: ignore[attr-defined]
+                   work.groundtruth(label, spec.groundtruth.alpha))  # type: ignore[attr-defined]
+
+    return args, settings()
+
+
 def sweep_workspace(args: argparse.Namespace, device: torch.device) -> tuple[object, object]:
     """(spec, Workspace) of a sweep directory: its trained settings and ground truths are
     resumed from the files (nothing is retrained when the sweep has run)."""
@@ -97,3 +121,15 @@ def row_pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     """Pearson correlation of all entries of a and b."""
     return float(torch.corrcoef(torch.stack([a.reshape(-1).double(), b.reshape(-1).double()]))[0, 1])
+
+
+def conditions(device: torch.device | str) -> str:
+    """One line of the run's conditions: torch, threads, CPUs, processor, load, device."""
+    return (f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus "
+            f"{os.cpu_count()}, {platform.processor() or platform.machine()}, load "
+            f"{os.getloadavg()[0]:.1f}, device {device}")
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -12,41 +12,22 @@ with the exact ones at equal damping, and the fit time:
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import torch
 
-from common import (
-    add_machine_flags,
-    add_sweep_flags,
-    pearson,
-    row_pearson,
-    setup_machine,
-    sweep_workspace,
-)
+from common import pearson, ranked_settings, row_pearson
 from tdatune.attributors import make_attributor
 from tdatune.evaluate.lds import lds
 
 
 def main() -> None:
     """One table row per setting and rank."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_sweep_flags(parser)
-    parser.add_argument("--ranks", nargs="+", type=int, default=[50, 200])
-    add_machine_flags(parser)
-    args = parser.parse_args()
-    device = setup_machine(args)
-    spec, work = sweep_workspace(args, device)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"load {os.getloadavg()[0]:.1f}, device {device}")
+    args, settings = ranked_settings(__doc__, [50, 200])
     print("| setting | n x p | k | LDS at equal damping | LDS at its own q0.9 | Pearson (all) | "
           "Pearson (per row) | fit s |")
     print("|---|---|---|---|---|---|---|---|")
-    for label in args.settings:
-        trained = work.trained(label)
-        gt = work.groundtruth(label, spec.groundtruth.alpha)
+    for label, trained, gt in settings:
         test, outputs = trained.splits.test, gt.mean_outputs
         n = len(trained.splits.train)
         p = sum(v.numel() for v in trained.context.model_at(-1)[1].values())

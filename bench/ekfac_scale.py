@@ -22,23 +22,15 @@ memory of the process:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import resource
 import time
 from dataclasses import replace
 
 import torch
 
-from common import add_machine_flags, setup_machine
+from common import add_machine_flags, conditions, peak_rss_gib, setup_machine
 from tdatune.attributors import AttributionContext, make_attributor
 from tdatune.models.training import train_model
 from tdatune.settings.registry import get_setting
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main() -> None:
@@ -65,9 +57,7 @@ def main() -> None:
     if args.query_memory is not None:
         args.query_memory = int(args.query_memory * 2**30)
     device = setup_machine(args)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}, "
-          f"device {device}")
+    print(conditions(device))
     setting = get_setting("text-gpt2")
     splits, task = setting.build(
         seed=0, sizes=(args.n_train, args.n_explained, args.n_explained),

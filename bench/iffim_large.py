@@ -15,21 +15,14 @@ memory. ``--eig-rank N`` (N >= the size) forces the exact route for comparison.
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import time
 
 import torch
 
-from common import add_machine_flags, setup_machine
+from common import add_machine_flags, conditions, peak_rss_gib, setup_machine
 from tdatune.attributors import AttributionContext, make_attributor
 from tdatune.models.training import train_model
 from tdatune.study.attribute import attribute_estimate
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main() -> None:
@@ -46,8 +39,7 @@ def main() -> None:
     add_machine_flags(parser)
     args = parser.parse_args()
     device = setup_machine(args)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"load {os.getloadavg()[0]:.1f}, device {device}")
+    print(conditions(device))
     setting = vit_setting(epochs=args.epochs)
     splits, task = setting.build(seed=0, sizes=(args.n_train, 10, args.n_explained))
     p = sum(v.numel() for v in task.make_model().parameters())

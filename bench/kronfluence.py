@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import add_machine_flags, setup_machine
+from common import add_machine_flags, conditions, setup_machine
 from tdatune.attributors import AttributionContext, make_attributor
 from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.groundtruth import GroundTruthConfig, build_ground_truth
@@ -194,11 +193,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     add_machine_flags(parser)
     args = parser.parse_args()
-    setup_machine(args)
+    device = setup_machine(args)
     sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else None
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}, "
-          f"fisher {args.fisher}")
+    print(f"{conditions(device)}, fisher {args.fisher}")
     for name in args.settings:
         row = run_setting(name, args.work, args.subsets, sizes, args.fisher, args.batch,
                           args.epochs)

@@ -14,20 +14,9 @@ and the ground truth (nothing is retrained; run the sweep first):
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
-import torch
-
-from common import (
-    add_machine_flags,
-    add_sweep_flags,
-    pearson,
-    row_pearson,
-    setup_machine,
-    sweep_workspace,
-)
+from common import pearson, ranked_settings, row_pearson
 from tdatune.attributors import make_attributor
 from tdatune.attributors.kfac import query_numbers
 from tdatune.evaluate.lds import lds
@@ -35,21 +24,11 @@ from tdatune.evaluate.lds import lds
 
 def main() -> None:
     """One table row per setting and rank."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_sweep_flags(parser)
-    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 4, 16, 64])
-    add_machine_flags(parser)
-    args = parser.parse_args()
-    device = setup_machine(args)
-    spec, work = sweep_workspace(args, device)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"load {os.getloadavg()[0]:.1f}, device {device}")
+    args, settings = ranked_settings(__doc__, [1, 4, 16, 64])
     print("| setting | rank | LDS | Pearson (all) | Pearson (per row) | numbers / example | "
           "of p | score s |")
     print("|---|---|---|---|---|---|---|---|")
-    for label in args.settings:
-        trained = work.trained(label)
-        gt = work.groundtruth(label, spec.groundtruth.alpha)
+    for label, trained, gt in settings:
         att = make_attributor("ekfac").fit(trained.context)
         test = trained.splits.test
         outputs = gt.mean_outputs
