@@ -46,7 +46,8 @@ def frozen(value: Any) -> Any:
 
 def own_cells(raw: dict[str, Any]) -> set[tuple[Any, ...]]:
     """Cells counted from the raw TOML by the rule of docs/sweeps.md: one per (setting, alpha,
-    method entry, fit-stage values), every value not varied at its study default."""
+    method entry, fit-stage values), every value not varied at its study default; an option
+    added later (``named_at_default=False``) is named only away from its default."""
     labels = [s if isinstance(s, str) else s.get("label") or s["name"] for s in raw["settings"]]
     alpha0 = raw.get("groundtruth", {}).get("alpha", GroundTruthConfig().alpha)
     cells = set()
@@ -70,7 +71,9 @@ def own_cells(raw: dict[str, Any]) -> set[tuple[Any, ...]]:
                         values["checkpoints"] = value if isinstance(value, list) else [value]
                     else:
                         values[key] = value
-                fit = frozenset((k, frozen(v)) for k, v in values.items() if spec[k].stage == "fit")
+                fit = frozenset((k, frozen(v)) for k, v in values.items()
+                                if spec[k].stage == "fit"
+                                and (spec[k].named_at_default or v != spec[k].default))
                 for label in entry.get("settings", labels):
                     cells.add((label, entry.get("label", entry["name"]), alpha, fit))
     return cells
