@@ -185,7 +185,7 @@ def test_the_copy_savings_leave_every_number_bit_identical():
         rows = [g[s : s + chunk].double() for s in range(0, n, chunk)]
         fisher = torch.zeros(w, w, dtype=torch.float64)
         for r in rows:
-            fisher += r.T @ r
+            fisher.addmm_(r.T, r)  # accumulated in place, as fisher_eigensystem does
         sigma, basis = flip_then_mask(fisher / n, rtol)
         got = fisher_eigensystem(g, form="parameter", chunk_rows=chunk, rtol=rtol)
         assert torch.equal(got.sigma, sigma) and torch.equal(got.basis, basis)

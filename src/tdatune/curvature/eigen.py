@@ -161,13 +161,14 @@ def _gram(grads: RowSource, dtype: torch.dtype, chunk_rows: int) -> torch.Tensor
 
 
 def _fisher(grads: RowSource, dtype: torch.dtype, chunk_rows: int) -> torch.Tensor:
-    """F = G^T G / n [p, p], accumulated over chunks of rows."""
+    """F = G^T G / n [p, p], accumulated over chunks of rows in place (``addmm_``: no p x p
+    product of a chunk beside it)."""
     n, p = int(grads.shape[0]), int(grads.shape[1])
     fisher = torch.zeros(p, p, dtype=dtype)
     for s in range(0, n, chunk_rows):
         g = _rows(grads, s, min(n, s + chunk_rows), dtype)
         check_finite_rows("training gradients", g, offset=s)
-        fisher += g.T @ g
+        fisher.addmm_(g.T, g)
     fisher /= n
     return fisher
 

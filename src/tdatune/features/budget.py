@@ -429,7 +429,7 @@ def _eigen_phases(z: _Sizes, form: str) -> dict[str, dict[str, int]]:
     e, k = EIG_ITEMSIZE, z.k
     if form == "parameter":
         s, name = z.w, "p x p matrix"
-        build = {name: s * s * e, "G^T G of a chunk": s * s * e,
+        build = {name: s * s * e,
                  "row chunk (float64)": z.eig_chunk * z.w * e}
         coords = {"eigenvectors kept": s * k * e, "training coordinates": z.n * k * e,
                   "row chunk (float64)": z.eig_chunk * z.w * e,
