@@ -171,3 +171,31 @@ def test_eig_rank_names_a_cell_only_away_from_its_default():
         {"name": "iffim", "defaults": {"eig_rank": 50}}]}))
     assert dict(ranked[0].fit)["eig_rank"] == 50
     assert ranked[0].cell_id != plain[0].cell_id
+
+
+def test_a_quantile_is_read_at_its_place_in_the_whole_spectrum():
+    """Ten eigenvalues, the top four held (rank 10), uneven: the 0.9 quantile is 9 - 0.9 x 2
+    = 7.2 and the 0.7 quantile 4 - 0.7 x 0.5 = 3.65, as torch.quantile of all ten; the 0.5
+    quantile lies below the four held, so the smallest held, 3.5, bounds it."""
+    from tdatune.select.quantile import quantile_lambda
+
+    full = torch.tensor([9, 7, 4, 3.5, 2, 1.2, 1, 0.6, 0.5, 0.1], dtype=torch.float64)
+    held = full[:4]
+    assert quantile_lambda(held, 0.9, rank=10) == pytest.approx(7.2)
+    assert quantile_lambda(held, 0.7, rank=10) == pytest.approx(3.65)
+    for q in (0.9, 0.7):
+        assert quantile_lambda(held, q, rank=10) == pytest.approx(float(torch.quantile(full, q)))
+    assert quantile_lambda(held, 0.5, rank=10) == 3.5
+    assert quantile_lambda(held, 0.9) == pytest.approx(float(torch.quantile(held, 0.9)))
+
+
+def test_the_truncated_route_selects_the_quantile_of_the_whole_spectrum():
+    """IFFIM's default rule (the 0.9 quantile) on 30 of 40 kernel eigenpairs picks the lambda
+    the exact route picks (the quantile's place, 3.9 from the top, is among those held)."""
+    from tdatune.select.damping_choice import choose_damping
+
+    ctx, explained, _, _ = problem()
+    exact = choose_damping(make_attributor("iffim").fit(ctx), explained)
+    top = choose_damping(make_attributor("iffim", eig_rank=30).fit(ctx), explained)
+    assert top.rule == exact.rule == "quantile"
+    assert top.lam == pytest.approx(exact.lam, rel=1e-8)

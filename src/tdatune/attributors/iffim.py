@@ -99,6 +99,7 @@ class IFFIM(Attributor):
         self.factored: FactoredGradients | None = None
         n = len(context.train)
         width = num_params(params) if self.projector is None else self.projector.d
+        self._full_rank = min(n, width)  # the whole spectrum's size, taken as full rank
         rank = top_rank(min(n, width), self.params["eig_rank"])
         if rank is not None:
             size = min(n, width)
@@ -149,7 +150,7 @@ class IFFIM(Attributor):
                 a = self.eigen.train_coords
                 self._paths[key] = TruncatedLambdaPath(
                     self.eigen.sigma, coords, a, vg.double() - coords @ a.T,
-                    self.eigen.train_sq - a.square().sum(1))
+                    self.eigen.train_sq - a.square().sum(1), full_rank=self._full_rank)
             else:
                 self._paths[key] = LambdaPath(self.eigen.sigma, coords, self.eigen.train_coords)
         return self._paths[key]

@@ -254,12 +254,15 @@ class TruncatedLambdaPath(LambdaPath):
 
     exact when the dropped eigenvalues are << lambda, and equal to the full path when k
     covers the whole non-null spectrum (R = 0). ``train_rest`` [n]: each training gradient's
-    squared norm outside the top k, |g_i|^2 - |a_i|^2, for self-influence. lambda must be > 0."""
+    squared norm outside the top k, |g_i|^2 - |a_i|^2, for self-influence. lambda must be > 0.
+    ``full_rank``: how many non-null eigenvalues the whole spectrum has (at most min(n, p));
+    the quantile rule reads its quantile at its place in that spectrum."""
 
     def __init__(self, sigma: torch.Tensor, explained_coords: torch.Tensor,
                  train_coords: torch.Tensor, rest: torch.Tensor, train_rest: torch.Tensor,
-                 sign: float = -1.0) -> None:
+                 sign: float = -1.0, full_rank: int | None = None) -> None:
         super().__init__(sigma, explained_coords, train_coords, sign)
+        self.full_rank = full_rank
         check_shape("rest", rest, [explained_coords.shape[0], train_coords.shape[0]])
         check_shape("train_rest", train_rest, [train_coords.shape[0]])
         self.rest, self.train_rest = rest.double(), train_rest.double()

@@ -67,7 +67,9 @@ def choose_damping(att: Attributor, val: ArrayDataset, *, rule: str | None = Non
         lams = block_rule_lambdas(path, rule, threshold=threshold)
         selection = choose_lambda(sigma, c_val, threshold=threshold, grid=grid)
         return DampingChoice(rule, lams, selection, path.block_names())
-    selection = choose_lambda(sigma, c_val, rule=rule, threshold=threshold, grid=grid)
+    path = att.lambda_path(val) if hasattr(att, "lambda_path") else None
+    selection = choose_lambda(sigma, c_val, rule=rule, threshold=threshold, grid=grid,
+                              rank=getattr(path, "full_rank", None))
     return DampingChoice(rule, selection.lam, selection)
 
 

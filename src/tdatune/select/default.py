@@ -70,9 +70,11 @@ def parse_rule(rule: str) -> tuple[str, float | None]:
 
 
 def choose_lambda(sigma: torch.Tensor, c_val: torch.Tensor, *, rule: str = DEFAULT_RULE,
-                  threshold: float = 0.5, grid: torch.Tensor | None = None) -> Selection:
+                  threshold: float = 0.5, grid: torch.Tensor | None = None,
+                  rank: int | None = None) -> Selection:
     """The lambda of ``rule`` (one of ``RULES``, with its constant: ``"top:0.001"``,
-    ``"quantile:0.7"``) with Algorithm 1's diagnostics."""
+    ``"quantile:0.7"``) with Algorithm 1's diagnostics; ``rank``: the whole spectrum's size
+    when ``sigma`` holds only its top eigenvalues (:func:`quantile_lambda`)."""
     name, constant = parse_rule(rule)
     selection = select_lambda(sigma, c_val, threshold=threshold, grid=grid)
     if name == "xi":
@@ -81,5 +83,5 @@ def choose_lambda(sigma: torch.Tensor, c_val: torch.Tensor, *, rule: str = DEFAU
         c = TOP_FRACTION if constant is None else constant
         lam = c * float(torch.as_tensor(sigma, dtype=torch.float64).max())
     else:
-        lam = quantile_lambda(sigma, QUANTILE if constant is None else constant)
+        lam = quantile_lambda(sigma, QUANTILE if constant is None else constant, rank=rank)
     return replace(selection, lam=lam, status="spectrum", rule=rule, xi_lambda=selection.lam)
