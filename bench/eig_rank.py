@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from common import pearson, ranked_settings, row_pearson
 from tdatune.attributors import make_attributor
 from tdatune.evaluate.lds import lds
