@@ -404,6 +404,7 @@ def fit_kronecker(task: Task, model: nn.Module, params: Params, data: ArrayDatas
                     acc += part.square().sum(0).double().reshape(acc.shape)
         for b, acc in zip(blocks, moments, strict=True):
             b.sigma = acc / n
+    release_freed_memory()  # the passes' temporaries, before scoring allocates its own
     return fit
 
 
