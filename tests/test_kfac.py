@@ -423,3 +423,22 @@ def test_self_influence_with_one_damping_per_layer_equals_the_dense_solve():
     got = path.self_influence([lams, 1e-2])
     torch.testing.assert_close(got[0], dense(lams), rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(got[1], dense([1e-2] * 3), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_the_per_layer_rule_picks_exactly_what_score_reads_as_per_layer(strategy):
+    """A dead input feature gives each layer null-space eigenvalues (1e-36 to 1e-18 here):
+    the selection's "per_layer" and score(lam="per_layer") read the same raw spectrum, so
+    the dampings are equal to the last bit (the selection used to zero the null space)."""
+    from tdatune.select.damping_choice import choose_damping
+
+    model = mlp().eval()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    x[:, 2] = 0
+    task = Task(make_model=mlp, loss_fn=ce, output=margin_out)
+    ctx = AttributionContext(task, ArrayDataset(x, y), [model.state_dict()], chunk_size=7)
+    att = make_attributor(strategy).fit(ctx)
+    val = ArrayDataset(x[:5], y[:5])
+    assert bool(att.lambda_path(val).null_mask().any())
+    assert choose_damping(att, val, rule="per_layer").lam == att.module_heuristic_dampings()

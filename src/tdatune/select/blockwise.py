@@ -27,9 +27,8 @@ def block_rule_lambdas(val_path: LambdaPath, rule: str, *, threshold: float = 0.
     """One damping per block of ``val_path`` (validation explained set) by ``rule``, in
     ``val_path.block_names()`` order."""
     sizes = val_path.block_sizes()
-    if rule.split(":")[0] == PER_LAYER:
-        sigma, _ = val_path.spectrum()
-        return block_mean_dampings(sigma, sizes, per_layer_fraction(rule))
+    if rule.split(":")[0] == PER_LAYER:  # the raw spectrum, as score(lam="per_layer") reads it
+        return block_mean_dampings(val_path.sigma, sizes, per_layer_fraction(rule))
     if not rule.startswith(BLOCKWISE) or rule[len(BLOCKWISE):] not in RULES:
         raise ValueError(f"unknown per-block rule {rule!r}; use 'per_layer', 'per_layer:<fraction>' "
                          "or " + ", ".join(f"'{BLOCKWISE}{r}'" for r in RULES))
