@@ -53,6 +53,15 @@ COORDS_KEEP_LIMIT = 1 << 26  # training coordinates (n x p float64 numbers) held
 FALLBACK_QUERY_MEMORY = 4 << 30  # query_memory where the memory available cannot be read
 
 
+def query_group_size(m: int, per_example: int, budget: int | None) -> int:
+    """Explained examples whose weighted gradients (``per_example`` bytes each) fit ``budget``
+    bytes (default: half the memory available, else ``FALLBACK_QUERY_MEMORY``), 1 to m."""
+    if budget is None:
+        free = available_memory()
+        budget = free // 2 if free else FALLBACK_QUERY_MEMORY
+    return max(1, min(m, budget // max(1, per_example)))
+
+
 def query_numbers(block_sizes: list[int], kron_shapes: list[tuple[int, int]],
                   rank: int | None) -> int:
     """Numbers one explained example's weighted gradients hold: every block whole, or a
@@ -222,12 +231,9 @@ class KFAC(Attributor):
         bytes (default: half the memory available, else ``FALLBACK_QUERY_MEMORY``); each
         group costs one training pass."""
         self._require_fit()
-        if budget is None:
-            free = available_memory()
-            budget = free // 2 if free else FALLBACK_QUERY_MEMORY
         item = next(iter(self._params.values())).element_size()
-        per = query_numbers(self.fit_.block_sizes, self._kron_shapes(), rank) * item
-        size = max(1, min(m, budget // max(1, per)))
+        numbers = query_numbers(self.fit_.block_sizes, self._kron_shapes(), rank)
+        size = query_group_size(m, numbers * item, budget)
         return [range(i, min(m, i + size)) for i in range(0, m, size)]
 
     def _kron_shapes(self) -> list[tuple[int, int]]:
@@ -298,13 +304,9 @@ class _Sizes:
     @property
     def group(self) -> int:
         """Explained examples per group (``KFAC.query_groups``)."""
-        per = query_numbers(self.blocks, [(d_out, d_in) for d_in, d_out, _ in self.sides],
-                            self.rank) * self.item
-        budget = self.query_memory
-        if budget is None:
-            free = available_memory()
-            budget = free // 2 if free else FALLBACK_QUERY_MEMORY
-        return max(1, min(self.m, budget // max(1, per)))
+        numbers = query_numbers(self.blocks, [(d_out, d_in) for d_in, d_out, _ in self.sides],
+                                self.rank)
+        return query_group_size(self.m, numbers * self.item, self.query_memory)
 
     def coords_item(self, rows: int) -> int:
         """Bytes a number of the eigen-coordinates of ``rows`` examples: float64 unless that
