@@ -1,0 +1,77 @@
+"""Does K-FAC / EK-FAC need damping? A retraining-free curve beside the stored LDS curve.
+
+For each setting of a sweep directory (trained, with its eigen cells), the attributor is fitted
+on the trained model and its validation path predicts the subset sums of 50 random
+half-subsets of the training data (no ground truth). Per grid lambda of the stored cell, it
+prints the mean Spearman correlation of those predictions with the ones at the smallest grid
+lambda ("vs min": where it stays near 1, the predictions no longer change as lambda -> 0) and
+with the next grid lambda's, beside the cell's stored LDS at each lambda and the LDS lost at
+the smallest lambda and at the default damping. This is a candidate detector of the
+no-damping plateau (`docs/study.md`); it is a probe, not a rule. Writes the curves as JSON.
+
+    PYTHONPATH=. python bench/plateau_curves.py --spec examples/selection_seeds.toml \\
+        --out runs/seeds/s0 --settings digits-mlp text-gpt2 --method kfac --json curves.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import add_machine_flags, add_sweep_flags, conditions, setup_machine, sweep_workspace
+from tdatune.attributors import make_attributor
+from tdatune.evaluate.lds import spearman_rows
+
+SUBSETS = 50
+
+
+def main() -> None:
+    """One block of lines per setting; the curves to ``--json``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_sweep_flags(parser)
+    parser.add_argument("--method", default="kfac", help="the cells' method label (kfac, ekfac)")
+    parser.add_argument("--json", type=Path, default=None, help="write the curves here")
+    add_machine_flags(parser)
+    args = parser.parse_args()
+    device = setup_machine(args)
+    _, work = sweep_workspace(args, device)
+    print(conditions(device))
+    curves = {}
+    for label in args.settings:
+        files = sorted(glob.glob(f"{args.out}/cells/{label}__{args.method}__*.json"))
+        if not files:
+            raise SystemExit(f"no {args.method} cell of {label} in {args.out}/cells")
+        cell = json.loads(Path(files[0]).read_text())
+        rows = [r for r in cell["rows"] if r.get("spectrum")]
+        lams, ldss = [r["lam"] for r in rows], [r["lds"] for r in rows]
+        trained = work.trained(label)  # type: ignore[attr-defined]
+        att = make_attributor(cell["attributor"], **dict(cell["fit"])).fit(trained.context)
+        path = att.lambda_path(trained.splits.val)
+        gen = torch.Generator().manual_seed(0)
+        masks = torch.rand(SUBSETS, path.n_train, generator=gen) < 0.5
+        projected = path.project_masks(masks)
+        preds = path.subset_predictions(masks, lams, projected=projected).numpy()
+        vs_min = [float(np.nanmean(spearman_rows(p, preds[0]))) for p in preds]
+        vs_next = [float(np.nanmean(spearman_rows(preds[k], preds[k + 1])))
+                   for k in range(len(preds) - 1)]
+        top, best = float(path.sigma.max()), max(ldss)
+        curves[label] = {"lam_over_top": [x / top for x in lams], "lds": ldss,
+                         "vs_min": vs_min, "vs_next": vs_next, "gap_at_min": best - ldss[0],
+                         "gap_at_default": best - cell["default_selection"]["lds"]}
+        print(f"{label}: LDS lost at the smallest lambda {best - ldss[0]:.3f}, at the default "
+              f"{curves[label]['gap_at_default']:.3f}")
+        for name, values in (("lambda / top", [x / top for x in lams]), ("LDS", ldss),
+                             ("vs min", vs_min), ("vs next", vs_next)):
+            fmt = "{:.0e}" if name == "lambda / top" else "{:.3f}"
+            print(f"  {name:>12}: " + " ".join(fmt.format(v) for v in values[::3]), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(curves, indent=1))
+
+
+if __name__ == "__main__":
+    main()
