@@ -133,3 +133,25 @@ def conditions(device: torch.device | str) -> str:
 def peak_rss_gib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def add_gpt_flags(parser: argparse.ArgumentParser, *, n_train: int, n_explained: int,
+                  d_model: int, n_layer: int, n_head: int) -> None:
+    """--n-train, --n-explained, --d-model, --n-layer, --n-head and --block-len: a GPT of the
+    text-gpt2 setting (vocabulary 1024) and its sizes."""
+    parser.add_argument("--n-train", type=int, default=n_train)
+    parser.add_argument("--n-explained", type=int, default=n_explained)
+    parser.add_argument("--d-model", type=int, default=d_model)
+    parser.add_argument("--n-layer", type=int, default=n_layer)
+    parser.add_argument("--n-head", type=int, default=n_head)
+    parser.add_argument("--block-len", type=int, default=64, help="tokens per block")
+
+
+def build_gpt(args: argparse.Namespace, n_val: int) -> tuple[Any, Any]:
+    """(splits, task) of the text-gpt2 setting at the sizes of :func:`add_gpt_flags`."""
+    from tdatune.settings.registry import get_setting
+
+    return get_setting("text-gpt2").build(
+        seed=0, sizes=(args.n_train, n_val, args.n_explained),
+        task_options={"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head},
+        load_options={"block_len": args.block_len, "vocab_size": 1024})

@@ -27,7 +27,14 @@ from dataclasses import replace
 
 import torch
 
-from common import add_machine_flags, conditions, peak_rss_gib, setup_machine
+from common import (
+    add_gpt_flags,
+    add_machine_flags,
+    build_gpt,
+    conditions,
+    peak_rss_gib,
+    setup_machine,
+)
 from tdatune.attributors import AttributionContext, make_attributor
 from tdatune.models.training import train_model
 from tdatune.settings.registry import get_setting
@@ -36,12 +43,7 @@ from tdatune.settings.registry import get_setting
 def main() -> None:
     """Build, train one epoch (the baseline), fit EK-FAC, score; print one line per stage."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-train", type=int, default=10_000)
-    parser.add_argument("--n-explained", type=int, default=100)
-    parser.add_argument("--d-model", type=int, default=384)
-    parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-head", type=int, default=6)
-    parser.add_argument("--block-len", type=int, default=64)
+    add_gpt_flags(parser, n_train=10_000, n_explained=100, d_model=384, n_layer=6, n_head=6)
     parser.add_argument("--chunk", type=int, default=32, help="examples per streamed chunk")
     parser.add_argument("--baseline-blocks", type=int, default=1000,
                         help="blocks of the timed training pass (scaled to an epoch)")
@@ -58,17 +60,13 @@ def main() -> None:
         args.query_memory = int(args.query_memory * 2**30)
     device = setup_machine(args)
     print(conditions(device))
-    setting = get_setting("text-gpt2")
-    splits, task = setting.build(
-        seed=0, sizes=(args.n_train, args.n_explained, args.n_explained),
-        task_options={"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head},
-        load_options={"block_len": args.block_len, "vocab_size": 1024})
+    splits, task = build_gpt(args, args.n_explained)
     model = task.make_model()
     p = sum(v.numel() for v in model.parameters())
     print(f"  GPT: {p / 1e6:.2f}M parameters, {len(splits.train)} training blocks of "
           f"{args.block_len} tokens, {len(splits.test)} explained; peak {peak_rss_gib():.2f} GiB")
 
-    recipe = replace(setting.recipe, epochs=1)
+    recipe = replace(get_setting("text-gpt2").recipe, epochs=1)
     part = splits.train.subset(torch.arange(min(args.baseline_blocks, len(splits.train))))
     t0 = time.perf_counter()
     trained = train_model(task, part, recipe, 0, show_progress=False)

@@ -34,7 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import add_machine_flags, conditions, peak_rss_gib, pearson, setup_machine
+from common import (
+    add_gpt_flags,
+    add_machine_flags,
+    build_gpt,
+    conditions,
+    peak_rss_gib,
+    pearson,
+    setup_machine,
+)
 from tdatune.settings.registry import get_setting
 
 HERE = Path(__file__).resolve().parent
@@ -42,10 +50,7 @@ HERE = Path(__file__).resolve().parent
 
 def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """The setting's splits and task at the requested sizes (the same in every process)."""
-    return get_setting("text-gpt2").build(
-        seed=0, sizes=(args.n_train, 10, args.n_explained),
-        task_options={"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head},
-        load_options={"block_len": 64, "vocab_size": 1024})
+    return build_gpt(args, 10)
 
 
 def linear_layers(model: nn.Module) -> list[str]:
@@ -121,11 +126,7 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     """Build and train once, run each library in its own process, compare."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-train", type=int, default=5000)
-    parser.add_argument("--n-explained", type=int, default=50)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
+    add_gpt_flags(parser, n_train=5000, n_explained=50, d_model=256, n_layer=4, n_head=4)
     parser.add_argument("--baseline-blocks", type=int, default=500,
                         help="training blocks of the one training pass")
     parser.add_argument("--batch", type=int, default=32, help="examples per chunk / batch")
@@ -156,8 +157,8 @@ def main() -> None:
         for lib in ("tdatune", "kronfluence"):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", lib,
                    "--state", str(out / "state.pt"), "--out", str(out)]
-            for flag in ("n_train", "n_explained", "d_model", "n_layer", "n_head", "batch",
-                         "damping", "threads"):
+            for flag in ("n_train", "n_explained", "d_model", "n_layer", "n_head", "block_len",
+                         "batch", "damping", "threads"):
                 value = getattr(args, flag)
                 if value is not None:
                     cmd += [f"--{flag.replace('_', '-')}", str(value)]
