@@ -99,10 +99,9 @@ class IFFIM(Attributor):
         self.factored: FactoredGradients | None = None
         n = len(context.train)
         width = num_params(params) if self.projector is None else self.projector.d
-        self._full_rank = min(n, width)  # the whole spectrum's size, taken as full rank
-        rank = top_rank(min(n, width), self.params["eig_rank"])
+        size = self._full_rank = min(n, width)  # the whole spectrum's size, taken as full rank
+        rank = top_rank(size, self.params["eig_rank"])
         if rank is not None:
-            size = min(n, width)
             notice(f"{self.name}: the Fisher of {n:,} training examples x {width:,} gradient "
                    f"dimensions: its top {rank:,} eigenpairs by randomised subspace iteration "
                    f"(the rest count as zero curvature) instead of eigendecomposing the "
@@ -142,11 +141,14 @@ class IFFIM(Attributor):
                                       chunk_size=ctx.chunk_size)
                 vg = self.factored.products(v)
                 coords = self.eigen.coords_from_products(vg)
-            else:
+            elif self.eigen.truncated:  # V G^T once: the kernel form's coordinates and the rest
                 grads = self.explained_grads(explained)
-                coords = self.eigen.coords(grads)
-                vg = self.eigen.products(grads) if self.eigen.truncated else None
-            if self.eigen.train_sq is not None and vg is not None:  # what lies outside the top k
+                vg = self.eigen.products(grads)
+                coords = (self.eigen.coords(grads) if self.eigen.basis is not None
+                          else self.eigen.coords_from_products(vg))
+            else:
+                coords = self.eigen.coords(self.explained_grads(explained))
+            if self.eigen.truncated:  # what lies outside the top k
                 a = self.eigen.train_coords
                 self._paths[key] = TruncatedLambdaPath(
                     self.eigen.sigma, coords, a, vg.double() - coords @ a.T,

@@ -302,11 +302,15 @@ class _Sizes:
         return self.rank is not None or self.m * self.p > COORDS_KEEP_LIMIT
 
     @property
+    def query_numbers(self) -> int:
+        """Numbers one explained example's weighted gradients hold (:func:`query_numbers`)."""
+        return query_numbers(self.blocks, [(d_out, d_in) for d_in, d_out, _ in self.sides],
+                             self.rank)
+
+    @property
     def group(self) -> int:
         """Explained examples per group (``KFAC.query_groups``)."""
-        numbers = query_numbers(self.blocks, [(d_out, d_in) for d_in, d_out, _ in self.sides],
-                                self.rank)
-        return query_group_size(self.m, numbers * self.item, self.query_memory)
+        return query_group_size(self.m, self.query_numbers * self.item, self.query_memory)
 
     def coords_item(self, rows: int) -> int:
         """Bytes a number of the eigen-coordinates of ``rows`` examples: float64 unless that
@@ -402,9 +406,8 @@ def _grouped_phases(z: _Sizes) -> dict[str, dict[str, int]]:
     copies while they are built, then the training pass's rows and products; the [m, n]
     float32 score matrix throughout."""
     item, g, n = z.item, z.group, z.n
-    numbers = query_numbers(z.blocks, [(d_out, d_in) for d_in, d_out, _ in z.sides], z.rank)
     scores = {"eigenvalues and filter": 2 * z.p * EIG_ITEMSIZE, "score matrix": z.m * n * 4,
-              "weighted gradients of one group": g * numbers * item}
+              "weighted gradients of one group": g * z.query_numbers * item}
     return {
         "explained gradients weighted": {
             **scores, "a few examples' block rotated, weighted and turned back":

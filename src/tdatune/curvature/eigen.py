@@ -180,12 +180,7 @@ def _parameter_form(grads: RowSource, *, dtype: torch.dtype, chunk_rows: int, rt
     n, p = int(grads.shape[0]), int(grads.shape[1])
     fisher = _fisher(grads, dtype, chunk_rows)
     truncate = rank is not None and rank < p
-    if truncate:
-        assert rank is not None
-        sigma, basis = top_psd_eigenpairs(fisher, rank, rtol=rtol)
-    else:
-        announce_eigh(p, "parameter", dtype)
-        sigma, basis = _top(*torch.linalg.eigh(fisher), rtol=rtol)
+    sigma, basis = _eigenpairs(fisher, "parameter", rank, rtol)
     del fisher
     coords = torch.empty(n, sigma.numel(), dtype=dtype)
     train_sq = torch.empty(n, dtype=torch.float64) if truncate else None
@@ -208,6 +203,18 @@ def _top(sigma: torch.Tensor, vectors: torch.Tensor, *, rtol: float
     k = int((sigma > rtol * sigma[-1].clamp_min(torch.finfo(sigma.dtype).tiny)).sum())
     order = torch.arange(size - 1, size - k - 1, -1, device=sigma.device)
     return sigma[order], vectors[:, order]
+
+
+def _eigenpairs(matrix: torch.Tensor, form: str, rank: int | None, rtol: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenpairs above ``rtol`` x the largest of a PSD ``matrix``, descending: its top
+    ``rank`` by :func:`top_psd_eigenpairs` when ``rank`` is below its order, else all of
+    them by ``eigh`` (announced when large)."""
+    size = int(matrix.shape[0])
+    if rank is not None and rank < size:
+        return top_psd_eigenpairs(matrix, rank, rtol=rtol)
+    announce_eigh(size, form, matrix.dtype)
+    return _top(*torch.linalg.eigh(matrix), rtol=rtol)
 
 
 def announce_eigh(size: int, form: str, dtype: torch.dtype = torch.float64) -> None:
@@ -240,36 +247,30 @@ def gram_eigensystem(gram: torch.Tensor, *, grads: RowSource | None = None,
     truncate = rank is not None and rank < n
     train_sq = gram.diagonal().to(torch.float64).clone() if truncate else None
     scaled = gram.div_(n) if overwrite else gram / n
-    if truncate:
-        assert rank is not None
-        sigma, w = top_psd_eigenpairs(scaled, rank, rtol=rtol)
-    else:
-        announce_eigh(n, "kernel", gram.dtype)
-        sigma, w = _top(*torch.linalg.eigh(scaled), rtol=rtol)
+    sigma, w = _eigenpairs(scaled, "kernel", rank, rtol)
     del scaled
     return Eigensystem(sigma=sigma, train_coords=w * torch.sqrt(n * sigma), form="kernel", n=n,
                        grads=grads, kernel_vectors=w, chunk_rows=chunk_rows, train_sq=train_sq)
 
 
-KERNEL_POWER_ITERATIONS = 4  # subspace iterations (a Fisher's spectrum decays slowly)
+POWER_ITERATIONS = 4  # subspace iterations of the top-k route (a Fisher's spectrum decays slowly)
 
 
-def top_psd_eigenpairs(kernel: torch.Tensor, k: int, *, rtol: float = 1e-10, seed: int = 0,
-                          iters: int = KERNEL_POWER_ITERATIONS
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def top_psd_eigenpairs(matrix: torch.Tensor, k: int, *, rtol: float = 1e-10, seed: int = 0,
+                       iters: int = POWER_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues [<= k] descending, eigenvectors [n, <= k]) of the ``k`` largest eigenpairs
     of a PSD matrix [n, n], by seeded randomised subspace iteration (Halko, Martinsson &
     Tropp 2011, Algorithms 4.4 and 5.3): ``iters`` products with an [n, k + oversample] block
     and one small eigh, n^2 (k + 10) (iters + 2) multiply-adds and a few n x (k + 10) blocks
     instead of eigh's n^3 and 3 n^2 workspace. Eigenvalues at or below ``rtol`` x the largest
     are dropped, as :func:`gram_eigensystem` does."""
-    n = int(kernel.shape[0])
-    cols = min(n, k + budget.RANGE_OVERSAMPLE)
+    n = int(matrix.shape[0])
+    cols = budget.range_columns(n, k)
     gen = torch.Generator().manual_seed(seed)
-    q = torch.linalg.qr(kernel @ torch.randn(n, cols, generator=gen, dtype=kernel.dtype)).Q
+    q = torch.linalg.qr(matrix @ torch.randn(n, cols, generator=gen, dtype=matrix.dtype)).Q
     for _ in range(iters):
-        q = torch.linalg.qr(kernel @ q).Q
-    small = q.T @ (kernel @ q)
+        q = torch.linalg.qr(matrix @ q).Q
+    small = q.T @ (matrix @ q)
     values, vectors = torch.linalg.eigh((small + small.T) / 2)
     sigma, w = _top(values, vectors, rtol=rtol)
     return sigma[:k], q @ w[:, :k]

@@ -103,9 +103,15 @@ class KroneckerFit:
 
     def coords(self, captured: Captured) -> torch.Tensor:
         """Eigen-coordinates [b, p] of a captured batch's per-example gradients (their dtype)."""
-        parts = [b.rotate(captured) for b in self.blocks]
-        parts += [captured.dense[k] for k in self.diagonal]
-        return torch.cat(parts, dim=1)
+        return torch.cat([self._block_coords(j, captured)
+                          for j in range(len(self.block_sizes))], dim=1)
+
+    def _block_coords(self, j: int, captured: Captured) -> torch.Tensor:
+        """Block ``j`` of :meth:`coords`: a Kronecker layer rotated into its eigenbasis, or the
+        diagonal parameters' gradients as they are."""
+        if j < len(self.blocks):
+            return self.blocks[j].rotate(captured)
+        return torch.cat([captured.dense[k] for k in self.diagonal], dim=1)
 
     def _batches(self, data: ArrayDataset, target: str, chunk_size: int, show_progress: bool,
                  desc: str) -> Iterator[tuple[int, Captured]]:
@@ -212,10 +218,7 @@ class KroneckerFit:
         """Block ``j`` of a few examples, rotated, weighted by ``h`` and turned back, written
         into ``out[j]`` (allocated for ``m`` examples on first use) at ``start``."""
         b = part.b
-        if j < len(self.blocks):
-            c = self.blocks[j].rotate(part)
-        else:
-            c = torch.cat([part.dense[k] for k in self.diagonal], dim=1)
+        c = self._block_coords(j, part)
         check_finite_rows(f"per-example {target} gradients", c, offset=start)
         w = self._back(j, c * h.to(c.dtype))
         del c

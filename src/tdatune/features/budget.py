@@ -265,7 +265,7 @@ class AttributionEstimate(_Phased):
     def eig_size(self) -> int:
         """Order of the eigendecomposed matrix (the small projected one for a top-k kernel)."""
         if self.rank is not None:
-            return min(self.n, self.width, self.rank + RANGE_OVERSAMPLE)
+            return range_columns(min(self.n, self.width), self.rank)
         return self.width if self.form == "parameter" else self.n
 
     @property
@@ -311,6 +311,12 @@ class AttributionEstimate(_Phased):
             fixes.append(f"fewer explained examples per call (the score matrix is "
                          f"[{self.explained:,}, {self.n:,}]: {format_bytes(scores)})")
         return fixes
+
+
+def range_columns(size: int, rank: int) -> int:
+    """Columns of the top-``rank`` route's blocks on a size x size matrix: rank +
+    ``RANGE_OVERSAMPLE``, at most the size (also the order of its small eigh)."""
+    return min(size, rank + RANGE_OVERSAMPLE)
 
 
 def eigh_bytes(size: int, itemsize: int = EIG_ITEMSIZE) -> dict[str, int]:
@@ -441,14 +447,11 @@ def _eigen_phases(z: _Sizes, form: str) -> dict[str, dict[str, int]]:
             build["row chunks (float64)"] = (1 + (z.n > z.eig_chunk)) * z.eig_chunk * z.w * e
         coords = {name: s * s * e, "eigenvectors": s * s * e, "eigenvectors kept": s * k * e}
     if z.rank is not None:  # randomised subspace iteration: blocks of s x (rank + oversample)
-        cols = min(s, z.rank + RANGE_OVERSAMPLE)
+        cols = range_columns(s, z.rank)
         eig = {name: s * s * e, "range finder blocks": 3 * s * cols * e,
                **{f"small eigh: {k_}": v for k_, v in eigh_bytes(cols).items()}}
-        if form == "kernel":
+        if form == "kernel":  # no n x n eigenvectors of eigh beside the kept ones
             coords = {name: s * s * e, "eigenvectors kept": s * k * e}
-        else:
-            coords.pop("eigenvectors kept")
-            coords["eigenvectors kept"] = s * k * e
         return {"accumulation": build, "eigendecomposition": eig, "training coordinates": coords}
     eig = eigh_bytes(s)
     eig[name] = eig.pop("matrix")
