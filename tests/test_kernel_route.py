@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tdatune.attributors.iffim as iffim_module
 from tdatune.attributors import AttributionContext, make_attributor
@@ -199,3 +201,29 @@ def test_the_truncated_route_selects_the_quantile_of_the_whole_spectrum():
     top = choose_damping(make_attributor("iffim", eig_rank=30).fit(ctx), explained)
     assert top.rule == exact.rule == "quantile"
     assert top.lam == pytest.approx(exact.lam, rel=1e-8)
+
+
+@given(ranks=st.lists(st.one_of(st.none(), st.integers(1, 10**6)), min_size=2, max_size=4,
+                      unique=True),
+       option=st.sampled_from([("iffim", "eig_rank"), ("kfac", "query_rank"),
+                               ("kfac", "query_memory")]))
+@settings(max_examples=25, deadline=None)
+def test_an_option_named_only_away_from_its_default_still_tells_cells_apart(ranks, option):
+    """Any two values of eig_rank / query_rank / query_memory give two distinct sweep points
+    (fit values for eig_rank, score values for the others), and the default (None) is
+    exactly the point without the option."""
+    from tdatune.study.spec import spec_from_dict, sub_experiment_points
+
+    method, name = option
+    points = []
+    for value in ranks:
+        defaults = {} if value is None else {name: value}
+        spec = spec_from_dict({"settings": ["digits-lr"],
+                               "methods": [{"name": method, "defaults": defaults}]})
+        point = sub_experiment_points(spec.methods[0])[0]
+        named = dict(point.fit) | dict(point.score)
+        assert (name in named) == (value is not None)
+        if value is not None:
+            assert named[name] == value
+        points.append((point.fit, tuple(sorted(point.score))))
+    assert len(set(points)) == len(ranks)
