@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from tdatune.data.base import ArrayDataset
+from tdatune.models.linear_chain import ChainStepper, chain_for, chain_models_in_cache
 from tdatune.models.outputs import cross_entropy
 from tdatune.models.task import Params, Task
 from tdatune.models.training import (
@@ -71,6 +73,7 @@ from tdatune.utils.atomic import (
     torch_load_verified,
 )
 from tdatune.utils.fingerprint import fingerprint_config, fingerprint_tensors
+from tdatune.utils.memory import last_level_cache_bytes
 from tdatune.utils.progress import progress
 
 # Modules whose behaviour in training mode couples examples or draws random numbers.
@@ -185,12 +188,13 @@ def train_batched(
     if recipe.optimizer == "lbfgs":
         return _train_lbfgs(task, base, params, train, masks, recipe, device, show_progress,
                             models[0])
+    model = models[0]
     del models
     every = MAX_CHUNK_SECONDS if save_seconds is None else save_seconds
     state = None if state_path is None else _ChunkState(Path(state_path), every,
                                                         _chunk_key(task, recipe, masks, seeds))
     return _train_minibatch(task, base, params, train, masks, recipe, seeds, device,
-                            show_progress, state)
+                            show_progress, model, state)
 
 
 def _chunk_key(task: Task, recipe: TrainRecipe, masks: torch.Tensor,
@@ -213,8 +217,9 @@ class _ChunkState:
     key: str
     last_save: float = 0.0
 
-    def load(self, device: torch.device) -> dict | None:
-        """The saved state when it belongs to this chunk, else None (a damaged one is said)."""
+    def load(self, device: torch.device, kind: str) -> dict | None:
+        """The state saved by the same path (``kind``) for this chunk, else None (a damaged
+        one is said)."""
         if not self.path.exists():
             return None
         try:
@@ -223,71 +228,123 @@ class _ChunkState:
             notice(f"{self.path} (an in-flight batched chunk) is damaged ({err.reason}); "
                    "training the chunk from the start")
             return None
-        if not isinstance(saved, dict) or saved.get("key") != self.key:
+        if (not isinstance(saved, dict) or saved.get("key") != self.key
+                or saved.get("path") != kind):
             return None
         notice(f"resuming a batched chunk of {len(saved['objectives'])} models after epoch "
                f"{saved['epoch'] + 1} from {self.path}")
         return saved
 
-    def maybe_save(self, epoch: int, stored: Params, opt: torch.optim.Optimizer,
-                   objectives: torch.Tensor) -> None:
+    def maybe_save(self, epoch: int, stepper: _Stepper, objectives: torch.Tensor) -> None:
         """Save after ``epoch`` when ``save_seconds`` have passed since the last save."""
         now = time.perf_counter()
         if now - self.last_save < self.save_seconds:
             return
-        atomic_torch_save(self.path, {
-            "key": self.key, "epoch": epoch, "objectives": objectives,
-            "stored": {k: v.detach() for k, v in stored.items()},
-            "optimizer": opt.state_dict(),
-        })
+        atomic_torch_save(self.path, {"key": self.key, "epoch": epoch, "objectives": objectives,
+                                      "path": stepper.kind, "state": stepper.state()})
         self.last_save = time.perf_counter()
+
+
+class _Stepper(Protocol):
+    """One lock-step optimiser step of M stacked models (autograd, or a written-out chain)."""
+
+    kind: str
+
+    def step(self, idx: torch.Tensor, lr: float) -> torch.Tensor: ...
+    def state(self) -> dict: ...
+    def load(self, saved: dict) -> None: ...
+    def params(self) -> Params: ...
+
+
+class _AutogradStepper:
+    """Any batchable model: vmapped loss, autograd, and torch's fused SGD / Adam update."""
+
+    kind = "autograd"
+
+    def __init__(self, task: Task, base: nn.Module, params: Params, x: torch.Tensor,
+                 y: torch.Tensor, recipe: TrainRecipe, probe: torch.Tensor) -> None:
+        self.x, self.y, self.wd = x, y, recipe.weight_decay
+        self.clip = recipe.grad_clip
+
+        def data_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            # train_model's objective without its L2 term, whose gradient wd * theta is added
+            # outside autograd (see below): one pass over the stacked parameters instead of
+            # an autograd graph of squares, sums and their backward over all M models.
+            return objective(task, base, p, xb, yb, 0.0)
+
+        self.losses_fn = vmap(data_loss)
+        # Keep each stacked parameter in the layout its gradient comes back in (a linear
+        # layer's weight gradient is the transpose of a batched matmul's output), so the
+        # gradient needs no strided copy; the model sees the parameter through a view in its
+        # own layout.
+        self.flipped = _transposed_gradients(self.losses_fn, params, x[probe], y[probe])
+        self.stored = {k: v.detach().transpose(-1, -2).contiguous().requires_grad_(True)
+                       if k in self.flipped else v for k, v in params.items()}
+        self.leaves = list(self.stored.values())
+        self.opt = make_optimizer(recipe, self.leaves, fused=True)
+        # The L2 term's gradient wd * theta: added by the fused update itself (SGD's and
+        # Adam's weight_decay is exactly that), or before per-model clipping when the recipe
+        # clips, since train_model clips the gradient of the whole objective.
+        for group in self.opt.param_groups:
+            group["weight_decay"] = 0.0 if self.clip is not None else self.wd
+
+    def params(self) -> Params:
+        """The stacked parameters in the model's own layout (views)."""
+        return {k: v.transpose(-1, -2) if k in self.flipped else v
+                for k, v in self.stored.items()}
+
+    def step(self, idx: torch.Tensor, lr: float) -> torch.Tensor:
+        """One step of every model on its rows ``idx``; the objectives before it."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        wd, clip = self.wd, self.clip is not None
+        losses = self.losses_fn(self.params(), self.x[idx], self.y[idx])
+        grads = torch.autograd.grad(losses.sum(), self.leaves)
+        with torch.no_grad():
+            losses = losses.detach()
+            if wd:
+                losses = losses + 0.5 * wd * _squared_norms(self.leaves)
+            for leaf, grad in zip(self.leaves, grads, strict=True):
+                if grad.stride() != leaf.stride():  # e.g. expanded: not writable in place
+                    grad = torch.empty_like(leaf).copy_(grad)
+                leaf.grad = grad.add_(leaf, alpha=wd) if wd and clip else grad
+        if clip:
+            _clip_per_model(self.leaves, self.clip)
+        self.opt.step()
+        return losses
+
+    def state(self) -> dict:
+        """The stored parameters and the optimizer's state."""
+        return {"stored": {k: v.detach() for k, v in self.stored.items()},
+                "optimizer": self.opt.state_dict()}
+
+    def load(self, saved: dict) -> None:
+        """Continue from a :meth:`state` saved by a run of the same models."""
+        with torch.no_grad():
+            for k, v in self.stored.items():
+                v.copy_(saved["stored"][k])
+        self.opt.load_state_dict(saved["optimizer"])
 
 
 def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDataset,
                      masks: torch.Tensor, recipe: TrainRecipe, seeds: Sequence[int],
-                     device: torch.device, show_progress: bool,
+                     device: torch.device, show_progress: bool, model: nn.Module,
                      state: _ChunkState | None = None) -> BatchedResult:
     index = subset_indices(masks)
     num_models, size = index.shape
     x, y = train.inputs.to(device), train.targets.to(device)
-    wd = recipe.weight_decay
-
-    def data_loss(p: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        # train_model's objective without its L2 term, whose gradient wd * theta is added
-        # outside autograd (see below): one pass over the stacked parameters instead of an
-        # autograd graph of squares, sums and their backward over all M models.
-        return objective(task, base, p, xb, yb, 0.0)
-
-    losses_fn = vmap(data_loss)
-    # Keep each stacked parameter in the layout its gradient comes back in (a linear layer's
-    # weight gradient is the transpose of a batched matmul's output), so the gradient needs
-    # no strided copy; the model sees the parameter through a view in its own layout.
-    probe = index[:, : recipe.batch_size].to(device)
-    flipped = _transposed_gradients(losses_fn, params, x[probe], y[probe])
-    stored = {k: v.detach().transpose(-1, -2).contiguous().requires_grad_(True) if k in flipped
-              else v for k, v in params.items()}
-
-    def model_view() -> Params:
-        return {k: v.transpose(-1, -2) if k in flipped else v for k, v in stored.items()}
-
-    leaves = list(stored.values())
-    opt = make_optimizer(recipe, leaves, fused=True)
-    # The L2 term's gradient wd * theta: added by the fused update itself (SGD's and Adam's
-    # weight_decay is exactly that), or before per-model clipping when the recipe clips,
-    # since train_model clips the gradient of the whole objective.
-    clip = recipe.grad_clip is not None
-    for group in opt.param_groups:
-        group["weight_decay"] = 0.0 if clip else wd
+    chain = chain_for(task, recipe, model, x, y)
+    stepper: _Stepper = (
+        ChainStepper(chain, params, x, y, recipe) if chain is not None
+        else _AutogradStepper(task, base, params, x, y, recipe,
+                              index[:, : recipe.batch_size].to(device)))
     steps_per_epoch = max(1, math.ceil(size / recipe.batch_size))
     total = recipe.epochs * steps_per_epoch
     objectives = torch.zeros(num_models, dtype=torch.float64)
     first_epoch = 0
-    saved = state.load(device) if state is not None else None
+    saved = state.load(device, stepper.kind) if state is not None else None
     if saved is not None:
-        with torch.no_grad():
-            for k, v in stored.items():
-                v.copy_(saved["stored"][k])
-        opt.load_state_dict(saved["optimizer"])
+        stepper.load(saved["state"])
         objectives, first_epoch = saved["objectives"], int(saved["epoch"]) + 1
     if state is not None:
         state.last_save = time.perf_counter()
@@ -298,28 +355,14 @@ def _train_minibatch(task: Task, base: nn.Module, params: Params, train: ArrayDa
                              for m in range(num_models)]).to(device)
         running = torch.zeros(num_models, dtype=torch.float64, device=device)
         for i, start in enumerate(range(0, size, recipe.batch_size)):
-            for group in opt.param_groups:
-                group["lr"] = recipe.lr_at(epoch * steps_per_epoch + i, total)
             idx = order[:, start : start + recipe.batch_size]
-            losses = losses_fn(model_view(), x[idx], y[idx])
-            grads = torch.autograd.grad(losses.sum(), leaves)
-            with torch.no_grad():
-                losses = losses.detach()
-                if wd:
-                    losses = losses + 0.5 * wd * _squared_norms(leaves)
-                for leaf, grad in zip(leaves, grads, strict=True):
-                    if grad.stride() != leaf.stride():  # e.g. expanded: not writable in place
-                        grad = torch.empty_like(leaf).copy_(grad)
-                    leaf.grad = grad.add_(leaf, alpha=wd) if wd and clip else grad
-            if clip:
-                _clip_per_model(leaves, recipe.grad_clip)
-            opt.step()
+            losses = stepper.step(idx, recipe.lr_at(epoch * steps_per_epoch + i, total))
             running += losses.double() * idx.shape[1]
         objectives = (running / size).cpu()
         _check_finite(task, objectives, epoch, recipe)
         if state is not None and epoch + 1 < recipe.epochs:
-            state.maybe_save(epoch, stored, opt, objectives)
-    return BatchedResult(params={k: v.detach().contiguous() for k, v in model_view().items()},
+            state.maybe_save(epoch, stepper, objectives)
+    return BatchedResult(params={k: v.detach().contiguous() for k, v in stepper.params().items()},
                          objectives=objectives)
 
 
@@ -612,10 +655,14 @@ def activation_numel(task: Task, example: torch.Tensor) -> int:
 
 def models_per_chunk(task: Task, recipe: TrainRecipe, train: ArrayDataset, *,
                      device: torch.device | str = "cpu", memory_bytes: int | None = None,
-                     subset_size: int | None = None) -> int:
+                     subset_size: int | None = None, cache_bytes: int | None = None) -> int:
     """How many models fit in one batched chunk within ``memory_bytes`` (default: 2 GiB on
     CPU, 60% of the free memory on a GPU), estimated from parameters, optimizer state and the
-    activations of the rows each model processes per step."""
+    activations of the rows each model processes per step.
+
+    On a CPU, a model trained by the written-out chain path
+    (:mod:`tdatune.models.linear_chain`) takes no more models than fill half the last-level
+    cache (``cache_bytes``, default: read from the system), where they stay between steps."""
     device = torch.device(device)
     if memory_bytes is None:
         if device.type == "cuda":
@@ -634,7 +681,14 @@ def models_per_chunk(task: Task, recipe: TrainRecipe, train: ArrayDataset, *,
         param_copies = 5  # parameters, gradients, optimizer state
     acts = activation_numel(task, train.inputs[0]) + train.inputs[0].numel()
     per_model = itemsize * (p * param_copies + 3 * rows * acts)
-    return max(1, int(memory_bytes // max(per_model, 1)))
+    fit = max(1, int(memory_bytes // max(per_model, 1)))
+    if device.type != "cpu":
+        return fit
+    chain = chain_for(task, recipe, model, train.inputs[:1], train.targets[:1])
+    cache = last_level_cache_bytes() if cache_bytes is None else cache_bytes
+    if chain is None or cache is None:
+        return fit
+    return min(fit, chain_models_in_cache(chain, rows, itemsize, cache))
 
 
 class ChunkPlanner:
