@@ -79,3 +79,29 @@ def test_standin_from_fashion_idx_dir(tmp_path):
 def test_to_rgb32_keeps_constant_images_constant():
     x = torch.full((2, 784), 0.25)
     assert torch.allclose(to_rgb32(x), torch.full((2, 3, 32, 32), 0.25))
+
+
+def test_the_stand_in_is_the_same_bytes_on_any_thread_count(tmp_path):
+    """The standardisation constants are float64 sums in a fixed order: the stand-in's bytes
+    (which identify every model trained on it) do not depend on how many threads torch uses.
+    Before, a float32 mean split over 1 or 2 threads gave different images."""
+    written = write_mnist_dir(tmp_path, n_train=6000, n_test=150, seed=3)
+    before = torch.get_num_threads()
+    try:
+        loaded = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            loaded.append(load_cifar2_splits(1000, 10, 10, seed=2, data_dir=tmp_path))
+    finally:
+        torch.set_num_threads(before)
+    one, two = loaded
+    assert torch.equal(one.train.inputs, two.train.inputs)
+    assert one.info["pixel_mean"] == two.info["pixel_mean"]
+    # The constants are the float64 mean and sample deviation of the drawn training pixels
+    # (class 0 and 1 images scaled to [0, 1] in float32), worked here with numpy on the same draw.
+    keep = np.isin(written["train_labels"], [0, 1])
+    pool = (written["train_images"][keep].reshape(int(keep.sum()), -1).astype(np.float32)
+            / np.float32(255.0)).astype(np.float64)  # the loader's float32 pixels
+    drawn = torch.randperm(len(pool), generator=torch.Generator().manual_seed(2))[:1000].numpy()
+    assert one.info["pixel_mean"] == pytest.approx(float(pool[drawn].mean()), rel=1e-12)
+    assert one.info["pixel_std"] == pytest.approx(float(pool[drawn].std(ddof=1)), rel=1e-12)

@@ -131,7 +131,10 @@ def load_cifar2_splits(
     (x_tr, y_tr), (x_te, y_te) = parts
     train, val, test = _split_draws(x_tr, y_tr, x_te, y_te, n_train, n_val, n_test, gen,
                                     "cifar2 stand-in")
-    mean, std = float(train.inputs.mean()), float(train.inputs.std())
+    # float64 in numpy's fixed summation order: a float32 torch mean is split over threads,
+    # and its rounding (so the stand-in's bytes) would change with the thread count.
+    pixels = train.inputs.double().numpy()
+    mean, std = float(pixels.mean()), float(pixels.std(ddof=1))
     train, val, test = (ArrayDataset(to_rgb32((d.inputs - mean) / std), d.targets)
                         for d in (train, val, test))
     names = f"{FASHION_CLASSES[standin_classes[0]]} vs {FASHION_CLASSES[standin_classes[1]]}"
