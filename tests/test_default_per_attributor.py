@@ -9,7 +9,7 @@ from tdatune.select.default import choose_lambda, default_rule, parse_rule
 
 
 def test_each_attributor_gets_its_default_rule():
-    assert default_rule("kfac") == default_rule("ekfac") == "per_layer"
+    assert default_rule("kfac") == default_rule("ekfac") == "agree"
     assert default_rule("if_arnoldi") == "top:0.001"
     assert default_rule("logra", {"blocks": "layer"}) == "quantile:0.7"
     assert default_rule("logra", {"blocks": "joint"}) == "quantile"

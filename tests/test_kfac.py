@@ -339,15 +339,15 @@ def problem(seed: int, n_val: int) -> tuple:
 
 
 @pytest.mark.filterwarnings("ignore:the selected damping")
-def test_attribute_picks_one_damping_per_layer_for_kfac_by_default():
-    """``attribute()`` with K-FAC and no lambda: the default rule is per layer, 0.1 x each
-    layer's mean Kronecker eigenvalue (worked densely here), and the scores are the dense
-    layer-by-layer solve at those dampings; an explicit {layer: value} is used as given."""
+def test_attribute_picks_one_damping_per_layer_for_kfac_by_rule_per_layer():
+    """``attribute()`` with K-FAC and rule per_layer: 0.1 x each layer's mean Kronecker
+    eigenvalue (worked densely here), and the scores are the dense layer-by-layer solve at
+    those dampings; an explicit {layer: value} is used as given."""
     from tdatune.study.attribute import attribute
 
     model, (x, y), (xv, yv), (xe, ye), task = problem(13, 6)
     result = attribute(task, (x, y), (xe, ye), val=(xv, yv), checkpoints=[model.state_dict()],
-                       attributor="kfac")
+                       attributor="kfac", rule="per_layer")
     layers: list = []
     dense_scores(model, (x, y), (xe, ye), 1.0, "kfac", layers)
     want_lams = [0.1 * float(k.mean()) for k in layers]
@@ -367,19 +367,23 @@ def test_attribute_picks_one_damping_per_layer_for_kfac_by_default():
 
 
 @pytest.mark.filterwarnings("ignore:the selected damping")
-def test_a_cells_default_selection_is_kfacs_per_layer_damping_and_its_lds(tmp_path):
-    """What a sweep cell records as the product's own choice: for K-FAC, per layer 0.1 x each
-    layer's mean eigenvalue (dense), and the LDS of the dense per-layer scores summed over each
-    subset against the outputs (scipy's Spearman, per explained example, averaged)."""
+def test_a_cells_default_selection_is_kfacs_agreement_damping_and_its_lds(tmp_path):
+    """What a sweep cell records as the product's own choice for K-FAC (rule "agree"): the
+    per-layer dampings 0.1 x each layer's mean eigenvalue (dense); the agreement curve, each
+    grid lambda's dense K-FAC subset sums on the validation set against IFFIM's at its own
+    damping (scipy's Spearman per example, averaged); the lowered damping exactly when the
+    curve's first maximum is below the largest per-layer damping; and the LDS of the dense
+    scores at the damping used."""
     import numpy as np
     from scipy.stats import spearmanr
 
     from tdatune.evaluate.groundtruth import GroundTruth, GroundTruthConfig
+    from tdatune.select.damping_choice import choose_damping
     from tdatune.study.diagnosis import default_selection
 
     model, (x, y), (xv, yv), (xe, ye), task = problem(14, 5)
-    att = make_attributor("kfac").fit(AttributionContext(task, ArrayDataset(x, y),
-                                                         [model.state_dict()]))
+    context = AttributionContext(task, ArrayDataset(x, y), [model.state_dict()])
+    att = make_attributor("kfac").fit(context)
     rng = np.random.default_rng(0)
     masks = rng.random((10, 30)) < 0.5
     outputs = rng.standard_normal((10, 1, 4))
@@ -389,9 +393,29 @@ def test_a_cells_default_selection_is_kfacs_per_layer_damping_and_its_lds(tmp_pa
     layers: list = []
     dense_scores(model, (x, y), (xe, ye), 1.0, "kfac", layers)
     lams = [0.1 * float(k.mean()) for k in layers]
-    assert record["rule"] == "per_layer"
-    assert record["blocks"] == pytest.approx(dict(zip(["0", "2", "4"], lams, strict=True)), rel=1e-6)
-    preds = dense_scores(model, (x, y), (xe, ye), lams, "kfac").numpy() @ masks.T
+    agreement = record["agreement"]
+    assert record["rule"] == "agree"
+    assert agreement["per_layer"] == pytest.approx(lams, rel=1e-6)
+    # The curve, recomputed: the same 50 seeded half-subsets, dense K-FAC on the validation set.
+    subsets = (torch.rand(50, 30, generator=torch.Generator().manual_seed(0)) < 0.5).numpy()
+    reference = make_attributor("iffim").fit(context)
+    ref_lam = choose_damping(reference, ArrayDataset(xv, yv)).lam
+    ref = reference.lambda_path(ArrayDataset(xv, yv)).subset_predictions(
+        torch.from_numpy(subsets), [ref_lam])[0].numpy()
+    curve = []
+    for lam in agreement["grid"]:
+        pred = dense_scores(model, (x, y), (xv, yv), lam, "kfac").numpy() @ subsets.T
+        curve.append(np.nanmean([spearmanr(pred[j], ref[j])[0] for j in range(len(xv))]))
+    # (at the smallest lambda, 1e-2 x the smallest eigenvalue, float32 against the dense float64
+    # solve moves a few ranks: 2e-4 here)
+    assert agreement["agreement"] == pytest.approx(curve, abs=1e-3)
+    assert agreement["agreement"][1:] == pytest.approx(curve[1:], abs=1e-6)
+    pick = agreement["grid"][int(np.argmax(np.round(curve, 9)))]
+    assert agreement["agree_lambda"] == pytest.approx(pick)
+    assert agreement["lowered"] == (pick < max(lams))
+    used = pick if agreement["lowered"] else lams
+    assert record["lambda"] == pytest.approx(used, rel=1e-6)
+    preds = dense_scores(model, (x, y), (xe, ye), used, "kfac").numpy() @ masks.T
     want = np.mean([spearmanr(preds[j], outputs[:, 0, j])[0] for j in range(4)])
     assert record["lds"] == pytest.approx(want, abs=1e-9)
 

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from tdatune.attributors.lambda_path import LambdaPath
-from tdatune.evaluate.lds import pearson_rows, spearman_rows
 from tdatune.select.centered import centered_indicator
 from tdatune.utils.checks import check_shape
+from tdatune.utils.correlation import pearson_rows, spearman_rows
 
 ORTHOGONALITY_RTOL = 1e-6
 

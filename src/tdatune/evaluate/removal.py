@@ -29,9 +29,9 @@ import torch
 
 from tdatune.data.base import ArrayDataset
 from tdatune.evaluate.groundtruth import PairedSeeds, build_ground_truth
-from tdatune.evaluate.lds import pearson_rows, spearman_rows
 from tdatune.models.task import Task
 from tdatune.models.training import TrainFunction, TrainRecipe
+from tdatune.utils.correlation import pearson_rows, spearman_rows
 
 
 @dataclass(frozen=True)

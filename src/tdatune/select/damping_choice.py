@@ -1,5 +1,9 @@
 """The damping an attributor uses when none is given: its default rule (or the one asked for),
-one lambda or one per block, with Algorithm 1's diagnostics beside it."""
+one lambda or one per block, with Algorithm 1's diagnostics beside it.
+
+``"agree"`` (K-FAC's and EK-FAC's default) is the per-layer damping lowered toward a reference
+attributor's agreement (:mod:`tdatune.select.agreement`); it fits the reference (IFFIM) on the
+attributor's own training context."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import torch
 
 from tdatune.attributors.base import Attributor
 from tdatune.data.base import ArrayDataset
-from tdatune.select.blockwise import block_rule_lambdas, is_block_rule
+from tdatune.select.agreement import AGREE, Agreement, agreement_damping
+from tdatune.select.blockwise import PER_LAYER, block_rule_lambdas, is_block_rule
 from tdatune.select.default import choose_lambda, default_rule
 from tdatune.select.surrogate import Selection
 
@@ -25,6 +30,7 @@ class DampingChoice:
     lam: float | list[float]
     selection: Selection
     block_names: list[str] | None = None
+    agreement: Agreement | None = None
 
     @property
     def per_block(self) -> bool:
@@ -45,6 +51,8 @@ class DampingChoice:
                                "status": self.selection.status}
         if self.per_block:
             out["blocks"] = self.by_block()
+        if self.agreement is not None:
+            out["agreement"] = self.agreement.to_dict()
         return out
 
     def describe(self) -> str:
@@ -56,12 +64,22 @@ class DampingChoice:
 
 
 def choose_damping(att: Attributor, val: ArrayDataset, *, rule: str | None = None,
-                   threshold: float = 0.5, grid: torch.Tensor | None = None) -> DampingChoice:
+                   threshold: float = 0.5, grid: torch.Tensor | None = None,
+                   reference: Attributor | None = None) -> DampingChoice:
     """The damping of ``rule`` (default: the attributor's own, :func:`default_rule`) on the
     validation set ``val`` of a fitted eigen-based attributor, without retraining; ``grid``:
-    Algorithm 1's scan grid (default :func:`tdatune.select.surrogate.select_lambda`'s)."""
+    Algorithm 1's scan grid (default :func:`tdatune.select.surrogate.select_lambda`'s);
+    ``reference``: the fitted reference of ``"agree"`` (default: IFFIM, fitted here)."""
     rule = default_rule(att.name, att.params) if rule is None else rule
     sigma, c_val = att.surrogate_spectrum(val)
+    if rule == AGREE:
+        path = att.lambda_path(val)  # type: ignore[attr-defined]
+        per_layer = block_rule_lambdas(path, PER_LAYER, threshold=threshold)
+        agreement = agreement_damping(att, val, per_layer, reference=reference)
+        selection = choose_lambda(sigma, c_val, threshold=threshold, grid=grid)
+        lam = agreement.lam
+        return DampingChoice(rule, lam, selection,
+                             path.block_names() if isinstance(lam, list) else None, agreement)
     if is_block_rule(rule):
         path = att.lambda_path(val)  # type: ignore[attr-defined]
         lams = block_rule_lambdas(path, rule, threshold=threshold)

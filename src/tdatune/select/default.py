@@ -18,10 +18,13 @@ best on the other settings, and a rule replaces the global 0.9 quantile only whe
 out of sample in mean and worst gap on at least three settings (``docs/study.md``, "The
 default per attributor, chosen out of sample"; 180 cells, 8 settings). K-FAC and EK-FAC take
 Kronfluence's 0.1 x mean eigenvalue per layer (a constant of the literature, not fitted here),
-Arnoldi's truncated spectrum 0.001 x its top eigenvalue, LoGra with one block per layer the 0.7
-quantile of its whole spectrum, and every other attributor the 0.9 quantile. Whatever the
-rule, the returned ``Selection`` keeps Algorithm 1's curve, its lambda (``xi_lambda``) and its
-reliability signals, whose ``distance`` is the disagreement of xi and the quantile.
+lowered to one smaller damping when a reference attributor's predictions agree best there
+(``"agree"``, :mod:`tdatune.select.agreement`: chosen on seed 0 of the study settings, judged
+on seeds 1 and 2 and on three new families), Arnoldi's truncated spectrum 0.001 x its top
+eigenvalue, LoGra with one block per layer the 0.7 quantile of its whole spectrum, and every
+other attributor the 0.9 quantile. Whatever the rule, the returned ``Selection`` keeps
+Algorithm 1's curve, its lambda (``xi_lambda``) and its reliability signals, whose
+``distance`` is the disagreement of xi and the quantile.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ DEFAULT_RULE = "quantile"  # attributors without an entry in ATTRIBUTOR_DEFAULTS
 QUANTILE = 0.9
 TOP_FRACTION = 0.01
 # The default rule per attributor ("logra:layer": LoGra with blocks="layer"); see the docstring.
-ATTRIBUTOR_DEFAULTS = {"kfac": "per_layer", "ekfac": "per_layer", "if_arnoldi": "top:0.001",
+ATTRIBUTOR_DEFAULTS = {"kfac": "agree", "ekfac": "agree", "if_arnoldi": "top:0.001",
                        "logra:layer": "quantile:0.7"}
 
 
