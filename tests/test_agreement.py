@@ -42,3 +42,15 @@ def test_lowered_damping_by_hand(curve, per_layer, pick, lowered):
 def test_no_agreement_at_all_keeps_the_per_layer_damping():
     pick, lowered = lowered_damping(GRID, np.full(4, np.nan), [1e-3])
     assert np.isnan(pick) and lowered is False
+
+
+def test_the_damping_used_is_the_pick_only_when_lowered():
+    from tdatune.select.agreement import Agreement
+
+    def made(lowered: bool) -> Agreement:
+        return Agreement(grid=GRID, agreement=[0.1, 0.9, 0.2, 0.0], reference_lambda=1e-3,
+                         agree_lambda=1e-6, per_layer=[2e-5, 4e-4], lowered=lowered)
+
+    assert made(True).lam == 1e-6
+    assert made(False).lam == [2e-5, 4e-4]
+    assert made(True).to_dict()["lowered"] is True
