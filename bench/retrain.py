@@ -14,6 +14,7 @@ checked against the sequential ones for the K shared subsets.
 
     python bench/retrain.py                          # mnist-lr and mnist-mlp, M = 50
     python bench/retrain.py --epochs 5 --threads 1   # shorter MLP recipe, one thread
+    python bench/retrain.py --settings mnist-mlp --chunk-sizes 5 10 25 50   # batched only
 """
 
 from __future__ import annotations
@@ -125,6 +126,27 @@ def bench_setting(name: str, models: int, k: int, epochs: int | None, device: to
             "ceiling": peak / achieved, "of_roofline": flops * batched_rate / peak}
 
 
+def chunk_sizes(name: str, models: int, sizes: list[int], repeats: int,
+                device: torch.device) -> None:
+    """The batched path alone, on the same M models cut into chunks of each size."""
+    setting = get_setting(name)
+    splits, task = setting.build()
+    train, explained, recipe = splits.train, splits.test, setting.recipe
+    masks = sample_subsets(len(train), GroundTruthConfig(n_subsets=models, alpha=0.5))
+    print(f"\n{name}: M={models}, batched models/s by chunk size ({repeats} runs each, "
+          f"interleaved), torch threads {torch.get_num_threads()}")
+    rates: dict[int, list[float]] = {c: [] for c in sizes}
+    for _ in range(repeats):
+        for size in sizes:
+            start = time.perf_counter()
+            for i in range(0, models, size):
+                retrain_outputs_batched(task, recipe, train, explained, masks[i : i + size],
+                                        list(range(i, min(i + size, models))), device=device)
+            rates[size].append(models / (time.perf_counter() - start))
+    for size in sizes:
+        print(f"  chunks of {size:3d}: " + ", ".join(f"{r:.2f}" for r in rates[size]))
+
+
 def main() -> None:
     """Parse flags and run the benchmark for each setting."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -136,8 +158,15 @@ def main() -> None:
                         help="override the recipe's epochs (L-BFGS: calls of lbfgs_iters)")
     add_machine_flags(parser)
     parser.add_argument("--no-dattri", action="store_true", help="skip the dattri loop")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=None,
+                        help="time only the batched path, with chunks of each size")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per chunk size")
     args = parser.parse_args()
     device = setup_machine(args)
+    if args.chunk_sizes:
+        for name in args.settings:
+            chunk_sizes(name, args.models, args.chunk_sizes, args.repeats, device)
+        return
     k = min(args.sequential_models, args.models)
     for name in args.settings:
         bench_setting(name, args.models, k, args.epochs, device, not args.no_dattri)
