@@ -54,3 +54,37 @@ def test_the_damping_used_is_the_pick_only_when_lowered():
     assert made(True).lam == 1e-6
     assert made(False).lam == [2e-5, 4e-4]
     assert made(True).to_dict()["lowered"] is True
+
+
+def test_attribute_checks_the_memory_of_the_reference_that_agree_fits():
+    """K-FAC's own estimate fits 60 MiB here, IFFIM's (a 3000 x 3000 kernel) does not: the
+    default rule "agree" is refused before any work, naming its reference; rule="per_layer"
+    (no reference) runs."""
+    import warnings
+    from functools import partial
+
+    import torch
+
+    from tdatune.features.budget import BudgetWarning, DoesNotFit
+    from tdatune.models.small import MLP
+    from tdatune.models.task import Task
+    from tdatune.study.attribute import attribute, attribute_estimate
+
+    task = Task(make_model=partial(MLP, 64, (16,), 10), name="m")
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3000, 64, generator=gen), torch.randint(0, 10, (3000,), generator=gen)
+    train, val, test = (x, y), (x[:40], y[:40]), (x[:5], y[:5])
+    budget = 60 << 20
+    sizes = {a: attribute_estimate(task, train, val, attributor=a).memory_bytes
+             for a in ("kfac", "iffim")}
+    assert sizes["kfac"] < budget < sizes["iffim"]
+    state = task.make_model().state_dict()
+    with pytest.raises(DoesNotFit, match="iffim reference"):
+        attribute(task, train, test, val=val, checkpoints=[state], attributor="kfac",
+                  memory_budget=budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetWarning)
+        warnings.filterwarnings("ignore", "the selected damping")
+        done = attribute(task, train, test, val=val, checkpoints=[state], attributor="kfac",
+                         memory_budget=budget, rule="per_layer")
+    assert done.damping.rule == "per_layer"

@@ -20,7 +20,9 @@ from tdatune.features.budget import AttributionEstimate, PathEstimate, check_att
 from tdatune.models.checkpoints import as_checkpoints
 from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, train_model
+from tdatune.select.agreement import AGREE, REFERENCE
 from tdatune.select.damping_choice import DampingChoice, choose_damping
+from tdatune.select.default import default_rule
 from tdatune.select.surrogate import Selection, default_lambda_grid
 
 
@@ -125,6 +127,15 @@ def attribute(
         if estimate is not None:
             check_attribution(estimate, budget=memory_budget,
                               what=f"attribute() with {attributor}", stacklevel=2)
+        if selects and (rule or default_rule(att.name, att.params)) == AGREE:
+            # rule "agree" fits IFFIM on the same training data, its path on val
+            reference = _estimate(make_attributor(REFERENCE), task, train_d, val_d, 0,
+                                  _checkpoint_count(checkpoints, training))
+            if reference is not None:
+                check_attribution(reference, budget=memory_budget,
+                                  what=f"the {REFERENCE} reference of {attributor}'s damping "
+                                       f"rule '{AGREE}' (rule='per_layer' skips it)",
+                                  stacklevel=2)
     if checkpoints is not None:
         states: list[Params] = as_checkpoints(task, checkpoints)
     elif training is not None:
