@@ -135,15 +135,37 @@ class ChainStepper:
         self.x = inputs.reshape(len(inputs), -1)
         self.y = targets.long()
         self.momentum, self.wd = float(recipe.momentum), float(recipe.weight_decay)
-        # Weights as [M, in, out] (the transpose of nn.Linear's layout): h @ W forward, and
-        # the gradient a^T delta comes out in this layout, contiguous.
-        self.weights = [params[layer.weight].detach().transpose(-1, -2).contiguous()
-                        for layer in chain]
-        num_models = self.weights[0].shape[0]
-        self.biases = [params[layer.bias].detach().reshape(num_models, 1, -1).clone()
-                       if layer.bias else None for layer in chain]
-        self.buf_w = [torch.zeros_like(w) for w in self.weights]
-        self.buf_b = [torch.zeros_like(b) if b is not None else None for b in self.biases]
+        # Every model's parameters in one [M, P] tensor and the momentum in another, so the
+        # update and the squared norms are one pass each. Weights are [M, in, out] views (the
+        # transpose of nn.Linear's layout): h @ W forward, and the gradient a^T delta comes
+        # out in this layout; biases [M, 1, out] views.
+        first = params[chain[0].weight]
+        num_models = first.shape[0]
+        sizes = [(layer.in_features * layer.out_features,
+                  layer.out_features if layer.bias else 0) for layer in chain]
+        total = sum(w + b for w, b in sizes)
+        self.flat = torch.empty(num_models, total, dtype=first.dtype, device=first.device)
+        self.buf = torch.zeros_like(self.flat)
+        self.weights, self.biases, self.buf_w, self.buf_b = [], [], [], []
+        at = 0
+        for layer, (w_size, b_size) in zip(chain, sizes, strict=True):
+            shape = (num_models, layer.in_features, layer.out_features)
+            for store, mom, size, view, name in (
+                    (self.weights, self.buf_w, w_size, shape, layer.weight),
+                    (self.biases, self.buf_b, b_size, (num_models, 1, layer.out_features),
+                     layer.bias)):
+                if name is None:
+                    store.append(None)
+                    mom.append(None)
+                    continue
+                store.append(self.flat[:, at : at + size].view(view))
+                mom.append(self.buf[:, at : at + size].view(view))
+                at += size
+        with torch.no_grad():
+            for layer, w, b in zip(chain, self.weights, self.biases, strict=True):
+                w.copy_(params[layer.weight].detach().transpose(-1, -2))
+                if b is not None:
+                    b.copy_(params[layer.bias].detach().reshape(b.shape))
         self._rows = torch.empty(0, dtype=self.x.dtype, device=self.x.device)
         self._neg: torch.Tensor | None = None
         self._one: torch.Tensor | None = None
@@ -180,12 +202,11 @@ class ChainStepper:
                 self.buf_b[i].baddbmm_(ones, delta, beta=self.momentum, alpha=1.0 / batch)
             if i > 0:
                 delta = torch.bmm(delta, self.weights[i].transpose(-1, -2))
-        values = [v for v in self.weights + self.biases if v is not None]
-        bufs = [v for v in self.buf_w + self.buf_b if v is not None]
         if self.wd:
-            losses += 0.5 * self.wd * self._squared_norms()
-            torch._foreach_add_(bufs, values, alpha=self.wd)
-        torch._foreach_add_(values, bufs, alpha=-lr)
+            norms = torch.linalg.vector_norm(self.flat, dim=1)
+            losses += 0.5 * self.wd * norms * norms
+            self.buf.add_(self.flat, alpha=self.wd)
+        self.flat.add_(self.buf, alpha=-lr)
         return losses
 
     def _minus_ones(self, target: torch.Tensor) -> torch.Tensor:
@@ -201,23 +222,15 @@ class ChainStepper:
             self._one = torch.ones(num_models, 1, batch, dtype=self.x.dtype, device=self.x.device)
         return self._one
 
-    def _squared_norms(self) -> torch.Tensor:
-        num_models = self.weights[0].shape[0]
-        return sum(torch.linalg.vector_norm(v.reshape(num_models, -1), dim=1) ** 2
-                   for v in self.weights + self.biases if v is not None)
-
     def state(self) -> dict:
         """What a resumed run needs: the parameters and the momentum buffers."""
-        return {"weights": self.weights, "biases": self.biases, "buf_w": self.buf_w,
-                "buf_b": self.buf_b}
+        return {"flat": self.flat, "buf": self.buf}
 
     def load(self, saved: dict) -> None:
         """Continue from a :meth:`state` saved by a run of the same models."""
         with torch.no_grad():
-            for key in ("weights", "biases", "buf_w", "buf_b"):
-                for mine, theirs in zip(getattr(self, key), saved[key], strict=True):
-                    if mine is not None:
-                        mine.copy_(theirs)
+            self.flat.copy_(saved["flat"])
+            self.buf.copy_(saved["buf"])
 
     def params(self) -> Params:
         """The stacked parameters in the model's own layout ``[M, ...]``."""
