@@ -57,15 +57,15 @@ def test_the_damping_used_is_the_pick_only_when_lowered():
 
 
 def test_attribute_checks_the_memory_of_the_reference_that_agree_fits():
-    """K-FAC's own estimate fits 60 MiB here, IFFIM's (a 3000 x 3000 kernel) does not: the
-    default rule "agree" is refused before any work, naming its reference; rule="per_layer"
-    (no reference) runs."""
+    """K-FAC's own estimate fits 60 MiB here, IFFIM's (a 3000 x 3000 kernel) does not. Asked
+    for by name, "agree" is refused before any work, naming its reference; as the default, the
+    per-layer damping is used instead, with a warning."""
     import warnings
     from functools import partial
 
     import torch
 
-    from tdatune.features.budget import BudgetWarning, DoesNotFit
+    from tdatune.features.budget import DoesNotFit
     from tdatune.models.small import MLP
     from tdatune.models.task import Task
     from tdatune.study.attribute import attribute, attribute_estimate
@@ -81,10 +81,11 @@ def test_attribute_checks_the_memory_of_the_reference_that_agree_fits():
     state = task.make_model().state_dict()
     with pytest.raises(DoesNotFit, match="iffim reference"):
         attribute(task, train, test, val=val, checkpoints=[state], attributor="kfac",
-                  memory_budget=budget)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BudgetWarning)
-        warnings.filterwarnings("ignore", "the selected damping")
+                  memory_budget=budget, rule="agree")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         done = attribute(task, train, test, val=val, checkpoints=[state], attributor="kfac",
-                         memory_budget=budget, rule="per_layer")
+                         memory_budget=budget)
     assert done.damping.rule == "per_layer"
+    assert any("using rule 'per_layer' instead" in str(w.message) for w in caught)
+    assert not any(isinstance(w.message, DoesNotFit) for w in caught)

@@ -13,10 +13,15 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import AttributionContext, Attributor
-from tdatune.attributors.damping import Damping, block_lambdas
+from tdatune.attributors.damping import PER_LAYER, Damping, block_lambdas
 from tdatune.attributors.registry import make_attributor
 from tdatune.data.base import ArrayDataset, as_split
-from tdatune.features.budget import AttributionEstimate, PathEstimate, check_attribution
+from tdatune.features.budget import (
+    AttributionEstimate,
+    DoesNotFit,
+    PathEstimate,
+    check_attribution,
+)
 from tdatune.models.checkpoints import as_checkpoints
 from tdatune.models.task import Params, Task, check_task
 from tdatune.models.training import TrainFunction, TrainRecipe, train_model
@@ -128,14 +133,8 @@ def attribute(
             check_attribution(estimate, budget=memory_budget,
                               what=f"attribute() with {attributor}", stacklevel=2)
         if selects and (rule or default_rule(att.name, att.params)) == AGREE:
-            # rule "agree" fits IFFIM on the same training data, its path on val
-            reference = _estimate(make_attributor(REFERENCE), task, train_d, val_d, 0,
-                                  _checkpoint_count(checkpoints, training))
-            if reference is not None:
-                check_attribution(reference, budget=memory_budget,
-                                  what=f"the {REFERENCE} reference of {attributor}'s damping "
-                                       f"rule '{AGREE}' (rule='per_layer' skips it)",
-                                  stacklevel=2)
+            rule = _agree_or_per_layer(task, train_d, val_d, attributor, rule, memory_budget,
+                                       _checkpoint_count(checkpoints, training))
     if checkpoints is not None:
         states: list[Params] = as_checkpoints(task, checkpoints)
     elif training is not None:
@@ -181,6 +180,30 @@ def attribute(
                              (lam if damped else float("nan")),
                              selection=selection, attributor=att,
                              context=context, plot=figure, damping=choice)
+
+
+def _agree_or_per_layer(task: Task, train: ArrayDataset, val: ArrayDataset, attributor: str,
+                        rule: str | None, budget: int | None, checkpoints: int | None
+                        ) -> str | None:
+    """Rule "agree" fits IFFIM on the same training data (its path on ``val``): check that it
+    fits. Asked for by name, a reference that does not fit is refused; as the default, the
+    per-layer damping is used instead, with a warning."""
+    reference = _estimate(make_attributor(REFERENCE), task, train, val, 0, checkpoints)
+    if reference is None:
+        return rule
+    what = (f"the {REFERENCE} reference of {attributor}'s damping rule '{AGREE}' "
+            "(rule='per_layer' skips it)")
+    if rule is not None:
+        check_attribution(reference, budget=budget, what=what, stacklevel=3)
+        return rule
+    try:
+        check_attribution(reference, budget=budget, what=what, stacklevel=3)
+    except DoesNotFit as err:
+        warnings.warn(f"{attributor}'s default damping rule '{AGREE}' needs {REFERENCE} as a "
+                      f"reference, which does not fit ({err}); using rule 'per_layer' instead",
+                      UserWarning, stacklevel=3)
+        return PER_LAYER
+    return rule
 
 
 def _block_values(att: Attributor, explained: ArrayDataset, lam: Damping) -> list[float]:
