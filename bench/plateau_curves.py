@@ -33,6 +33,7 @@ import torch
 from common import add_machine_flags, add_sweep_flags, conditions, setup_machine, sweep_workspace
 from tdatune.attributors import make_attributor
 from tdatune.evaluate.lds import spearman_rows
+from tdatune.select.agreement import agreement_curve
 
 SUBSETS = 50
 
@@ -62,8 +63,8 @@ def _curve(label: str, method: str, cell: dict, path, masks: torch.Tensor,
     lines = [("lambda / top", [x / top for x in lams]), ("LDS", ldss), ("vs min", vs_min),
              ("vs next", vs_next)]
     if reference is not None:
-        vs_ref = [float(np.nanmean(spearman_rows(p, reference))) for p in preds]
-        pick = int(np.nanargmax(vs_ref))
+        vs_ref = [float(x) for x in agreement_curve(preds, reference)]
+        pick = int(np.nanargmax(vs_ref))  # the first maximum, as lowered_damping takes it
         curve.update(vs_ref=vs_ref, ref_pick=pick, gap_at_ref=best - ldss[pick])
         lines.append(("vs ref", vs_ref))
     print(f"{label} {method}: LDS lost at the smallest lambda {curve['gap_at_min']:.3f}, at the "

@@ -68,8 +68,7 @@ def find_linear_chain(task: Task, model: nn.Module, example: torch.Tensor) -> \
     named = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
     if not layers or named != {k for k, _ in model.named_parameters()}:
         return None
-    widths = [layers[0].in_features] + [layer.out_features for layer in layers]
-    if widths[0] != example.numel() or any(
+    if layers[0].in_features != example.numel() or any(
             a.out_features != b.in_features for a, b in itertools.pairwise(layers)):
         return None
     chain = tuple(layers)
@@ -140,27 +139,30 @@ class ChainStepper:
         # transpose of nn.Linear's layout): h @ W forward, and the gradient a^T delta comes
         # out in this layout; biases [M, 1, out] views.
         first = params[chain[0].weight]
-        num_models = first.shape[0]
-        sizes = [(layer.in_features * layer.out_features,
-                  layer.out_features if layer.bias else 0) for layer in chain]
-        total = sum(w + b for w, b in sizes)
-        self.flat = torch.empty(num_models, total, dtype=first.dtype, device=first.device)
+        m = first.shape[0]
+        total = sum(layer.in_features * layer.out_features
+                    + (layer.out_features if layer.bias else 0) for layer in chain)
+        self.flat = torch.empty(m, total, dtype=first.dtype, device=first.device)
         self.buf = torch.zeros_like(self.flat)
-        self.weights, self.biases, self.buf_w, self.buf_b = [], [], [], []
         at = 0
-        for layer, (w_size, b_size) in zip(chain, sizes, strict=True):
-            shape = (num_models, layer.in_features, layer.out_features)
-            for store, mom, size, view, name in (
-                    (self.weights, self.buf_w, w_size, shape, layer.weight),
-                    (self.biases, self.buf_b, b_size, (num_models, 1, layer.out_features),
-                     layer.bias)):
-                if name is None:
-                    store.append(None)
-                    mom.append(None)
-                    continue
-                store.append(self.flat[:, at : at + size].view(view))
-                mom.append(self.buf[:, at : at + size].view(view))
-                at += size
+
+        def carve(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            """The next [M, ...] views of the parameters and of the momentum."""
+            nonlocal at
+            size = shape[1] * shape[2]
+            views = (self.flat[:, at : at + size].view(shape),
+                     self.buf[:, at : at + size].view(shape))
+            at += size
+            return views
+
+        self.weights, self.buf_w, self.biases, self.buf_b = [], [], [], []
+        for layer in chain:
+            w, bw = carve((m, layer.in_features, layer.out_features))
+            b, bb = carve((m, 1, layer.out_features)) if layer.bias else (None, None)
+            self.weights.append(w)
+            self.buf_w.append(bw)
+            self.biases.append(b)
+            self.buf_b.append(bb)
         with torch.no_grad():
             for layer, w, b in zip(chain, self.weights, self.biases, strict=True):
                 w.copy_(params[layer.weight].detach().transpose(-1, -2))

@@ -24,15 +24,13 @@ judged on seeds 1 and 2 and on three model families no rule had seen (``docs/stu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from tdatune.attributors.base import Attributor
-from tdatune.attributors.registry import make_attributor
-from tdatune.data.base import ArrayDataset
+from tdatune.attributors.lambda_path import LambdaPath
 from tdatune.select.surrogate import default_lambda_grid
 from tdatune.utils.correlation import spearman_rows
 
@@ -53,7 +51,6 @@ class Agreement:
     agree_lambda: float
     per_layer: list[float]
     lowered: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lam(self) -> float | list[float]:
@@ -91,31 +88,19 @@ def lowered_damping(grid: list[float], agreement: np.ndarray,
     return pick, pick < max(per_layer)
 
 
-def agreement_damping(att: Attributor, val: ArrayDataset, per_layer: list[float], *,
-                      reference: Attributor | None = None, seed: int = 0) -> Agreement:
-    """The rule on a fitted K-FAC / EK-FAC ``att``: fits the reference (IFFIM, unless one is
-    given) on ``att``'s training context, and returns the curve and the damping."""
-    from tdatune.select.damping_choice import choose_damping
-
-    context = att.context
-    if context is None:
-        raise ValueError(f"{att.name} must be fitted before its damping is chosen")
-    path = att.lambda_path(val)  # type: ignore[attr-defined]
-    if reference is None:
-        reference = make_attributor(REFERENCE).fit(context)
-    ref_path = reference.lambda_path(val)  # type: ignore[attr-defined]
-    ref_lam = choose_damping(reference, val).lam
-    if isinstance(ref_lam, list):
-        raise ValueError("the reference attributor must take one damping, not one per block")
+def agreement_damping(path: LambdaPath, reference_path: LambdaPath, reference_lambda: float,
+                      per_layer: list[float], *, seed: int = 0) -> Agreement:
+    """The rule on K-FAC's validation ``path``, against the reference's validation path at its
+    own damping ``reference_lambda``: the curve over the grid and the damping it gives."""
     gen = torch.Generator().manual_seed(seed)
     masks = torch.rand(SUBSETS, path.n_train, generator=gen) < ALPHA
-    ref_pred = ref_path.subset_predictions(masks, [float(ref_lam)])[0]
+    ref_pred = reference_path.subset_predictions(masks, [reference_lambda])[0]
     grid = [float(x) for x in default_lambda_grid(path.sigma, num=GRID_POINTS, below=1e-2,
                                                   above=1e2)]
     curve = agreement_curve(path.subset_predictions(masks, grid), ref_pred)
     pick, lowered = lowered_damping(grid, curve, per_layer)
     return Agreement(grid=grid, agreement=[float(x) for x in curve],
-                     reference_lambda=float(ref_lam), agree_lambda=pick,
+                     reference_lambda=reference_lambda, agree_lambda=pick,
                      per_layer=[float(x) for x in per_layer], lowered=lowered)
 
 

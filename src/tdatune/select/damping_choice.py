@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from tdatune.attributors.base import Attributor
+from tdatune.attributors.registry import make_attributor
 from tdatune.data.base import ArrayDataset
-from tdatune.select.agreement import AGREE, Agreement, agreement_damping
+from tdatune.select.agreement import AGREE, REFERENCE, Agreement, agreement_damping
 from tdatune.select.blockwise import PER_LAYER, block_rule_lambdas, is_block_rule
 from tdatune.select.default import choose_lambda, default_rule
 from tdatune.select.surrogate import Selection
@@ -73,9 +74,16 @@ def choose_damping(att: Attributor, val: ArrayDataset, *, rule: str | None = Non
     rule = default_rule(att.name, att.params) if rule is None else rule
     sigma, c_val = att.surrogate_spectrum(val)
     if rule == AGREE:
-        path = att.lambda_path(val)  # type: ignore[attr-defined]
-        per_layer = block_rule_lambdas(path, PER_LAYER, threshold=threshold)
-        agreement = agreement_damping(att, val, per_layer, reference=reference)
+        path = att.lambda_path(val)  # type: ignore[attr-defined]  (fitted: it has a context)
+        if reference is None:
+            assert att.context is not None
+            reference = make_attributor(REFERENCE).fit(att.context)
+        ref_lam = choose_damping(reference, val).lam
+        if isinstance(ref_lam, list):
+            raise ValueError("the reference attributor must take one damping, not one per block")
+        agreement = agreement_damping(
+            path, reference.lambda_path(val), float(ref_lam),  # type: ignore[attr-defined]
+            block_rule_lambdas(path, PER_LAYER, threshold=threshold))
         selection = choose_lambda(sigma, c_val, threshold=threshold, grid=grid)
         lam = agreement.lam
         return DampingChoice(rule, lam, selection,

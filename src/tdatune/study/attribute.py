@@ -193,12 +193,11 @@ def _agree_or_per_layer(task: Task, train: ArrayDataset, val: ArrayDataset, attr
         return rule
     what = (f"the {REFERENCE} reference of {attributor}'s damping rule '{AGREE}' "
             "(rule='per_layer' skips it)")
-    if rule is not None:
-        check_attribution(reference, budget=budget, what=what, stacklevel=3)
-        return rule
     try:
         check_attribution(reference, budget=budget, what=what, stacklevel=3)
     except DoesNotFit as err:
+        if rule is not None:
+            raise
         warnings.warn(f"{attributor}'s default damping rule '{AGREE}' needs {REFERENCE} as a "
                       f"reference, which does not fit ({err}); using rule 'per_layer' instead",
                       UserWarning, stacklevel=3)
